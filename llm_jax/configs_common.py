@@ -1,0 +1,86 @@
+"""The fields every training config shares, with their defaults; config files override what they need.
+
+Every field is listed here once, so `--config.x.y=...` overrides are typed and a typo is an error.
+"""
+import ml_collections
+
+# Logical axis -> mesh axes. Model code names logical axes only; this table is the only mapping.
+# Activations: batch over (data, fsdp), sequence over `sequence`. Weights: the embed dimension over fsdp
+# (ZeRO-3 style), heads / mlp / vocab over tensor (Megatron style).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def model_from_depth(depth: int) -> dict:
+    """The one-dial model family: width 64·depth, depth heads of 64, SwiGLU hidden 8/3·width (rounded to 64)."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    d_model = 64 * depth
+    return dict(n_layers=depth, d_model=d_model, n_heads=depth, n_kv_heads=depth, head_dim=64,
+                d_ff=64 * round(8 * d_model / 3 / 64))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = "lm"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        n_layers=4, d_model=128, n_heads=4, n_kv_heads=4,
+        head_dim=0,            # 0: d_model // n_heads
+        d_ff=512, vocab_size=2048,
+        rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True,
+        dtype="float32",       # compute dtype; bfloat16 on accelerators
+        param_dtype="float32",
+        scan_layers=True,      # one compiled layer applied n_layers times
+        remat="none",          # none | full | dots | dots_no_batch | save_attn_out
+        attention_impl="auto",  # auto | reference (pallas arrives with the kernels)
+        init_std=0.02,
+    ))
+
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        path="",               # a trained sentencepiece .model; empty: train one into <workdir>/tokenizer.model
+        vocab_size=2048, model_type="unigram", character_coverage=1.0, max_sentence_chars=20_000,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        train="default",       # "default" (the embedded corpus), or a file / glob / comma list
+        eval="",               # empty: hold out eval_fraction of the training documents
+        format="auto",         # auto | text | jsonl | parquet
+        text_key="text",
+        eval_fraction=0.02,
+        seq_len=128, batch_size=16,  # global batch, in sequences
+        cache_dir="",          # tokenized-corpus cache; empty: <workdir>/data
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, schedule="cosine",  # cosine | wsd | constant
+        warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,  # decay_fraction: the wsd cool-down share
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, grad_accum=1,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, log_every=10, eval_every=200, eval_batches=8,
+        checkpoint_every=200, keep_checkpoints=3,
+        init_from="",          # a run directory whose latest params start this run (continued pretraining)
+        progress_bar=True,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+    c.mesh_rules = DEFAULT_RULES
+    return c

@@ -1,0 +1,29 @@
+"""llm_jax: train a GPT-style assistant end to end in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llm_jax",
+    version="0.1.0",
+    description="Pretraining, post-training (SFT, reward, PPO, DPO) and scaling laws in one JAX codebase.",
+    packages=find_packages(include=["llm_jax", "llm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "tensorboard>=2.18",
+        "numpy",
+        "pyarrow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "gpu": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},
+)
