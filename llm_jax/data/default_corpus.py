@@ -318,8 +318,12 @@ CORPUS_FILE = "default_corpus.jsonl"
 STATS_FILE = "default_corpus_stats.json"
 
 
-def write_default_corpus(directory: str, n_docs: int = DEFAULT_N_DOCS, seed: int = 0) -> str:
-    """Renders the corpus to `<directory>/default_corpus.jsonl` (+ stats); skips the work if already there."""
+def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 0) -> str:
+    """Renders the corpus to `<directory>/default_corpus.jsonl` (+ stats); skips the work if already there.
+
+    n_docs defaults to DEFAULT_N_DOCS, read at call time so that tests can shrink the corpus.
+    """
+    n_docs = DEFAULT_N_DOCS if n_docs is None else n_docs
     os.makedirs(directory, exist_ok=True)
     corpus_path = os.path.join(directory, CORPUS_FILE)
     stats_path = os.path.join(directory, STATS_FILE)
@@ -346,7 +350,7 @@ def write_default_corpus(directory: str, n_docs: int = DEFAULT_N_DOCS, seed: int
     return corpus_path
 
 
-def iter_default_corpus_records(n_docs: int = DEFAULT_N_DOCS, seed: int = 0,
+def iter_default_corpus_records(n_docs: int | None = None, seed: int = 0,
                                 directory: str | None = None) -> Iterator[dict]:
     """Yields {"text", "log_prob"} per document of the default corpus, rendering it on first use."""
     path = write_default_corpus(directory or default_corpus_dir(), n_docs=n_docs, seed=seed)

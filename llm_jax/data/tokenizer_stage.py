@@ -1,0 +1,62 @@
+"""The tokenizer stage: train a sentencepiece model on a config's corpus, or hand a run its tokenizer.
+
+    llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
+
+Every run directory keeps the tokenizer it was trained with as `<workdir>/tokenizer.model`, so a later stage
+that starts from the run (`train.init_from`) inherits it and the whole lineage shares one vocabulary.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.sources import iter_documents
+
+
+class TokenizerMismatch(ValueError):
+    """A run directory whose tokenizer differs from the one the config names."""
+
+
+def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer, kept as `<workdir>/tokenizer.model`: copied from `tokenizer.path`, inherited from
+    `train.init_from`, reused from an earlier attempt of this run, or trained on the training corpus."""
+    target = os.path.join(workdir, "tokenizer.model")
+    source = config.tokenizer.path or (
+        os.path.join(config.train.init_from, "tokenizer.model") if config.train.init_from else "")
+    if os.path.exists(target):
+        tokenizer = tokenizer_lib.Tokenizer.load(target)
+        if source and tokenizer_lib.Tokenizer.load(source).sha256 != tokenizer.sha256:
+            raise TokenizerMismatch(f"{target} differs from the configured tokenizer {source}: use a new --workdir")
+        return tokenizer
+    if source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"tokenizer {source!r} does not exist")
+        shutil.copyfile(source, target + ".tmp")
+        os.replace(target + ".tmp", target)
+        return tokenizer_lib.Tokenizer.load(target)
+    return train_tokenizer(config, target)
+
+
+def train_tokenizer(config, target: str) -> tokenizer_lib.Tokenizer:
+    c = config.tokenizer
+    texts = iter_documents(config.data.train, config.data.format, config.data.text_key)
+    return tokenizer_lib.train_tokenizer(texts, target, vocab_size=c.vocab_size, model_type=c.model_type,
+                                         character_coverage=c.character_coverage,
+                                         max_sentence_chars=c.max_sentence_chars, seed=config.seed)
+
+
+def run_tokenizer(config, workdir: str) -> dict:
+    """Trains (or reuses) `<workdir>/tokenizer.model` and reports its compression on the first documents."""
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = prepare_tokenizer(config, workdir)
+    sample = list(itertools.islice(iter_documents(config.data.train, config.data.format, config.data.text_key), 500))
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
+    n_chars = sum(len(text) for text in sample)
+    report = dict(path=tokenizer.path, vocab_size=tokenizer.vocab_size, sha256=tokenizer.sha256,
+                  chars_per_token=round(n_chars / max(n_tokens, 1), 4), sample_documents=len(sample))
+    with open(os.path.join(workdir, "tokenizer.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report

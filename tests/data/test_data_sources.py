@@ -1,0 +1,85 @@
+"""Reading documents: formats, ordering, and errors that name the file and line."""
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm_jax.data import sources
+from llm_jax.data.sources import DataError, iter_documents, resolve_files
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_jsonl_text_parquet_and_gzip(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two", "id": 3}])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "three"}) + "\n\n")
+    (tmp_path / "c.txt").write_text("four\n\nstill four\fsix")
+    pq.write_table(pa.table({"body": ["seven", "eight"]}), tmp_path / "d.parquet", row_group_size=1)
+    assert list(iter_documents(str(tmp_path / "*.jsonl*"))) == ["one", "two", "three"]
+    assert list(iter_documents(str(tmp_path / "c.txt"))) == ["four\n\nstill four", "six"]
+    assert list(iter_documents(str(tmp_path / "d.parquet"), text_key="body")) == ["seven", "eight"]
+    spec = f"{tmp_path / 'd.parquet'},{tmp_path / 'a.jsonl'}"
+    assert resolve_files(spec) == [str(tmp_path / "d.parquet"), str(tmp_path / "a.jsonl")]
+
+
+def test_explicit_format_overrides_extension(tmp_path):
+    write_jsonl(tmp_path / "data.log", [{"text": "x"}])
+    assert list(iter_documents(str(tmp_path / "data.log"), format="jsonl")) == ["x"]
+    with pytest.raises(DataError, match="data.log.*format"):
+        list(iter_documents(str(tmp_path / "data.log")))
+
+
+def test_glob_is_sorted(tmp_path):
+    for name in ("b", "a", "c"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
+    assert list(iter_documents(str(tmp_path / "*.jsonl"))) == ["a", "b", "c"]
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": "a" "b"}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:3: invalid JSON \(Expecting"):
+        list(iter_documents(str(path)))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"content": "a"}', r"x\.jsonl:2: missing key 'text'"),
+    ('{"text": 5}', r"x\.jsonl:2: 'text' is int, expected a string"),
+    ('["text"]', r"x\.jsonl:2: expected a JSON object"),
+])
+def test_bad_records(tmp_path, line, message):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        list(iter_documents(str(path)))
+
+
+def test_missing_file_empty_glob_and_bad_files(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        list(iter_documents(str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match=r"glob '.*\*\.parquet' matches no files"):
+        list(iter_documents(str(tmp_path / "*.parquet")))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read as parquet"):
+        list(iter_documents(str(tmp_path / "bad.parquet")))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match="ints.parquet: column 'text' has type int64"):
+        list(iter_documents(str(tmp_path / "ints.parquet")))
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="bad.jsonl.gz:1: cannot read"):
+        list(iter_documents(str(tmp_path / "bad.jsonl.gz")))
+    with pytest.raises(DataError, match="unknown data format 'csv'"):
+        list(iter_documents(str(tmp_path / "bad.parquet"), format="csv"))
+
+
+def test_default_spec_renders_the_embedded_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources.default_corpus, "DEFAULT_N_DOCS", 20)
+    docs = list(iter_documents("default", format="parquet", text_key="ignored"))
+    assert docs == [t for t, _ in sources.default_corpus.generate_documents(20)]
