@@ -1,0 +1,72 @@
+"""The `llm-jax` command.
+
+    llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
+    llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
+
+`train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from llm_jax import config_lib
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
+                            ("tokenizer", "train a sentencepiece tokenizer on the config's corpus")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+        sub.add_argument("--workdir", required=True, help="the run directory")
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise config_lib.ConfigError(f"override {arg} has no value")
+                body, i = f"{body}={argv[i + 1]}", i + 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load(config_spec: str, overrides: list[str]):
+    return config_lib.apply_overrides(config_lib.load_config(config_spec), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        config = load(args.config, overrides)
+    except config_lib.ConfigError as e:
+        print(f"llm-jax: {e}", file=sys.stderr)
+        return 2
+    if args.command == "tokenizer":
+        from llm_jax.data.tokenizer_stage import run_tokenizer
+        result = run_tokenizer(config, args.workdir)
+    else:
+        from llm_jax.train.loop import run
+        result = run(config, args.workdir)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The model's shape and numerics as a frozen, hashable record built from `config.model`."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention_impl: str = "auto"
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in model_config.items() if k in fields}
+        if not values.get("head_dim"):
+            values["head_dim"] = model_config.d_model // model_config.n_heads
+        result = cls(**values)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        def fail(message):
+            raise ValueError(f"model config: {message}")
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            fail(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            fail(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                fail(f"{name}={getattr(self, name)!r} is not a dtype")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weights_dtype(self):
+        return jnp.dtype(self.param_dtype)

@@ -1,0 +1,61 @@
+"""Next-token language modelling: pretraining, continued pretraining and (with a response mask) SFT.
+
+Batches are packed rows (see `llm_jax/data/packing.py`): inputs, targets, positions, segment_ids and a
+loss_mask that is 1 where the target counts (every real token when pretraining, response tokens only in SFT).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.data.pipeline import build_lm_data
+
+from llm_jax.model.transformer import Transformer
+from llm_jax.train import step as train_step
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def token_log_probs(logits_btv, targets_bt):
+    """log p(target_t | context) = logits[target] − logsumexp(logits), in float32."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return target_logit_bt - jax.nn.logsumexp(logits_btv, axis=-1)
+
+
+def cross_entropy(logits_btv, targets_bt, loss_mask_bt):
+    """Masked next-token cross entropy as a sum, with the count it is summed over.
+
+        loss_sum = Σ_{b,t} m_bt · (logsumexp_v z_btv − z_bt[y_bt]),   weight = Σ_{b,t} m_bt
+    The mean loss is loss_sum / weight (nats per predicted token).
+    """
+    mask = loss_mask_bt.astype(jnp.float32)
+    return -jnp.sum(token_log_probs(logits_btv, targets_bt) * mask), jnp.sum(mask)
+
+
+def make_loss_fn(model: Transformer):
+    def loss_fn(params, batch, rng):
+        del rng  # no dropout in the language model
+        logits_btv = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 method=Transformer.logits)
+        loss_sum, weight = cross_entropy(logits_btv, batch["targets"], batch["loss_mask"])
+        correct = jnp.sum((jnp.argmax(logits_btv, -1) == batch["targets"]) * batch["loss_mask"])
+        return loss_sum, {"weight": weight, "accuracy": correct.astype(jnp.float32)}
+    return loss_fn
+
+
+def make_train_step(config, model: Transformer, optimizer, schedule):
+    return train_step.make_train_step(make_loss_fn(model), optimizer, schedule, config.optim.grad_accum)
+
+
+def make_eval_step(config, model: Transformer):
+    del config
+    return train_step.make_eval_step(make_loss_fn(model))
+
+
+def build_data(config, tokenizer, workdir: str):
+    """Packed, shuffled, per-process batches of the training corpus plus fixed held-out batches."""
+    return build_lm_data(config.data, tokenizer, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"),
+                         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,0 +1,265 @@
+"""The training loop every objective shares: build, resume, step, log, evaluate, checkpoint, stop.
+
+    run(config, workdir) -> summary dict
+
+A run directory holds `config.json` (the resolved config), `tokenizer.model`, `metrics.jsonl`,
+`tensorboard/` and `checkpoints/`. Starting again with the same workdir resumes from the latest checkpoint,
+data order included, and continues bit for bit. SIGTERM saves a checkpoint and returns; a non-finite loss
+or gradient stops the run before anything bad is written, leaving the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from llm_jax import sharding
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.tokenizer_stage import prepare_tokenizer
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.transformer import Transformer
+from llm_jax.objectives import get_objective
+from llm_jax.scaling import flops
+from llm_jax.train import hardware
+from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
+from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.state import create_state, state_shardings
+
+# Fields that must agree between a checkpoint and the config resuming it.
+_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "optim.grad_accum")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+class _StopSignal:
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: preemption handling is the caller's business
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """All processes stop together: one process's signal stops every process at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def validate(config) -> ModelConfig:
+    """Every check that needs no data or compilation, so a bad config fails in a second."""
+    model_cfg = ModelConfig.from_config(config.model)
+    t = config.train
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if t[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    if config.optim.grad_accum < 1:
+        raise ValueError(f"optim.grad_accum must be >= 1, got {config.optim.grad_accum}")
+    if config.data.seq_len < 2 or config.data.batch_size < 1:
+        raise ValueError(f"data.seq_len={config.data.seq_len} and data.batch_size={config.data.batch_size} "
+                         "must be at least 2 and 1")
+    return model_cfg
+
+
+def _check_resumable(config, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json_best_effort())
+    for name in _RESUME_MUST_MATCH:
+        if _dotted_dict(saved, name) != _dotted_dict(current, name):
+            raise CheckpointError(f"{workdir} holds a run whose {name} is {_dotted_dict(saved, name)}, but the "
+                                  f"config now says {_dotted_dict(current, name)}: use a new --workdir")
+
+
+def _dotted_dict(tree: dict, name: str):
+    for part in name.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def run(config, workdir: str) -> dict:
+    model_cfg = validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.check_rules(config.mesh_rules)
+    sharding.check_batch(config.data.batch_size, config.data.seq_len, mesh, rules, config.optim.grad_accum)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        _check_resumable(config, workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    objective = get_objective(config.objective)
+    tokenizer = prepare_tokenizer(config, workdir)
+    tokenizer_lib.check_vocab(tokenizer, model_cfg.vocab_size)
+    data = objective.build_data(config, tokenizer, workdir)
+
+    model = Transformer(model_cfg, mesh, rules)
+    dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+    def init_params(key):
+        return model.init(key, dummy_tokens, method=Transformer.logits)
+
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    abstract_state, state_sh = state_shardings(init_params, optimizer, mesh, rules)
+    train_iter = data.train_iterator()
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(abstract_state, train_iter)
+        log_line(f"resumed {workdir} from step {int(state.step)}")
+    elif config.train.init_from:
+        params = restore_params(config.train.init_from, abstract_state.params)
+        state = create_state(init_params, optimizer, state_sh, config.seed, params=params)
+        log_line(f"started from the params of {config.train.init_from}")
+    else:
+        state = create_state(init_params, optimizer, state_sh, config.seed)
+
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = sharding.replicated(mesh)
+    train_step = jax.jit(objective.make_train_step(config, model, optimizer, schedule),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(objective.make_eval_step(config, model), in_shardings=(state_sh.params, batch_sh),
+                        out_shardings=replicated)
+    eval_batches = [sharding.global_batch_from_local(b, mesh, rules)
+                    for b in data.eval_batches(config.train.eval_batches)]
+
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
+    peak, peak_source = hardware.peak_flops(model_cfg.dtype)
+    start_step, total = int(state.step), config.train.steps
+    writer = MetricsWriter(workdir, resume_step=start_step)
+    if start_step == 0 and jax.process_index() == 0:
+        counts = flops.param_counts(model_cfg)
+        writer.write(0, {"n_params": counts["total"], "n_params_kaplan": counts["kaplan"],
+                         "flops_per_token": flops_per_step / tokens_per_step, "peak_flops": peak,
+                         **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}})
+    log_line(f"{model_cfg.n_layers} layers, {flops.param_counts(model_cfg)['total']:,} params, mesh "
+             f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
+
+    def evaluate(step_params) -> dict:
+        sums = None
+        for batch in eval_batches:
+            out = eval_step(step_params, batch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        weight = max(float(sums.pop("weight")), 1.0)
+        result = {f"eval_{k}": float(v) / weight for k, v in sums.items()}
+        result["eval_perplexity"] = math.exp(min(result["eval_loss"], 80.0))
+        return result
+
+    pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
+    interval = dict(start=time.perf_counter(), steps=0)
+    summary = dict(workdir=workdir, start_step=start_step)
+    bar = tqdm(total=total, initial=start_step, disable=not sys.stderr.isatty() or jax.process_index() != 0,
+               dynamic_ncols=True)
+    last_saved = checkpointer.latest_step()
+
+    def drain() -> dict:
+        """Fetches pending metrics, stops on a non-finite value, returns the last step's metrics."""
+        fetched = jax.device_get(pending)
+        pending.clear()
+        for at, metrics in fetched:
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = (f"the last good checkpoint, step {last_saved}, is intact in {checkpointer.directory}"
+                        if last_saved is not None else "no checkpoint had been saved yet")
+                raise TrainingDiverged(f"non-finite training values at step {at}: loss={loss}, grad_norm="
+                                       f"{grad_norm}, lr={float(metrics['lr']):.3g}; nothing after it was "
+                                       f"saved and {kept}")
+        return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
+
+    def save(step_state):
+        nonlocal last_saved
+        drain()
+        checkpointer.save(step_state, train_iter)
+        last_saved = int(step_state.step)
+
+    with _StopSignal() as stop:
+        try:
+            step = start_step
+            while step < total:
+                batch = sharding.global_batch_from_local(next(train_iter), mesh, rules)
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                if step == start_step + 1:  # leave compilation out of the throughput figures
+                    jax.block_until_ready(metrics)
+                    interval.update(start=time.perf_counter(), steps=0)
+                else:
+                    interval["steps"] += 1
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == total:
+                    logged = drain()
+                    elapsed = time.perf_counter() - interval["start"]
+                    if interval["steps"]:
+                        logged["tokens_per_s"] = interval["steps"] * tokens_per_step / elapsed
+                        logged["mfu"] = interval["steps"] * flops_per_step / elapsed / peak
+                    logged["tokens"] = step * tokens_per_step
+                    writer.write(step, logged)
+                    _show(bar, step, total, logged)
+                    interval.update(start=time.perf_counter(), steps=0)
+                if step % config.train.eval_every == 0 or step == total:
+                    evaluated = evaluate(state.params)
+                    writer.write(step, {**evaluated, "tokens": step * tokens_per_step})
+                    summary.update(evaluated)
+                    _show(bar, step, total, evaluated, always=True)
+                if step % config.train.checkpoint_every == 0 or step == total:
+                    save(state)
+                if stop.agreed():
+                    save(state)
+                    checkpointer.wait()
+                    log_line(f"SIGTERM: saved step {step} to {checkpointer.directory}; rerun the same command "
+                             "to resume")
+                    summary.update(stopped_early=True)
+                    break
+            drain()
+        finally:
+            bar.close()
+            writer.close()
+            checkpointer.close()
+    summary.update(step=int(state.step), final_loss=_last(workdir, "loss"))
+    return summary
+
+
+def _last(workdir: str, key: str):
+    values = [m[key] for m in read_metrics(workdir) if key in m]
+    return values[-1] if values else None
+
+
+def _show(bar, step: int, total: int, metrics: dict, always: bool = False) -> None:
+    line = format_line(step, total, metrics)
+    if bar.disable:
+        log_line(line)
+    else:
+        bar.set_postfix_str(line.split("  ", 1)[-1] if "  " in line else "")
+        if always:
+            bar.write(line, file=sys.stderr)

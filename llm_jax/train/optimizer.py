@@ -1,0 +1,43 @@
+"""AdamW with a weight-decay mask, gradient clipping and the learning-rate schedules of `config.optim`."""
+from __future__ import annotations
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine to `min_lr_ratio·lr`, warmup-stable-decay (a linear cool-down over the last
+    `decay_fraction` of training, Hägele et al. 2024), or constant."""
+    c = optim_config
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={c.schedule!r} is not one of {SCHEDULES}")
+    warmup = min(c.warmup_steps, total_steps)
+    min_lr = c.lr * c.min_lr_ratio
+    warm = optax.linear_schedule(0.0, c.lr, max(warmup, 1))
+    rest = max(total_steps - warmup, 1)
+    if c.schedule == "cosine":
+        after = optax.cosine_decay_schedule(c.lr, rest, alpha=c.min_lr_ratio)
+    elif c.schedule == "wsd":
+        decay = max(int(round(rest * c.decay_fraction)), 1)
+        after = optax.join_schedules([optax.constant_schedule(c.lr), optax.linear_schedule(c.lr, min_lr, decay)],
+                                     [rest - decay])
+    else:
+        after = optax.constant_schedule(c.lr)
+    return optax.join_schedules([warm, after], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: norm scales (named `scale`) and anything 1-D are left alone."""
+    def decays(path, leaf):
+        return getattr(path[-1], "key", None) != "scale" and leaf.ndim >= 2
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    c = optim_config
+    schedule = learning_rate_schedule(c, total_steps)
+    parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
