@@ -134,8 +134,8 @@ def _load_cache(path: str) -> dict[str, TokenizedSplit]:
 
 def tokenize_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str) -> tuple[dict[str, TokenizedSplit], str]:
     """The tokenized train and eval splits, read from the cache or built and stored there; and the cache path."""
-    if not data_config.eval and not 0.0 < data_config.eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction must be in (0, 1) when data.eval is empty, "
+    if not data_config.eval and not 0.0 <= data_config.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in [0, 1) when data.eval is empty, "
                          f"got {data_config.eval_fraction}")
     key_material = dict(version=CACHE_VERSION, tokenizer_sha256=tokenizer.sha256,
                         train=_source_identity(data_config.train), format=data_config.format,
