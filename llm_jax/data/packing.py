@@ -26,50 +26,45 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int,
     if loss_masks is not None and len(loss_masks) != len(docs):
         raise ValueError(f"got {len(loss_masks)} loss masks for {len(docs)} documents")
     lengths_d = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    pairs_d = np.maximum(lengths_d - 1, 0)
-    keep = pairs_d > 0
     if loss_masks is not None:
         for i, (doc, mask) in enumerate(zip(docs, loss_masks)):
             if len(mask) != max(len(doc) - 1, 0):
                 raise ValueError(f"loss_masks[{i}] has length {len(mask)}, but document {i} has "
                                  f"{len(doc)} tokens, so {max(len(doc) - 1, 0)} targets")
-    kept = np.flatnonzero(keep)
-    if len(kept) == 0:
-        empty = np.zeros((0, seq_len), np.int32)
-        return dict(inputs=empty, targets=empty.copy(), segment_ids=empty.copy(), positions=empty.copy(),
-                    loss_mask=np.zeros((0, seq_len), np.float32))
-
-    tokens = np.concatenate([np.asarray(docs[i]) for i in kept]).astype(np.int32)
-    n_pairs_d = pairs_d[kept]
-    doc_start = np.concatenate([[0], np.cumsum(lengths_d[kept])[:-1]])  # in `tokens`
+    kept = np.flatnonzero(lengths_d >= 2)
+    n_pairs_d = lengths_d[kept] - 1
     n_pairs = int(n_pairs_d.sum())
-    pair_doc = np.repeat(np.arange(len(kept)), n_pairs_d)                # (n_pairs,) which kept doc
-    pair_first = np.concatenate([[0], np.cumsum(n_pairs_d)[:-1]])
-    pair_pos = np.arange(n_pairs) - pair_first[pair_doc]                 # position inside its document
-    input_idx = doc_start[pair_doc] + pair_pos
-
     n_rows = -(-n_pairs // seq_len)
     total = n_rows * seq_len
-    pad = total - n_pairs
+    out = dict(inputs=np.zeros(total, np.int32), targets=np.zeros(total, np.int32),
+               segment_ids=np.zeros(total, np.int32), positions=np.zeros(total, np.int32),
+               loss_mask=np.zeros(total, np.float32))
+    if n_pairs:
+        tokens = np.concatenate([np.asarray(docs[i], np.int32) for i in kept])
+        doc_end = np.cumsum(lengths_d[kept])
+        is_input = np.ones(len(tokens), bool)
+        is_input[doc_end - 1] = False            # a document's last token is never an input
+        is_target = np.roll(is_input, 1)         # ... and its first never a target
+        out["inputs"][:n_pairs] = tokens[is_input]
+        out["targets"][:n_pairs] = tokens[is_target]
 
-    def padded(x: np.ndarray, dtype) -> np.ndarray:
-        return np.concatenate([x.astype(dtype), np.zeros(pad, dtype)]).reshape(n_rows, seq_len)
+        # Positions count up inside each document: a running sum of ones, pulled back at each document start.
+        pair_first = np.concatenate([[0], np.cumsum(n_pairs_d)[:-1]])
+        steps = np.ones(n_pairs, np.int32)
+        steps[pair_first] = 0
+        steps[pair_first[1:]] = 1 - n_pairs_d[:-1]
+        out["positions"][:n_pairs] = np.cumsum(steps, dtype=np.int32)
 
-    inputs = padded(tokens[input_idx], np.int32)
-    targets = padded(tokens[input_idx + 1], np.int32)
-    positions = padded(pair_pos, np.int32)
-    if loss_masks is None:
-        mask = np.ones(n_pairs, np.float32)
-    else:
-        mask = np.concatenate([np.asarray(loss_masks[i], np.float32) for i in kept])
-    loss_mask = padded(mask, np.float32)
+        if loss_masks is None:
+            out["loss_mask"][:n_pairs] = 1.0
+        else:
+            out["loss_mask"][:n_pairs] = np.concatenate([np.asarray(loss_masks[i], np.float32) for i in kept])
 
-    # A new segment starts at a document's first pair and at the first column of every row.
-    starts = np.zeros(n_pairs, bool)
-    starts[pair_first] = True
-    starts[::seq_len] = True
-    starts_rt = padded(starts, np.int32)
-    segment_ids = np.cumsum(starts_rt, axis=1, dtype=np.int32)
-    segment_ids[padded(np.ones(n_pairs, bool), bool) == 0] = 0
-    return dict(inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions,
-                loss_mask=loss_mask)
+        # A new segment starts at each document's first pair and at the first column of every row.
+        starts = np.zeros(total, np.int32)
+        starts[pair_first] = 1
+        starts[::seq_len] = 1
+        segment_ids = np.cumsum(starts.reshape(n_rows, seq_len), axis=1, dtype=np.int32).reshape(-1)
+        segment_ids[n_pairs:] = 0
+        out["segment_ids"] = segment_ids
+    return {k: v.reshape(n_rows, seq_len) for k, v in out.items()}

@@ -29,13 +29,17 @@ class DataError(ValueError):
     """Input data that cannot be read: names the file (and line) and what is wrong."""
 
 
-def resolve_files(spec: str) -> list[str]:
-    """The files a spec names, in reading order. `"default"` resolves to the rendered default corpus."""
+def _spec_parts(spec: str) -> list[str]:
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise DataError(f"empty data spec {spec!r}")
+    return parts
+
+
+def resolve_files(spec: str) -> list[str]:
+    """The files a spec names, in reading order. `"default"` resolves to the rendered default corpus."""
     files: list[str] = []
-    for part in parts:
+    for part in _spec_parts(spec):
         if part == DEFAULT_SPEC:
             files.append(default_corpus.write_default_corpus(default_corpus.default_corpus_dir()))
         elif glob.has_magic(part):
@@ -149,9 +153,11 @@ def iter_file(path: str, format: str = "auto", text_key: str = "text") -> Iterat
 
 def iter_documents(spec: str, format: str = "auto", text_key: str = "text") -> Iterator[str]:
     """Yields the text of every document the spec names, in a fixed order."""
-    for path in resolve_files(spec):
-        # The default corpus is always jsonl with a "text" key, whatever the user's format settings say.
-        if os.path.basename(path) == default_corpus.CORPUS_FILE:
-            yield from iter_file(path, "jsonl", "text")
+    for part in _spec_parts(spec):
+        if part == DEFAULT_SPEC:
+            # The default corpus is jsonl with a "text" key, whatever the user's format settings say.
+            for record in default_corpus.iter_default_corpus_records():
+                yield record["text"]
         else:
-            yield from iter_file(path, format, text_key)
+            for path in resolve_files(part):
+                yield from iter_file(path, format, text_key)
