@@ -62,7 +62,7 @@ class PackedRows:
 
 def _iter_records(spec: str, format: str, text_key: str) -> Iterator[tuple[str, float]]:
     """(text, log p) per document; log p is NaN except for the default corpus, whose source is known."""
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    for part in sources.split_spec(spec):
         if part == sources.DEFAULT_SPEC:
             for record in default_corpus.iter_default_corpus_records():
                 yield record["text"], record["log_prob"]
@@ -74,7 +74,7 @@ def _iter_records(spec: str, format: str, text_key: str) -> Iterator[tuple[str, 
 def _source_identity(spec: str) -> list:
     """What the cache key needs to know about a source: the default corpus' recipe, or files' sizes and mtimes."""
     identity = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    for part in sources.split_spec(spec):
         if part == sources.DEFAULT_SPEC:
             identity.append(["default", 0, default_corpus.DEFAULT_N_DOCS, default_corpus.DEFAULT_SPEC.as_dict()])
         else:
@@ -203,7 +203,9 @@ class LMData:
         ds = ds.shuffle().repeat(None)
         ds = ds[process_index::process_count]
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
-        self.train_dataset = ds.to_iter_dataset()
+        # Rows are in memory and batching is a stack, so two threads keep up; a short prefetch buffer
+        # bounds host memory when batches are large.
+        self.train_dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
 
     def train_iterator(self) -> grain.DatasetIterator:
         """A fresh iterator from the start of the stream; restore a checkpointed state into it to resume."""

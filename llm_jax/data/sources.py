@@ -29,7 +29,8 @@ class DataError(ValueError):
     """Input data that cannot be read: names the file (and line) and what is wrong."""
 
 
-def _spec_parts(spec: str) -> list[str]:
+def split_spec(spec: str) -> list[str]:
+    """The comma-separated parts of a spec, each `"default"`, a path or a glob."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise DataError(f"empty data spec {spec!r}")
@@ -39,7 +40,7 @@ def _spec_parts(spec: str) -> list[str]:
 def resolve_files(spec: str) -> list[str]:
     """The files a spec names, in reading order. `"default"` resolves to the rendered default corpus."""
     files: list[str] = []
-    for part in _spec_parts(spec):
+    for part in split_spec(spec):
         if part == DEFAULT_SPEC:
             files.append(default_corpus.write_default_corpus(default_corpus.default_corpus_dir()))
         elif glob.has_magic(part):
@@ -153,7 +154,7 @@ def iter_file(path: str, format: str = "auto", text_key: str = "text") -> Iterat
 
 def iter_documents(spec: str, format: str = "auto", text_key: str = "text") -> Iterator[str]:
     """Yields the text of every document the spec names, in a fixed order."""
-    for part in _spec_parts(spec):
+    for part in split_spec(spec):
         if part == DEFAULT_SPEC:
             # The default corpus is jsonl with a "text" key, whatever the user's format settings say.
             for record in default_corpus.iter_default_corpus_records():
