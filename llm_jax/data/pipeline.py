@@ -190,13 +190,15 @@ class LMData:
     """The train stream (a checkpointable grain iterator), fixed eval batches, and corpus statistics."""
 
     def __init__(self, train_rows: dict[str, np.ndarray], eval_rows: dict[str, np.ndarray], *, seed: int,
-                 global_batch_size: int, process_index: int, process_count: int, stats: dict):
+                 global_batch_size: int, process_index: int, process_count: int, stats: dict,
+                 cache_path: str = ""):
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.process_count = process_count
         self.seq_len = train_rows["inputs"].shape[1]
-        self.stats = stats
+        self.stats = stats  # numbers only, so they can be logged as metrics as they are
+        self.cache_path = cache_path
         self._eval_rows = eval_rows
         ds = grain.MapDataset.source(PackedRows(train_rows)).seed(seed)
         # shuffle then repeat: every epoch is a fresh permutation (grain reseeds per epoch).
@@ -212,7 +214,11 @@ class LMData:
         return iter(self.train_dataset)
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """Up to n fixed batches of this process's share of the eval rows; missing rows are padding."""
+        """Up to n fixed batches of this process's share of the eval rows; missing rows are padding.
+
+        Global eval batch i is rows [i·B, (i+1)·B) in corpus order; process p takes the p-th contiguous
+        block of it, so every process returns the same number of batches.
+        """
         n_rows = len(self._eval_rows["inputs"])
         if n_rows == 0:
             raise ValueError("there are no eval documents: set data.eval or raise data.eval_fraction "
@@ -246,7 +252,6 @@ def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, see
     splits, cache_path = tokenize_corpus(data_config, tokenizer, cache_dir)
     train, eval_ = splits["train"], splits["eval"]
     stats = _corpus_stats(train, eval_, tokenizer.vocab_size)
-    stats["cache_path"] = cache_path
 
     # Shuffle documents before packing so each row mixes documents from all over the corpus.
     order = np.random.default_rng(seed).permutation(train.n_docs)
@@ -258,4 +263,4 @@ def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, see
                          f"seq_len={seq_len}, fewer than one batch (data.batch_size={batch_size})")
     assert tuple(train_rows) == PACKED_KEYS
     return LMData(train_rows, eval_rows, seed=seed, global_batch_size=batch_size,
-                  process_index=process_index, process_count=process_count, stats=stats)
+                  process_index=process_index, process_count=process_count, stats=stats, cache_path=cache_path)

@@ -57,6 +57,7 @@ def test_batches_shapes_and_stats(env):
         "inputs": ((8, 32), np.int32), "targets": ((8, 32), np.int32), "segment_ids": ((8, 32), np.int32),
         "positions": ((8, 32), np.int32), "loss_mask": ((8, 32), np.float32)}
     s = data.stats
+    assert all(isinstance(v, (int, float)) for v in s.values())
     assert s["n_train_docs"] + s["n_eval_docs"] == N_DOCS and s["n_eval_docs"] > 0
     assert s["n_train_rows"] * 32 >= s["n_train_tokens"] > (s["n_train_rows"] - 1) * 32
     # The source's entropy floor is far below a unigram model, as it must be for a learnable corpus.
@@ -97,9 +98,9 @@ def test_cache_is_reused_and_keyed(env, monkeypatch):
     assert_batches_equal(take(first.train_iterator(), 2), take(again.train_iterator(), 2))
     monkeypatch.undo()
     other = build(env, cache="cache_reuse", config=data_config(eval_fraction=0.1))
-    assert other.stats["cache_path"] != first.stats["cache_path"]
+    assert other.cache_path != first.cache_path
     assert sorted(os.listdir(env["root"] / "cache_reuse")) == sorted(
-        os.path.basename(d.stats["cache_path"]) for d in (first, other))
+        os.path.basename(d.cache_path) for d in (first, other))
 
 
 def test_iterator_state_round_trip(env):
@@ -176,5 +177,7 @@ def test_errors(env):
         build(env, config=data_config(batch_size=6), process_index=0, process_count=4)
     with pytest.raises(ValueError, match=r"fewer than one batch \(data.batch_size=100000\)"):
         build(env, config=data_config(batch_size=100_000))
+    with pytest.raises(ValueError, match=r"data.eval_fraction must be in \[0, 1\) when data.eval is empty, got 1.5"):
+        build(env, cache="cache_bad_fraction", config=data_config(eval_fraction=1.5))
     with pytest.raises(ValueError, match="no eval documents"):
         build(env, cache="cache_no_eval", config=data_config(eval_fraction=0.0)).eval_batches(1)

@@ -20,9 +20,12 @@ def test_jsonl_text_parquet_and_gzip(tmp_path):
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": "three"}) + "\n\n")
     (tmp_path / "c.txt").write_text("four\n\nstill four\fsix")
+    with gzip.open(tmp_path / "e.txt.gz", "wt") as f:
+        f.write("zipped text\n")
     pq.write_table(pa.table({"body": ["seven", "eight"]}), tmp_path / "d.parquet", row_group_size=1)
     assert list(iter_documents(str(tmp_path / "*.jsonl*"))) == ["one", "two", "three"]
     assert list(iter_documents(str(tmp_path / "c.txt"))) == ["four\n\nstill four", "six"]
+    assert list(iter_documents(str(tmp_path / "e.txt.gz"))) == ["zipped text"]
     assert list(iter_documents(str(tmp_path / "d.parquet"), text_key="body")) == ["seven", "eight"]
     spec = f"{tmp_path / 'd.parquet'},{tmp_path / 'a.jsonl'}"
     assert resolve_files(spec) == [str(tmp_path / "d.parquet"), str(tmp_path / "a.jsonl")]

@@ -63,3 +63,11 @@ def test_check_vocab(tok):
 def test_too_small_vocab_is_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100 leaves no room"):
         train_tokenizer(corpus, str(tmp_path / "t.model"), vocab_size=100)
+
+
+def test_long_documents_are_chunked_for_training(corpus, tmp_path):
+    # One huge "document" would be dropped by the trainer; chunking keeps its text in training.
+    tok = train_tokenizer(["\n\n".join(corpus)], str(tmp_path / "long.model"), vocab_size=400,
+                          max_sentence_chars=2000)
+    assert tok.decode(tok.encode(corpus[1])) == corpus[1]
+    assert len(tok.encode(corpus[1])) < len(corpus[1]) / 2  # learned multi-character pieces
