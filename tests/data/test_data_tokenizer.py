@@ -67,7 +67,8 @@ def test_too_small_vocab_is_refused(corpus, tmp_path):
 
 def test_long_documents_are_chunked_for_training(corpus, tmp_path):
     # One huge "document" would be dropped by the trainer; chunking keeps its text in training.
-    tok = train_tokenizer(["\n\n".join(corpus)], str(tmp_path / "long.model"), vocab_size=400,
+    tok = train_tokenizer(["\n\n".join(corpus)], str(tmp_path / "long.model"), vocab_size=512,
                           max_sentence_chars=2000)
-    assert tok.decode(tok.encode(corpus[1])) == corpus[1]
-    assert len(tok.encode(corpus[1])) < len(corpus[1]) / 2  # learned multi-character pieces
+    text = "\n\n".join(corpus[:20])
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < 0.6 * len(text)  # it learned multi-character pieces from the chunks
