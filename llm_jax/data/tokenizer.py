@@ -18,6 +18,7 @@ import sentencepiece as spm
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NEWLINE = "\n"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MAX_TRAINING_CHUNKS = 1_000_000
 
 
 class Tokenizer:
@@ -128,7 +129,9 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, mode
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             user_defined_symbols=list(SPECIAL_TOKENS) + [NEWLINE],
             normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
-            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+            # Past this many chunks the trainer samples (seeded above); it bounds memory on big corpora.
+            input_sentence_size=MAX_TRAINING_CHUNKS, shuffle_input_sentence=True)
     except RuntimeError as e:
         raise ValueError(f"training tokenizer {model_path} (vocab_size={vocab_size}) failed: {e}") from e
     model_bytes = model.getvalue()
