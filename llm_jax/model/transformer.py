@@ -155,7 +155,10 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        x_btd = jnp.take(self.embedding, tokens_bt, axis=0).astype(cfg.compute_dtype)
+        # Gather the FSDP shards of the table first (as FSDP does for every weight at use): a lookup into a
+        # table split along embed would force XLA to replicate the whole activation.
+        table_vd = sharding.constrain(self.embedding, ("vocab", None), self.mesh, self.rules)
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(cfg.compute_dtype)
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
         if cfg.scan_layers:
             x_btd, _ = self.layers(x_btd, positions_bt, segment_ids_bt)

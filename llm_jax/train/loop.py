@@ -9,16 +9,19 @@ or gradient stops the run before anything bad is written, leaving the last good 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
@@ -32,7 +35,7 @@ from llm_jax.train import hardware
 from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
 from llm_jax.train.optimizer import make_optimizer
-from llm_jax.train.state import create_state, state_shardings
+from llm_jax.train.state import TrainState, create_state, state_shardings
 
 # Fields that must agree between a checkpoint and the config resuming it.
 _RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "optim.grad_accum")
@@ -105,6 +108,45 @@ def _dotted_dict(tree: dict, name: str):
     return tree
 
 
+@dataclasses.dataclass
+class Training:
+    """Everything compiled for one config on one mesh: the pieces the loop, tests and benchmarks share."""
+    model: Transformer
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState
+    state_shardings: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    init_params: Callable
+    train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    eval_step: Callable   # jitted (params, batch) -> summed stats
+    seed: int
+
+    def create_state(self, params=None) -> TrainState:
+        return create_state(self.init_params, self.optimizer, self.state_shardings, self.seed, params=params)
+
+
+def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
+    objective = get_objective(config.objective)
+    model = Transformer(model_cfg, mesh, rules)
+    dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+    def init_params(key):
+        return model.init(key, dummy_tokens, method=Transformer.logits)
+
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    abstract_state, state_sh = state_shardings(init_params, optimizer, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = sharding.replicated(mesh)
+    train_step = jax.jit(objective.make_train_step(config, model, optimizer, schedule),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(objective.make_eval_step(config, model), in_shardings=(state_sh.params, batch_sh),
+                        out_shardings=replicated)
+    return Training(model, optimizer, schedule, abstract_state, state_sh, batch_sh, init_params, train_step,
+                    eval_step, config.seed)
+
+
 def run(config, workdir: str) -> dict:
     model_cfg = validate(config)
     os.makedirs(workdir, exist_ok=True)
@@ -123,32 +165,18 @@ def run(config, workdir: str) -> dict:
     tokenizer_lib.check_vocab(tokenizer, model_cfg.vocab_size)
     data = objective.build_data(config, tokenizer, workdir)
 
-    model = Transformer(model_cfg, mesh, rules)
-    dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-
-    def init_params(key):
-        return model.init(key, dummy_tokens, method=Transformer.logits)
-
-    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
-    abstract_state, state_sh = state_shardings(init_params, optimizer, mesh, rules)
+    t = build_training(config, model_cfg, mesh, rules)
     train_iter = data.train_iterator()
     if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(abstract_state, train_iter)
+        state = checkpointer.restore(t.abstract_state, train_iter)
         log_line(f"resumed {workdir} from step {int(state.step)}")
     elif config.train.init_from:
-        params = restore_params(config.train.init_from, abstract_state.params)
-        state = create_state(init_params, optimizer, state_sh, config.seed, params=params)
+        params = restore_params(config.train.init_from, t.abstract_state.params)
+        state = t.create_state(params)
         log_line(f"started from the params of {config.train.init_from}")
     else:
-        state = create_state(init_params, optimizer, state_sh, config.seed)
-
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(objective.make_train_step(config, model, optimizer, schedule),
-                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=0)
-    eval_step = jax.jit(objective.make_eval_step(config, model), in_shardings=(state_sh.params, batch_sh),
-                        out_shardings=replicated)
+        state = t.create_state()
+    train_step, eval_step = t.train_step, t.eval_step
     eval_batches = [sharding.global_batch_from_local(b, mesh, rules)
                     for b in data.eval_batches(config.train.eval_batches)]
 

@@ -58,7 +58,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {name: value / weight for name, value in stats.items() if name != "weight"}
-        metrics.update(loss=loss_sum / weight, weight=stats["weight"], grad_norm=optax.global_norm(grads),
+        metrics.update(loss=loss_sum / weight, weight=stats["weight"], grad_norm=optax.tree.norm(grads),
                        lr=schedule(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
     return step
