@@ -17,7 +17,7 @@ _SIZES = {
     "tiny": dict(
         model=dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, tie_embeddings=True),
         data=dict(seq_len=128, batch_size=16), optim=dict(lr=3e-3, warmup_steps=30),
-        train=dict(steps=300, log_every=10, eval_every=100, checkpoint_every=100, eval_batches=8),
+        train=dict(steps=300, log_every=10, eval_every=100, checkpoint_every=100),
         tokenizer=dict(vocab_size=2048)),
     "bench": dict(
         model=dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024, vocab_size=8192,
@@ -27,18 +27,18 @@ _SIZES = {
         model=dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, d_ff=2048, vocab_size=32768,
                    tie_embeddings=True, dtype="bfloat16", remat="dots"),
         data=dict(seq_len=2048, batch_size=256), optim=dict(lr=6e-4, warmup_steps=2000),
-        train=dict(steps=50_000, eval_every=1000, checkpoint_every=1000), tokenizer=dict(vocab_size=32768)),
+        train=dict(steps=50_000, eval_every=1000, checkpoint_every=1000, eval_batches=20), tokenizer=dict(vocab_size=32768)),
     "1b": dict(
         model=dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=32768,
                    tie_embeddings=True, dtype="bfloat16", remat="dots"),
         data=dict(seq_len=4096, batch_size=256), optim=dict(lr=3e-4, warmup_steps=2000),
-        train=dict(steps=100_000, eval_every=1000, checkpoint_every=1000), tokenizer=dict(vocab_size=32768),
+        train=dict(steps=100_000, eval_every=1000, checkpoint_every=1000, eval_batches=20), tokenizer=dict(vocab_size=32768),
         mesh=dict(data=1, fsdp=-1)),
     "7b": dict(
         model=dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32768,
                    tie_embeddings=False, dtype="bfloat16", remat="full"),
         data=dict(seq_len=4096, batch_size=512), optim=dict(lr=3e-4, warmup_steps=2000),
-        train=dict(steps=250_000, eval_every=2000, checkpoint_every=1000), tokenizer=dict(vocab_size=32768),
+        train=dict(steps=250_000, eval_every=2000, checkpoint_every=1000, eval_batches=20), tokenizer=dict(vocab_size=32768),
         mesh=dict(data=1, fsdp=-1, tensor=4)),
 }
 

@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=1000, log_every=10, eval_every=200, eval_batches=8,
+        steps=1000, log_every=10, eval_every=200,
+        eval_batches=-1,       # held-out batches per eval; -1: every held-out row
         checkpoint_every=200, keep_checkpoints=3,
         init_from="",          # a run directory whose latest params start this run (continued pretraining)
         progress_bar=True,

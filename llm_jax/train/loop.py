@@ -38,7 +38,9 @@ from llm_jax.train.optimizer import make_optimizer
 from llm_jax.train.state import TrainState, create_state, state_shardings
 
 # Fields that must agree between a checkpoint and the config resuming it.
-_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "optim.grad_accum")
+# The schedule is built from optim and train.steps, so changing them would silently bend the learning-rate
+# curve mid-run: a different schedule is a new run (start it with train.init_from).
+_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "optim", "train.steps")
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +83,8 @@ def validate(config) -> ModelConfig:
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if t[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    if t.eval_batches == 0 or t.eval_batches < -1:
+        raise ValueError(f"train.eval_batches must be >= 1, or -1 for every held-out row; got {t.eval_batches}")
     if config.optim.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {config.optim.grad_accum}")
     if config.data.seq_len < 2 or config.data.batch_size < 1:
@@ -178,7 +182,7 @@ def run(config, workdir: str) -> dict:
         state = t.create_state()
     train_step, eval_step = t.train_step, t.eval_step
     eval_batches = [sharding.global_batch_from_local(b, mesh, rules)
-                    for b in data.eval_batches(config.train.eval_batches)]
+                    for b in data.eval_batches(config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize)]
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
@@ -205,7 +209,7 @@ def run(config, workdir: str) -> dict:
         return result
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
-    interval = dict(start=time.perf_counter(), steps=0)
+    interval = dict(start=time.perf_counter(), steps=0, paused=0.0)
     summary = dict(workdir=workdir, start_step=start_step)
     bar = tqdm(total=total, initial=start_step, disable=not sys.stderr.isatty() or jax.process_index() != 0,
                dynamic_ncols=True)
@@ -241,27 +245,33 @@ def run(config, workdir: str) -> dict:
                 pending.append((step, metrics))
                 if step == start_step + 1:  # leave compilation out of the throughput figures
                     jax.block_until_ready(metrics)
-                    interval.update(start=time.perf_counter(), steps=0)
+                    interval.update(start=time.perf_counter(), steps=0, paused=0.0)
                 else:
                     interval["steps"] += 1
                 bar.update(1)
                 if step % config.train.log_every == 0 or step == total:
                     logged = drain()
-                    elapsed = time.perf_counter() - interval["start"]
+                    elapsed = time.perf_counter() - interval["start"] - interval["paused"]
                     if interval["steps"]:
                         logged["tokens_per_s"] = interval["steps"] * tokens_per_step / elapsed
                         logged["mfu"] = interval["steps"] * flops_per_step / elapsed / peak
                     logged["tokens"] = step * tokens_per_step
                     writer.write(step, logged)
                     _show(bar, step, total, logged)
-                    interval.update(start=time.perf_counter(), steps=0)
-                if step % config.train.eval_every == 0 or step == total:
-                    evaluated = evaluate(state.params)
-                    writer.write(step, {**evaluated, "tokens": step * tokens_per_step})
-                    summary.update(evaluated)
-                    _show(bar, step, total, evaluated, always=True)
-                if step % config.train.checkpoint_every == 0 or step == total:
-                    save(state)
+                    interval.update(start=time.perf_counter(), steps=0, paused=0.0)
+                is_eval = step % config.train.eval_every == 0 or step == total
+                is_save = step % config.train.checkpoint_every == 0 or step == total
+                if is_eval or is_save:
+                    jax.block_until_ready(state)  # training time ends here; eval and saving are not throughput
+                    paused_from = time.perf_counter()
+                    if is_eval:
+                        evaluated = evaluate(state.params)
+                        writer.write(step, {**evaluated, "tokens": step * tokens_per_step})
+                        summary.update(evaluated)
+                        _show(bar, step, total, evaluated, always=True)
+                    if is_save:
+                        save(state)
+                    interval["paused"] += time.perf_counter() - paused_from
                 if stop.agreed():
                     save(state)
                     checkpointer.wait()

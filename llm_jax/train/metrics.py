@@ -61,8 +61,8 @@ class MetricsWriter:
 
 
 def _plain(value):
-    value = value.item() if hasattr(value, "item") else value
-    return round(value, 6) if isinstance(value, float) and math.isfinite(value) else value
+    """Full float precision: resumed runs are compared bit for bit through this file."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def format_line(step: int, total: int, metrics: dict) -> str:
