@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
+        sub.add_argument("--distributed", action="store_true",
+                         help="join a multi-host job with jax.distributed.initialize() (TPU pods, SLURM, "
+                              "or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
     return parser
 
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)
         return 2
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()  # before any other JAX call: every process then sees the global mesh
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)
