@@ -41,6 +41,47 @@ class RMSNorm(nn.Module):
         return (x32 * scale_d.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
+def token_matmul(x, w, n_contract: int = 1, preferred_element_type=None):
+    """Contracts x's last `n_contract` dims with w's first ones, as ONE 2-D matmul over all tokens.
+
+    (B, T, *in) · (*in, *out) -> (B, T, *out). Same maths as the einsum, but the weight gradient is then a plain
+    (in, B·T)·(B·T, out) product: written as an einsum over (b, t), XLA:CPU contracts two dims and first
+    transposes the whole activation gradient (B·T·out elements, strided), which cost more than the matmuls
+    themselves at the `bench` shape. The reshapes are free (row-major bitcasts).
+    """
+    lead, contracted = x.shape[:x.ndim - n_contract], x.shape[x.ndim - n_contract:]
+    k = 1
+    for size in contracted:
+        k *= size
+    out_shape = w.shape[n_contract:]
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out_shape)
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) · up (Shazeer 2020), whose backward keeps only gate and up and recomputes the sigmoid.
+
+    Plain autodiff saves sigmoid(gate), silu(gate) and their products as well: at the `bench` shape that is
+    three more (B, T, d_ff) f32 buffers per layer written in the forward and read back in the backward.
+    """
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    # d silu(x)/dx = σ(x) · (1 + x · (1 − σ(x)))
+    return g * up * sig * (1 + gate * (1 - sig)), g * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def rotary(x_bthd, positions_bt, theta: float):
     """Rotates channel pairs (i, i + D/2) by angle position·θ^(-2i/D) (RoFormer, Su et al. 2021)."""
     half = x_bthd.shape[-1] // 2
@@ -66,9 +107,9 @@ class Attention(nn.Module):
         out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # GPT-2 residual scaling
         wo_hkd = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), cfg, out_init)
 
-        q_bthd = jnp.einsum("btd,dhk->bthk", x_btd, wq_dhk.astype(dt))
-        k_btkd = jnp.einsum("btd,dgk->btgk", x_btd, wk_dkh.astype(dt))
-        v_btkd = jnp.einsum("btd,dgk->btgk", x_btd, wv_dkh.astype(dt))
+        q_bthd = token_matmul(x_btd, wq_dhk.astype(dt))
+        k_btkd = token_matmul(x_btd, wk_dkh.astype(dt))
+        v_btkd = token_matmul(x_btd, wv_dkh.astype(dt))
         q_bthd = rotary(q_bthd, positions_bt, cfg.rope_theta)
         k_btkd = rotary(k_btkd, positions_bt, cfg.rope_theta)
         q_bthd = sharding.constrain(q_bthd, ("batch", "length", "act_heads", None), self.mesh, self.rules)
@@ -76,7 +117,7 @@ class Attention(nn.Module):
         v_btkd = sharding.constrain(v_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         out_bthd = attention(q_bthd, k_btkd, v_btkd, segment_ids_bt=segment_ids_bt, causal=True,
                              impl=cfg.attention_impl)
-        return jnp.einsum("bthk,hkd->btd", out_bthd, wo_hkd.astype(dt))
+        return token_matmul(out_bthd, wo_hkd.astype(dt), n_contract=2)
 
 
 class MLP(nn.Module):
@@ -91,11 +132,11 @@ class MLP(nn.Module):
         w_up_df = _param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
         out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
         w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, out_init)
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, w_gate_df.astype(dt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, w_up_df.astype(dt))
-        h_btf = sharding.constrain(nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"),
+        gate_btf = token_matmul(x_btd, w_gate_df.astype(dt))
+        up_btf = token_matmul(x_btd, w_up_df.astype(dt))
+        h_btf = sharding.constrain(swiglu(gate_btf, up_btf), ("batch", "length", "act_mlp"),
                                    self.mesh, self.rules)
-        return jnp.einsum("btf,fd->btd", h_btf, w_down_fd.astype(dt))
+        return token_matmul(h_btf, w_down_fd.astype(dt))
 
 
 class Block(nn.Module):
@@ -174,5 +215,5 @@ class Transformer(nn.Module):
         """Hidden states -> f32 logits (B, T, V); shared by the LM loss and generation."""
         dt = self.cfg.compute_dtype
         w_dv = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(dt), preferred_element_type=jnp.float32)
+        logits_btv = token_matmul(x_btd, w_dv.astype(dt), preferred_element_type=jnp.float32)
         return sharding.constrain(logits_btv, ("batch", "length", "act_vocab"), self.mesh, self.rules)
