@@ -34,8 +34,9 @@ def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     if source:
         if not os.path.exists(source):
             raise FileNotFoundError(f"tokenizer {source!r} does not exist")
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        tmp = f"{target}.tmp.{os.getpid()}"  # every host may copy at once: each its own temporary, one rename
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
         return tokenizer_lib.Tokenizer.load(target)
     return train_tokenizer(config, target)
 

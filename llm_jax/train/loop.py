@@ -181,8 +181,8 @@ def run(config, workdir: str) -> dict:
     else:
         state = t.create_state()
     train_step, eval_step = t.train_step, t.eval_step
-    eval_batches = [sharding.global_batch_from_local(b, mesh, rules)
-                    for b in data.eval_batches(config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize)]
+    n_eval = config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize
+    eval_batches = [sharding.global_batch_from_local(b, mesh, rules) for b in data.eval_batches(n_eval)]
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
@@ -211,8 +211,8 @@ def run(config, workdir: str) -> dict:
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
     interval = dict(start=time.perf_counter(), steps=0, paused=0.0)
     summary = dict(workdir=workdir, start_step=start_step)
-    bar = tqdm(total=total, initial=start_step, disable=not sys.stderr.isatty() or jax.process_index() != 0,
-               dynamic_ncols=True)
+    show_bar = config.train.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
+    bar = tqdm(total=total, initial=start_step, disable=not show_bar, dynamic_ncols=True)
     last_saved = checkpointer.latest_step()
 
     def drain() -> dict:
@@ -285,6 +285,8 @@ def run(config, workdir: str) -> dict:
             writer.close()
             checkpointer.close()
     summary.update(step=int(state.step), final_loss=_last(workdir, "loss"))
+    for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):  # a finished run, rerun, reports its last eval
+        summary.setdefault(key, _last(workdir, key))
     return summary
 
 
