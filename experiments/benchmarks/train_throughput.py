@@ -7,7 +7,8 @@ Builds the config's mesh and `build_training(...)` exactly as `llm-jax train` do
 of the config's shape (no tokenizer or corpus), compiles once, warms up, times `--steps` steps (each waited on
 with block_until_ready) and prints one JSON line. MFU divides the model FLOP/s (`scaling/flops.py`) by the
 device's datasheet peak on accelerators, and on CPU by the square-matmul rate measured in the same process,
-same dtype, just before and just after the timed steps (the median of both bursts).
+same dtype, just before and just after the timed steps (the median of both bursts). By default the host
+allocator is tuned first (`hardware.tune_host_allocator`, which `--host_allocator=default` skips).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -57,12 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--host_allocator", choices=("tuned", "default"), default="tuned",
+                        help="tuned: hardware.tune_host_allocator() before the backend starts (see its docstring)")
     parser.add_argument("--matmul_n", type=int, default=2048, help="side of the square matmul that sets the "
                                                                       "CPU reference rate")
     args = parser.parse_args(rest)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
 
+    allocator_tuned = args.host_allocator == "tuned" and hardware.tune_host_allocator()
     config = cli.load(args.config, overrides)
     model_cfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -85,12 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     devices = jax.devices()
     on_cpu = devices[0].platform == "cpu"
     matmul = matmul_rates(model_cfg.dtype, args.matmul_n, 1) if on_cpu else []
-    times = []
+    times, usage = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         start = time.perf_counter()
         state, metrics = training.train_step(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     if on_cpu:
         matmul += matmul_rates(model_cfg.dtype, args.matmul_n, 1)
     if not np.isfinite(float(metrics["loss"])):
@@ -118,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
         mfu=model_flops_per_s / denominator,
         mfu_against="measured matmul" if on_cpu else peak_source,
         loss=float(metrics["loss"]),
+        host_allocator_tuned=allocator_tuned,
+        page_faults_per_step=(after.ru_minflt - usage.ru_minflt) / args.steps,
+        cpu_s_per_step=dict(user=(after.ru_utime - usage.ru_utime) / args.steps,
+                            system=(after.ru_stime - usage.ru_stime) / args.steps),
         batch_size=b, seq_len=t, dtype=model_cfg.dtype,
         device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
         cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0],
