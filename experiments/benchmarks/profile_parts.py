@@ -24,6 +24,7 @@ from llm_jax.kernels.attention import attention
 from llm_jax.model.transformer import Block, Transformer
 from llm_jax.objectives import lm
 from llm_jax.scaling import flops
+from llm_jax.train import hardware
 from llm_jax.train.loop import build_training, validate
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -60,6 +61,7 @@ def main(argv=None):
     only = [p for p in args.only.split(",") if p]
     want = lambda name: not only or any(name.startswith(p) for p in only)  # noqa: E731
 
+    hardware.tune_host_allocator()  # as the throughput benchmark does, before the backend starts
     config = cli.load(args.config, overrides)
     cfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
