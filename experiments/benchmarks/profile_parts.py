@@ -21,7 +21,7 @@ import numpy as np
 
 from llm_jax import cli, sharding
 from llm_jax.kernels.attention import attention
-from llm_jax.model.transformer import Block, Transformer
+from llm_jax.model.transformer import Block, token_matmul
 from llm_jax.objectives import lm
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
@@ -109,10 +109,10 @@ def main(argv=None):
         x_btd = rand(b, t, d)
         w_dv = params["params"]["lm_head"]
 
-        def head_loss(x, w):
-            logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+        def head_loss(x, w):  # what Transformer.head and lm.make_loss_fn compute
+            logits = token_matmul(x, w, preferred_element_type=jnp.float32)
             loss_sum, weight = lm.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-            correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["loss_mask"])
+            correct = jnp.sum(lm.argmax_hits(logits, batch["targets"]) * batch["loss_mask"])
             return loss_sum, correct
         g = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True))
         report("head+loss fwd+bwd", timed(g, x_btd, w_dv), 6 * d * v * n_tok)
