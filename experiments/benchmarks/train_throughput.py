@@ -7,7 +7,7 @@ Builds the config's mesh and `build_training(...)` exactly as `llm-jax train` do
 of the config's shape (no tokenizer or corpus), compiles once, warms up, times `--steps` steps (each waited on
 with block_until_ready) and prints one JSON line. MFU divides the model FLOP/s (`scaling/flops.py`) by the
 device's datasheet peak on accelerators, and on CPU by the square-matmul rate measured in the same process,
-same dtype, just before and just after the timed steps (the median of both bursts). By default the host
+same dtype, just before and just after the timed steps (each the median of 5; MFU uses their mean). By default the host
 allocator is tuned first (`hardware.tune_host_allocator`, which `--host_allocator=default` skips).
 """
 from __future__ import annotations
@@ -48,10 +48,6 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
                 loss_mask=np.ones((batch_size, seq_len), np.int32))
 
 
-def matmul_rates(dtype: str, n: int, bursts: int) -> list[float]:
-    return [hardware.measure_matmul_flops(dtype, n=n) for _ in range(bursts)]
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = cli._split_overrides(argv)
@@ -89,16 +85,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     devices = jax.devices()
     on_cpu = devices[0].platform == "cpu"
-    matmul = matmul_rates(model_cfg.dtype, args.matmul_n, 1) if on_cpu else []
-    times, usage = [], resource.getrusage(resource.RUSAGE_SELF)
+    # On CPU the reference matmul (median of 5) runs right before and right after the timed steps, so that it
+    # sees the machine state the model saw. Not between steps: its fresh arrays would move the step's heap.
+    matmul = [hardware.measure_matmul_flops(model_cfg.dtype, n=args.matmul_n)] if on_cpu else []
+    times, faults, user_s, system_s = [], 0, 0.0, 0.0
     for _ in range(args.steps):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         state, metrics = training.train_step(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults += after.ru_minflt - usage.ru_minflt
+        user_s += after.ru_utime - usage.ru_utime
+        system_s += after.ru_stime - usage.ru_stime
     if on_cpu:
-        matmul += matmul_rates(model_cfg.dtype, args.matmul_n, 1)
+        matmul.append(hardware.measure_matmul_flops(model_cfg.dtype, n=args.matmul_n))
     if not np.isfinite(float(metrics["loss"])):
         raise RuntimeError(f"the benchmark's loss is not finite: {float(metrics['loss'])}")
 
@@ -119,15 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
         model_flops_per_token=flops_per_token,
         model_tflops_per_s=model_flops_per_s / 1e12,
         matmul_tflops_per_s=matmul_flops_per_s / 1e12 if matmul_flops_per_s else None,
+        matmul_tflops_per_s_before_after=[m / 1e12 for m in matmul] if matmul else None,
         matmul_n=args.matmul_n,
         peak_tflops_per_s=None if on_cpu else peak / 1e12,
         mfu=model_flops_per_s / denominator,
         mfu_against="measured matmul" if on_cpu else peak_source,
         loss=float(metrics["loss"]),
         host_allocator_tuned=allocator_tuned,
-        page_faults_per_step=(after.ru_minflt - usage.ru_minflt) / args.steps,
-        cpu_s_per_step=dict(user=(after.ru_utime - usage.ru_utime) / args.steps,
-                            system=(after.ru_stime - usage.ru_stime) / args.steps),
+        page_faults_per_step=faults / args.steps,
+        cpu_s_per_step=dict(user=user_s / args.steps, system=system_s / args.steps),
         batch_size=b, seq_len=t, dtype=model_cfg.dtype,
         device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
         cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0],
