@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,      # one compiled layer applied n_layers times
         remat="none",          # none | full | dots | dots_no_batch | save_attn_out
-        attention_impl="auto",  # auto | reference (pallas arrives with the kernels)
+        attention_impl="auto",  # auto | reference | xla (auto: xla, the reference maths with a
+                                # recomputing, memory-light backward)
         init_std=0.02,
     ))
 

@@ -16,6 +16,18 @@ IMPLEMENTATIONS = ("auto", "reference", "xla")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
 
 
+def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool):
+    """(B, T, S) bool: key s is visible to query t (causal: s ≤ t; packed: same segment)."""
+    mask_bts = jnp.ones((b, t, s), dtype=bool)
+    if causal:
+        mask_bts &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+    if segment_ids_bt is not None:
+        if s != t:
+            raise ValueError(f"segment ids need self-attention; got query length {t} and key length {s}")
+        mask_bts &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return mask_bts
+
+
 def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True):
     """softmax(q·kᵀ/√D + mask)·v, computed in float32 and returned in q's dtype."""
     b, t, h, d = q_bthd.shape
@@ -25,13 +37,7 @@ def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=T
     q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
     scores_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
                               preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    mask_bts = jnp.ones((b, t, s), dtype=bool)
-    if causal:
-        mask_bts &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
-    if segment_ids_bt is not None:
-        if s != t:
-            raise ValueError(f"segment ids need self-attention; got query length {t} and key length {s}")
-        mask_bts &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd,
@@ -83,45 +89,17 @@ def _xla_attention_bwd(g, dtype, residuals, dout_bkmd):
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
-_SPLIT_MIN_LENGTH = 128  # below this the halves are too small to gain from skipping a quarter of the scores
-
-
 def xla_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True):
     """The reference's maths with a memory-light custom backward; every (B, H, T, S) array is transient.
 
     Query heads are laid out (B, K, G·T, D) so grouped-query attention is one batched matmul per K/V head.
-    Causal self-attention of an even length of at least 128 runs as two halves: the first half of the queries
-    against the first half of the keys only, the second half against all keys. The skipped quarter of the
-    (T, S) scores is entirely masked, so the result is the same and a quarter of the work is saved.
     """
     b, t, h, d = q_bthd.shape
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
     if h % kv:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
-    if segment_ids_bt is not None and s != t:
-        raise ValueError(f"segment ids need self-attention; got query length {t} and key length {s}")
-    if causal and s == t and t % 2 == 0 and t >= _SPLIT_MIN_LENGTH:
-        half = t // 2
-        seg_a = None if segment_ids_bt is None else segment_ids_bt[:, :half]
-        out_a = _xla_attention_part(q_bthd[:, :half], k_bskd[:, :half], v_bskd[:, :half], seg_a, seg_a, 0)
-        out_b = _xla_attention_part(q_bthd[:, half:], k_bskd, v_bskd,
-                                    None if segment_ids_bt is None else segment_ids_bt[:, half:],
-                                    segment_ids_bt, half)
-        return jnp.concatenate([out_a, out_b], axis=1)
-    return _xla_attention_part(q_bthd, k_bskd, v_bskd, segment_ids_bt, segment_ids_bt, 0 if causal else None)
-
-
-
-def _xla_attention_part(q_bthd, k_bskd, v_bskd, q_segment_ids_bt, kv_segment_ids_bs, causal_offset):
-    """Queries at positions causal_offset + (0..T-1) against keys 0..S-1; causal_offset None: not causal."""
-    b, t, h, d = q_bthd.shape
-    s, kv = k_bskd.shape[1], k_bskd.shape[2]
     g = h // kv
-    mask_bts = jnp.ones((b, t, s), dtype=bool)
-    if causal_offset is not None:
-        mask_bts &= (jnp.arange(t)[:, None] + causal_offset >= jnp.arange(s)[None, :])[None]
-    if q_segment_ids_bt is not None:
-        mask_bts &= q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]
+    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal)
     scale = (1.0 / jnp.sqrt(jnp.float32(d))).astype(q_bthd.dtype)
     q_bkmd = jnp.transpose((q_bthd * scale).reshape(b, t, kv, g, d), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, d)
     k_bksd = jnp.transpose(k_bskd, (0, 2, 1, 3))
