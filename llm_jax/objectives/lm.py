@@ -11,11 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.data.pipeline import build_lm_data
-
 from llm_jax.model.transformer import Transformer
 from llm_jax.train import step as train_step
-
-BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 @jax.custom_vjp

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from llm_jax.train.state import TrainState
@@ -84,11 +83,3 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
         manager.close()
     return restored["params"]
 
-
-def describe_mismatch(expected, found) -> str:
-    """Names the first leaf whose shape differs, for error messages."""
-    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
-                                 jax.tree_util.tree_flatten_with_path(found)[0]):
-        if a.shape != b.shape:
-            return f"{jax.tree_util.keystr(path)}: expected {a.shape}, found {b.shape}"
-    return "structure differs"
