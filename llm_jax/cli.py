@@ -25,8 +25,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
         sub.add_argument("--distributed", action="store_true",
-                         help="join a multi-host job with jax.distributed.initialize() (TPU pods, SLURM, "
-                              "or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+                         help="join a multi-host job with jax.distributed.initialize(): on TPU pods, SLURM, "
+                              "Open MPI and similar clusters it finds its peers itself; elsewhere give the three "
+                              "options below")
+        sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+        sub.add_argument("--num-processes", type=int)
+        sub.add_argument("--process-id", type=int)
     return parser
 
 
@@ -63,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.distributed:
         import jax
-        jax.distributed.initialize()  # before any other JAX call: every process then sees the global mesh
+        # CPU hosts exchange collectives over gloo; accelerators keep their own (ICI, NCCL).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Before any other JAX call: every process then sees the global device set and mesh.
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)

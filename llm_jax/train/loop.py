@@ -198,11 +198,12 @@ def run(config, workdir: str) -> dict:
              f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
     def evaluate(step_params) -> dict:
-        sums = None
-        for batch in eval_batches:
-            out = eval_step(step_params, batch)
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        sums = jax.device_get(sums)
+        # Sums are added on the host: an eager op on global arrays would be one more program every process
+        # must launch in step, which multi-host runs cannot promise between jitted calls.
+        sums: dict = {}
+        for out in jax.device_get([eval_step(step_params, batch) for batch in eval_batches]):
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         weight = max(float(sums.pop("weight")), 1.0)
         result = {f"eval_{k}": float(v) / weight for k, v in sums.items()}
         result["eval_perplexity"] = math.exp(min(result["eval_loss"], 80.0))
