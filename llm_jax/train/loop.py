@@ -198,11 +198,11 @@ def run(config, workdir: str) -> dict:
              f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
     def evaluate(step_params) -> dict:
-        # Sums are added on the host: an eager op on global arrays would be one more program every process
-        # must launch in step, which multi-host runs cannot promise between jitted calls.
+        # One batch at a time, each waited on: independent eval programs in flight together may run their
+        # collectives in a different order on each host (a deadlock seen with 2 CPU processes over gloo).
         sums: dict = {}
-        for out in jax.device_get([eval_step(step_params, batch) for batch in eval_batches]):
-            for key, value in out.items():
+        for batch in eval_batches:
+            for key, value in jax.device_get(eval_step(step_params, batch)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         weight = max(float(sums.pop("weight")), 1.0)
         result = {f"eval_{k}": float(v) / weight for k, v in sums.items()}
