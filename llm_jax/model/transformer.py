@@ -30,6 +30,11 @@ def _param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=Non
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
 
 
+def _residual_init(cfg: ModelConfig):
+    """Projections into the residual stream start smaller, by 1/√(2·layers) (GPT-2's residual scaling)."""
+    return nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+
 class RMSNorm(nn.Module):
     cfg: ModelConfig
 
@@ -104,8 +109,7 @@ class Attention(nn.Module):
         wq_dhk = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         wk_dkh = _param(self, "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
         wv_dkh = _param(self, "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # GPT-2 residual scaling
-        wo_hkd = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), cfg, out_init)
+        wo_hkd = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), cfg, _residual_init(cfg))
 
         q_bthd = token_matmul(x_btd, wq_dhk.astype(dt))
         k_btkd = token_matmul(x_btd, wk_dkh.astype(dt))
@@ -130,8 +134,7 @@ class MLP(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         w_gate_df = _param(self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
         w_up_df = _param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
-        out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
-        w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, out_init)
+        w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, _residual_init(cfg))
         gate_btf = token_matmul(x_btd, w_gate_df.astype(dt))
         up_btf = token_matmul(x_btd, w_up_df.astype(dt))
         h_btf = sharding.constrain(swiglu(gate_btf, up_btf), ("batch", "length", "act_mlp"),

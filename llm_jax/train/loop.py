@@ -158,7 +158,8 @@ def run(config, workdir: str) -> dict:
     rules = sharding.check_rules(config.mesh_rules)
     sharding.check_batch(config.data.batch_size, config.data.seq_len, mesh, rules, config.optim.grad_accum)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
         _check_resumable(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -171,7 +172,7 @@ def run(config, workdir: str) -> dict:
 
     t = build_training(config, model_cfg, mesh, rules)
     train_iter = data.train_iterator()
-    if checkpointer.latest_step() is not None:
+    if resuming:
         state = checkpointer.restore(t.abstract_state, train_iter)
         log_line(f"resumed {workdir} from step {int(state.step)}")
     elif config.train.init_from:
@@ -189,12 +190,12 @@ def run(config, workdir: str) -> dict:
     peak, peak_source = hardware.peak_flops(model_cfg.dtype)
     start_step, total = int(state.step), config.train.steps
     writer = MetricsWriter(workdir, resume_step=start_step)
-    if start_step == 0 and jax.process_index() == 0:
-        counts = flops.param_counts(model_cfg)
+    counts = flops.param_counts(model_cfg)
+    if start_step == 0:
         writer.write(0, {"n_params": counts["total"], "n_params_kaplan": counts["kaplan"],
                          "flops_per_token": flops_per_step / tokens_per_step, "peak_flops": peak,
                          **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}})
-    log_line(f"{model_cfg.n_layers} layers, {flops.param_counts(model_cfg)['total']:,} params, mesh "
+    log_line(f"{model_cfg.n_layers} layers, {counts['total']:,} params, mesh "
              f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
     def evaluate(step_params) -> dict:
