@@ -29,7 +29,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator=None, force: bool = False) -> None:
+    def save(self, state: TrainState, data_iterator=None) -> None:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
@@ -38,7 +38,7 @@ class Checkpointer:
                                                             rng=state.rng)))
         if self.save_data_iterator and data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
         step = self.latest_step() if step is None else step

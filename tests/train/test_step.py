@@ -1,7 +1,6 @@
 """The shared step: exact loss values, gradient accumulation, schedules and the decay mask."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
