@@ -5,6 +5,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -25,6 +27,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "auto"
+    attention_block_q: int = 0   # flash kernel tiles; 0: the kernel family's default (kernels/attention/blocks.py)
+    attention_block_kv: int = 0
     init_std: float = 0.02
 
     @classmethod
@@ -49,11 +53,25 @@ class ModelConfig:
             fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             fail(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            fail(f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            value = getattr(self, name)
+            if value and (value < 8 or value & (value - 1)):
+                fail(f"{name}={value} must be 0 (the kernel default) or a power of two ≥ 8")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 fail(f"{name}={getattr(self, name)!r} is not a dtype")
+
+    @property
+    def attention_blocks(self):
+        """Flash-kernel tile sizes, or None for the kernel family's defaults."""
+        if not (self.attention_block_q or self.attention_block_kv):
+            return None
+        q, kv = self.attention_block_q or self.attention_block_kv, self.attention_block_kv or self.attention_block_q
+        return BlockSizes(q=q, kv=kv, q_bwd=q, kv_bwd=kv)
 
     @property
     def compute_dtype(self):

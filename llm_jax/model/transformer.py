@@ -120,7 +120,8 @@ class Attention(nn.Module):
         k_btkd = sharding.constrain(k_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         v_btkd = sharding.constrain(v_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         out_bthd = attention(q_bthd, k_btkd, v_btkd, segment_ids_bt=segment_ids_bt, causal=True,
-                             impl=cfg.attention_impl)
+                             impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
+                             blocks=cfg.attention_blocks)
         return token_matmul(out_bthd, wo_hkd.astype(dt), n_contract=2)
 
 

@@ -1,10 +1,14 @@
-"""Every attention implementation against the reference: forward and the three gradients."""
+"""Every attention implementation on this platform, through the dispatch, against the reference: forward and the
+three gradients. (The Pallas kernel families are covered shape by shape in test_flash_attention.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.kernels.attention import IMPLEMENTATIONS, attention, reference_attention
+from llm_jax.kernels.attention import IMPLEMENTATIONS, attention, reference_attention, resolve_impl
+
+# cudnn needs an NVIDIA GPU; on CPU "pallas" runs the TPU kernels in interpret mode.
+RUNNABLE = [i for i in IMPLEMENTATIONS if i != "cudnn" or jax.default_backend() == "gpu"]
 
 CASES = [  # (batch, length, heads, kv heads, head dim, causal, packed)
     (2, 16, 4, 4, 16, True, False),
@@ -29,7 +33,7 @@ def _inputs(b, t, h, kv, d, packed, seed=0):
     return q, k, v, dout, segments
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "reference"])
+@pytest.mark.parametrize("impl", [i for i in RUNNABLE if i not in ("reference", "cudnn")])
 @pytest.mark.parametrize("b, t, h, kv, d, causal, packed", CASES)
 def test_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, causal, packed):
     q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
@@ -47,7 +51,7 @@ def test_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, causa
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", RUNNABLE)
 def test_bfloat16_inputs_stay_close_to_float32(impl):
     q, k, v, _, segments = _inputs(2, 64, 4, 2, 32, packed=True)
     want = reference_attention(q, k, v, segment_ids_bt=segments)
@@ -55,3 +59,13 @@ def test_bfloat16_inputs_stay_close_to_float32(impl):
                     segment_ids_bt=segments, impl=impl)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=5e-2, rtol=5e-2)
+
+
+def test_auto_picks_per_platform_and_bad_names_are_refused():
+    assert resolve_impl("auto", "tpu", jnp.float32) == "pallas"
+    assert resolve_impl("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert resolve_impl("auto", "gpu", jnp.float32) == "xla"  # cuDNN's fused attention is half precision only
+    assert resolve_impl("auto", "cpu", jnp.bfloat16) == "xla"
+    assert resolve_impl("reference", "tpu", jnp.float32) == "reference"
+    with pytest.raises(ValueError, match="attention impl 'flash' is not one of"):
+        resolve_impl("flash", "cpu", jnp.float32)

@@ -1,0 +1,131 @@
+"""Attention: one dispatch point for the whole codebase, with the pure-jnp reference as the definition.
+
+Layout: q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K (grouped-query attention: each K/V head
+serves H/K query heads, never materialised as H heads). `segment_ids` (B, T) marks packed documents; a
+query attends only to keys of its own segment.
+
+Implementations (`model.attention_impl`):
+- `reference`: `reference.py`, plain softmax(q·kᵀ/√D)·v; the definition, materialises (B, H, T, S).
+- `xla`: `xla.py`, the same maths with a FlashAttention-style recomputing backward; best on CPU.
+- `pallas`: `flash.py`, our Pallas kernels (Mosaic on TPU, Triton on GPU, interpret mode elsewhere).
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA only, bf16/fp16 only.
+- `auto`: pallas on TPU, cudnn on NVIDIA for bf16/fp16 (xla for f32), xla elsewhere.
+
+Given a mesh, the kernel paths (pallas, cudnn) run under `shard_map`: batch split over the axes that
+`batch` maps to, query and K/V heads over the axes `act_heads` maps to (tensor). The sequence is gathered, so a
+`sequence`-sharded mesh gives every device the whole sequence of its heads (no ring attention yet).
+The XLA paths need no shard_map: the compiler partitions them from the activations' shardings.
+
+Decode (`decode_attention`): a few new queries against a head-major KV cache with per-row lengths.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from llm_jax import sharding
+from llm_jax.kernels.attention.blocks import BlockSizes
+from llm_jax.kernels.attention.decode import pallas_decode_attention
+from llm_jax.kernels.attention.flash import flash_attention
+from llm_jax.kernels.attention.reference import (MASK_VALUE, attention_mask, reference_attention,
+                                                 reference_decode_attention)
+from llm_jax.kernels.attention.xla import xla_attention
+
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "cudnn")
+DECODE_IMPLEMENTATIONS = ("auto", "reference", "pallas")
+_HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+
+__all__ = ["IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE", "attention",
+           "attention_mask", "cudnn_attention", "decode_attention", "flash_attention", "platform_of",
+           "reference_attention", "reference_decode_attention", "resolve_impl", "xla_attention"]
+
+
+def platform_of(mesh=None) -> str:
+    """'tpu', 'gpu' or 'cpu': the platform of the mesh's devices, else of the default backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str, platform: str, dtype) -> str:
+    """The implementation `impl` names on `platform` (resolving `auto`)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("gpu", "cuda") and jnp.dtype(dtype) in _HALF_DTYPES:
+        return "cudnn"
+    return "xla"
+
+
+def cudnn_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True):
+    """cuDNN's fused attention via `jax.nn.dot_product_attention`; packed documents become a mask."""
+    if jnp.dtype(q_bthd.dtype) not in _HALF_DTYPES:
+        raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q_bthd.dtype}; "
+                         "use attention_impl='xla' or 'pallas' for float32")
+    mask = None
+    if segment_ids_bt is not None:
+        mask = (segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :])
+    return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask, is_causal=causal,
+                                        implementation="cudnn")
+
+
+def _parts(mesh, axes) -> int:
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+
+
+def _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules):
+    """Runs fn(q, k, v, segment_ids) on each device's batch rows and heads.
+
+    A dimension its mesh axes do not divide (the one-row batch of parameter init, 2 K/V heads on 4 tensor
+    devices) is replicated instead of split: correct, only less parallel.
+    """
+    batch_axes = sharding.logical_to_spec(("batch",), rules)[0]
+    head_axes = sharding.logical_to_spec(("act_heads",), rules)[0]
+    if q_bthd.shape[0] % _parts(mesh, batch_axes):
+        batch_axes = None
+    if q_bthd.shape[2] % _parts(mesh, head_axes) or k_bskd.shape[2] % _parts(mesh, head_axes):
+        head_axes = None
+    q_spec = P(batch_axes, None, head_axes, None)
+    if segment_ids_bt is None:
+        mapped = lambda q, k, v: fn(q, k, v, None)  # noqa: E731
+        in_specs, args = (q_spec, q_spec, q_spec), (q_bthd, k_bskd, v_bskd)
+    else:
+        mapped, in_specs = fn, (q_spec, q_spec, q_spec, P(batch_axes, None))
+        args = (q_bthd, k_bskd, v_bskd, segment_ids_bt)
+    return jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*args)
+
+
+def attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, impl="auto", mesh=None, rules=(),
+              blocks: BlockSizes | None = None):
+    """Dispatches to the implementation named by `impl`; see the module docstring."""
+    impl = resolve_impl(impl, platform_of(mesh), q_bthd.dtype)
+    if impl == "reference":
+        return reference_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal)
+    if impl == "xla":
+        return xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal)
+    if impl == "pallas":
+        def fn(q, k, v, seg):
+            return flash_attention(q, k, v, segment_ids_bt=seg, causal=causal, blocks=blocks)
+    else:
+        def fn(q, k, v, seg):
+            return cudnn_attention(q, k, v, segment_ids_bt=seg, causal=causal)
+    if mesh is None or mesh.size == 1:
+        return fn(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+    return _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules)
+
+
+def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, impl="auto", block_kv: int | None = None):
+    """New queries against a KV cache (see `decode.py`); `auto` is pallas on TPU and GPU, else reference."""
+    if impl not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(f"decode attention impl {impl!r} is not one of {DECODE_IMPLEMENTATIONS}")
+    if impl == "auto":
+        impl = "pallas" if platform_of() in ("tpu", "gpu", "cuda") else "reference"
+    if impl == "reference":
+        return reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
+    return pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, block_kv=block_kv)

@@ -1,0 +1,117 @@
+"""Block geometry shared by the flash kernels: block sizes, sequence padding, causal block bounds, masks.
+
+Kernels see (B, H, T, D) queries and (B, K, S, D) keys/values, cut into `block_q` query rows and `block_kv`
+key columns. Under a causal mask a key block is
+- skipped when it lies wholly above the diagonal (its first key is after the block's last query),
+- visible without a mask when it lies wholly below (its last key is at or before the block's first query),
+- masked element-wise only on the diagonal.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.kernels.attention.reference import MASK_VALUE
+
+NUM_LANES, NUM_SUBLANES = 128, 8  # TPU vector register tile: (sublanes, lanes)
+PAD_SEGMENT = -1  # segment id of rows added to reach a block multiple; real segment ids are ≥ 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two): forward and dQ use (q, kv); the dK/dV kernel uses (q_bwd, kv_bwd)."""
+    q: int
+    kv: int
+    q_bwd: int
+    kv_bwd: int
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value < 8 or value & (value - 1):
+                raise ValueError(f"attention block size {name}={value} must be a power of two ≥ 8")
+
+    def fitted(self, seq_len: int) -> "BlockSizes":
+        """Caps every block at the sequence length rounded up to a power of two, so short sequences work."""
+        cap = max(8, 1 << (seq_len - 1).bit_length())
+        return BlockSizes(*(min(v, cap) for v in dataclasses.astuple(self)))
+
+    def padded_length(self, seq_len: int) -> int:
+        multiple = max(dataclasses.astuple(self))
+        return -(-seq_len // multiple) * multiple
+
+
+# Defaults per kernel family. TPU: large tiles keep the MXU busy and amortise the ~0.35 µs per grid step.
+# Triton: the FlashAttention-2 tutorial's shapes for head dim 64–128 on Ampere/Hopper.
+DEFAULT_BLOCKS = {
+    "tpu": BlockSizes(q=512, kv=512, q_bwd=512, kv_bwd=512),
+    "triton": BlockSizes(q=128, kv=64, q_bwd=64, kv_bwd=128),
+}
+
+
+def div(a, b):
+    """a // b for non-negative ints, traced or not, as truncating division: Mosaic's floor division lowers
+    through `sign`, which needs the TPU generation and so cannot be lowered from another host."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    return jax.lax.div(a, b)
+
+
+def last_visible_block(q_block, block_q: int, block_kv: int):
+    """Index of the last key block that the query block can see under a causal mask."""
+    return div(q_block * block_q + block_q - 1, block_kv)
+
+
+def first_visible_block(kv_block, block_q: int, block_kv: int):
+    """Index of the first query block that can see the key block under a causal mask."""
+    return div(kv_block * block_kv, block_q)
+
+
+def block_is_visible(q_start, k_start, block_q: int):
+    """Some key of the block is at or before the query block's last query."""
+    return k_start <= q_start + block_q - 1
+
+
+def block_is_below_diagonal(q_start, k_start, block_kv: int):
+    """Every key of the block is at or before the query block's first query: no causal mask needed."""
+    return k_start + block_kv - 1 <= q_start
+
+
+def causal_mask(q_start, k_start, shape, q_axis: int = 0):
+    """bool `shape`: key position ≤ query position; queries run along `q_axis` (1 for transposed scores)."""
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    return k_pos <= q_pos
+
+
+def and_masks(*masks):
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = out & m
+    return out
+
+
+def lanes(x, n: int):
+    """A (rows, 128) lane-replicated tile widened or narrowed to (rows, n)."""
+    if n == NUM_LANES:
+        return x
+    if n < NUM_LANES:
+        return x[:, :n]
+    return jnp.tile(x, (1, n // NUM_LANES))
+
+
+def apply_mask(scores, mask):
+    return scores if mask is None else jnp.where(mask, scores, MASK_VALUE)
+
+
+def pad_sequence(x, axis: int, length: int, value=0):
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)

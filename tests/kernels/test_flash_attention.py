@@ -1,0 +1,129 @@
+"""The Pallas flash kernels (both families, interpret mode on CPU) against the reference, their block geometry,
+and lowering for TPU and CUDA from this host."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.kernels.attention import BlockSizes, flash_attention, reference_attention
+from llm_jax.kernels.attention import blocks as blk
+
+FAMILIES = ["tpu", "triton"]
+SMALL = BlockSizes(q=16, kv=32, q_bwd=32, kv_bwd=16)  # unequal tiles, so q/kv block arithmetic is exercised
+
+CASES = [  # (batch, length, heads, kv heads, head dim, causal, packed, blocks)
+    (2, 64, 4, 2, 64, True, True, SMALL),
+    (1, 64, 6, 2, 64, True, False, SMALL),
+    (2, 64, 4, 1, 128, False, True, SMALL),
+    (1, 64, 2, 2, 128, False, False, SMALL),
+    (1, 48, 4, 2, 64, True, True, BlockSizes(32, 32, 32, 32)),    # 48 is padded to 64
+    (1, 40, 2, 1, 64, False, False, None),                        # default tiles, fitted and padded
+]
+
+
+def _inputs(b, t, h, kv, d, packed, dtype=jnp.float32, seed=0):
+    kq, kk, kv_, kd = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (b, t, h, d), dtype)
+    k = jax.random.normal(kk, (b, t, kv, d), dtype)
+    v = jax.random.normal(kv_, (b, t, kv, d), dtype)
+    dout = jax.random.normal(kd, (b, t, h, d), dtype)
+    segments = None
+    if packed:  # three documents of uneven length, then padding (segment 0), different per row
+        rows = []
+        for row in range(b):
+            cuts = np.array([t // 5 + row, t // 2, t - t // 8 - row])
+            ids = np.searchsorted(cuts, np.arange(t), side="right") + 1
+            ids[cuts[-1]:] = 0
+            rows.append(ids)
+        segments = jnp.asarray(np.stack(rows), jnp.int32)
+    return q, k, v, dout, segments
+
+
+def _value_and_grads(fn, q, k, v, dout):
+    out = fn(q, k, v)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * dout.astype(jnp.float32)),
+                     argnums=(0, 1, 2))(q, k, v)
+    return (out,) + grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("b, t, h, kv, d, causal, packed, blocks", CASES)
+def test_family_matches_the_reference(family, b, t, h, kv, d, causal, packed, blocks):
+    q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
+    flash = lambda *a: flash_attention(*a, segment_ids_bt=segments, causal=causal, blocks=blocks,  # noqa: E731
+                                       backend=family, interpret=True)
+    ref = lambda *a: reference_attention(*a, segment_ids_bt=segments, causal=causal)  # noqa: E731
+    for name, got, want in zip(["out", "dq", "dk", "dv"], _value_and_grads(flash, q, k, v, dout),
+                               _value_and_grads(ref, q, k, v, dout)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_accumulates_in_float32(family):
+    q, k, v, dout, segments = _inputs(2, 64, 4, 2, 64, packed=True)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v, dout)]
+    flash = lambda *a: flash_attention(*a, segment_ids_bt=segments, blocks=SMALL, backend=family,  # noqa: E731
+                                       interpret=True)
+    ref = lambda *a: reference_attention(*a, segment_ids_bt=segments)  # noqa: E731
+    got = _value_and_grads(flash, *half)
+    want = _value_and_grads(ref, q, k, v, dout)  # float32 truth
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        # bf16 inputs carry ~3 significant digits: relative error in the norm, not elementwise
+        err = np.linalg.norm(np.asarray(g, np.float32) - np.asarray(w)) / np.linalg.norm(np.asarray(w))
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_block_geometry_skips_exactly_the_blocks_above_the_diagonal():
+    t = 128
+    for bq, bk in [(16, 16), (16, 64), (64, 16), (32, 32)]:
+        full = np.tril(np.ones((t, t), bool))  # key ≤ query
+        for i, j in itertools.product(range(t // bq), range(t // bk)):
+            tile = full[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            visible = bool(blk.block_is_visible(i * bq, j * bk, bq))
+            below = bool(blk.block_is_below_diagonal(i * bq, j * bk, bk))
+            assert visible == tile.any() and below == tile.all(), (bq, bk, i, j)
+            assert (j <= blk.last_visible_block(i, bq, bk)) == tile.any()
+            assert (i >= blk.first_visible_block(j, bq, bk)) == tile.any()
+
+
+def test_block_sizes_fit_short_sequences_and_pad_long_ones():
+    blocks = BlockSizes(q=512, kv=256, q_bwd=128, kv_bwd=512)
+    assert blocks.fitted(100) == BlockSizes(128, 128, 128, 128)
+    assert blocks.padded_length(1000) == 1024
+    with pytest.raises(ValueError, match="block size kv=96 must be a power of two"):
+        BlockSizes(q=64, kv=96, q_bwd=64, kv_bwd=64)
+
+
+def test_bad_shapes_are_named():
+    q, k, v, _, _ = _inputs(1, 32, 4, 3, 64, packed=False)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of key/value heads \(3\)"):
+        flash_attention(q, k, v, interpret=True, backend="tpu")
+    q, k, v, _, _ = _inputs(1, 32, 2, 1, 8, packed=False)
+    with pytest.raises(ValueError, match="head dims 16–128, or 256; got 8"):
+        flash_attention(q, k, v, interpret=True, backend="tpu")
+    q, k, v, _, _ = _inputs(1, 32, 2, 1, 64, packed=False)
+    with pytest.raises(ValueError, match=r"segment ids of shape \(1, 31\) do not match"):
+        flash_attention(q, k, v, segment_ids_bt=jnp.ones((1, 31), jnp.int32), interpret=True, backend="tpu")
+    with pytest.raises(ValueError, match="backend 'mosaic' is not one of"):
+        flash_attention(q, k, v, backend="mosaic")
+
+
+# ------------------------------------------------------------------------------------------------- lowering
+@pytest.mark.parametrize("platform, marker", [("tpu", "tpu_custom_call"), ("cuda", "triton")])
+@pytest.mark.parametrize("d, causal, packed", [(128, True, True), (64, True, False), (128, False, False)])
+def test_forward_and_backward_lower_for_accelerators(platform, marker, d, causal, packed):
+    """Mosaic and Triton lowering run on this CPU host; compiling (VMEM limits, PTX) needs the device."""
+    q = jax.ShapeDtypeStruct((2, 2048, 8, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 2048, 2, d), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+
+    def loss(q_, k_, v_, seg_):
+        out = flash_attention(q_, k_, v_, segment_ids_bt=seg_ if packed else None, causal=causal)
+        return jnp.sum(out.astype(jnp.float32))
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
+        lowering_platforms=(platform,))
+    text = lowered.as_text()
+    assert text.count(marker) >= 3, f"expected forward, dQ and dK/dV kernels as {marker}"
