@@ -95,3 +95,16 @@ def test_logical_specs_and_bad_rules():
         sharding.logical_to_spec(("wat",), DEFAULT_RULES)
     with pytest.raises(sharding.ShardingError, match="names mesh axis 'model'"):
         sharding.check_rules((("heads", "model"),))
+
+
+@pytest.mark.parametrize("mesh_axes", [
+    dict(data=2, fsdp=2, tensor=2, sequence=1),
+    dict(data=1, fsdp=2, tensor=2, sequence=2),
+])
+def test_pallas_attention_in_a_sharded_train_step_matches_the_reference(mesh_axes):
+    """The flash kernel under shard_map (interpret mode here) gives the reference's losses and gradients."""
+    reference, pallas = _config(), _config()
+    reference.model.attention_impl, pallas.model.attention_impl = "reference", "pallas"
+    _, want = _train(reference, mesh_axes, jax.devices())
+    _, got = _train(pallas, mesh_axes, jax.devices())
+    np.testing.assert_allclose(got, want, rtol=1e-5)
