@@ -25,12 +25,12 @@ _SIZES = {
         data=dict(seq_len=256, batch_size=8), train=dict(steps=20), tokenizer=dict(vocab_size=8192)),
     "125m": dict(
         model=dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, d_ff=2048, vocab_size=32768,
-                   tie_embeddings=True, dtype="bfloat16", remat="dots"),
+                   tie_embeddings=True, dtype="bfloat16", remat="dots_attention"),
         data=dict(seq_len=2048, batch_size=256), optim=dict(lr=6e-4, warmup_steps=2000),
         train=dict(steps=50_000, eval_every=1000, checkpoint_every=1000, eval_batches=20), tokenizer=dict(vocab_size=32768)),
     "1b": dict(
         model=dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=32768,
-                   tie_embeddings=True, dtype="bfloat16", remat="dots"),
+                   tie_embeddings=True, dtype="bfloat16", remat="dots_attention"),
         data=dict(seq_len=4096, batch_size=256), optim=dict(lr=3e-4, warmup_steps=2000),
         train=dict(steps=100_000, eval_every=1000, checkpoint_every=1000, eval_batches=20), tokenizer=dict(vocab_size=32768),
         mesh=dict(data=1, fsdp=-1)),

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",       # compute dtype; bfloat16 on accelerators
         param_dtype="float32",
         scan_layers=True,      # one compiled layer applied n_layers times
-        remat="none",          # none | full | dots | dots_no_batch
+        remat="none",          # none | full | dots | dots_no_batch | dots_attention (dots + flash residuals)
         attention_impl="auto",  # auto | reference | xla | pallas | cudnn (auto: pallas on TPU, cudnn on
                                 # NVIDIA in bf16, xla elsewhere); see llm_jax/kernels/attention/__init__.py
         attention_block_q=0,   # flash kernel tiles (powers of two); 0: the kernel family's default

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,13 +15,17 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.kernels.attention import attention
+from llm_jax.kernels.attention import ATTENTION_RESIDUAL_NAMES, attention
 from llm_jax.model.config import ModelConfig
 
 _REMAT = {
     "full": None,  # save nothing: recompute the block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # dots, plus the flash kernel's output and log-sum-exp, so its forward is not run again in the backward
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots,
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUAL_NAMES)),
 }
 
 

@@ -63,7 +63,7 @@ def test_unknown_attention_impl_is_an_error():
         attention(q, q, q, impl="flash")
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_attention"])
 def test_remat_changes_memory_not_values(remat):
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, CFG.vocab_size)
     model, params = _init(CFG, tokens)

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax import sharding
 from llm_jax.kernels.attention.blocks import BlockSizes
 from llm_jax.kernels.attention.decode import pallas_decode_attention
+from llm_jax.kernels.attention.flash import RESIDUAL_NAMES as ATTENTION_RESIDUAL_NAMES
 from llm_jax.kernels.attention.flash import flash_attention
 from llm_jax.kernels.attention.reference import (MASK_VALUE, attention_mask, reference_attention,
                                                  reference_decode_attention)
@@ -37,7 +38,7 @@ IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "cudnn")
 DECODE_IMPLEMENTATIONS = ("auto", "reference", "pallas")
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
-__all__ = ["IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE", "attention",
+__all__ = ["ATTENTION_RESIDUAL_NAMES", "IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE", "attention",
            "attention_mask", "cudnn_attention", "decode_attention", "flash_attention", "platform_of",
            "reference_attention", "reference_decode_attention", "resolve_impl", "xla_attention"]
 

@@ -20,11 +20,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.kernels.attention import blocks as blk
 from llm_jax.kernels.attention import flash_tpu, flash_triton
 
 FAMILIES = {"tpu": flash_tpu, "triton": flash_triton}
+# Names of the forward's residuals, for remat policies that keep them (model.remat="dots_attention").
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
 BACKENDS = (None, "tpu", "triton")
 
 
@@ -102,6 +105,7 @@ def _flash_fwd(q, k, v, segment_ids, causal, blocks, backend, interpret):
     fwd = functools.partial(_family_forward, causal=causal, blocks=blocks)
     out, lse = _by_platform(lambda fam, *a, interpret: fwd(fam, *a, interpret=interpret),
                             backend, interpret, q, k, v, segment_ids)
+    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
     return out, (q, k, v, segment_ids, out, lse)
 
 
