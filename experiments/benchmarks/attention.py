@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"attention benchmark: {device.device_kind} ({device.platform}), jax {jax.__version__}, {header['date']}")
     print(f"command: `{command}`")
     print(f"{'causal' if args.causal else 'full (non-causal)'}, {args.dtype}, {args.tokens} tokens per call "
-          f"(batch = tokens // seq), {heads_text}; median of {args.iters} timed calls after {args.warmup} warm-up")
+          f"(batch = tokens // seq), {heads_text}; median of {args.iters} timed calls after {args.warmup} warm-up calls")
     print(f"FLOPs: {header['flops_convention']}")
     print(f"util = fwd TFLOP/s / peak {peak / 1e12:.4g} TFLOP/s ({peak_source})")
     if on_cpu and "pallas" in impls:
