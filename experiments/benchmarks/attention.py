@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import sys
@@ -129,9 +130,14 @@ def run_one(impl, t, d, h, kv, args, blocks, on_cpu) -> dict:
     return row
 
 
+def _sig3(x: float) -> str:
+    """Three significant digits, trailing zeros kept, no exponent: 0.0100, 12.3, 989, 5040."""
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    def num(row, key, fmt):
-        return format(row[key], fmt) if key in row else "–"
+    def num(row, key):
+        return _sig3(row[key]) if key in row else "–"
 
     columns = ["impl", "seq", "head_dim", "batch", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
                "fwd util"]
@@ -139,9 +145,8 @@ def markdown_table(rows: list[dict]) -> str:
     columns += ["error"] if with_errors else []
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [r["impl"], str(r["seq"]), str(r["head_dim"]), str(r["batch"]), num(r, "fwd_ms", ".2f"),
-                 num(r, "fwd_tflops_per_s", ".3g"), num(r, "fwd_bwd_ms", ".2f"), num(r, "fwd_bwd_tflops_per_s", ".3g"),
-                 num(r, "fwd_util", ".3f")]
+        cells = [r["impl"], str(r["seq"]), str(r["head_dim"]), str(r["batch"]), num(r, "fwd_ms"),
+                 num(r, "fwd_tflops_per_s"), num(r, "fwd_bwd_ms"), num(r, "fwd_bwd_tflops_per_s"), num(r, "fwd_util")]
         cells += [r.get("error", "").replace("|", "/")] if with_errors else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"attention benchmark: {device.device_kind} ({device.platform}), jax {jax.__version__}, {header['date']}")
     print(f"command: `{command}`")
     print(f"{'causal' if args.causal else 'full (non-causal)'}, {args.dtype}, {args.tokens} tokens per call "
-          f"(batch = tokens // seq), {heads_text}; median of {args.iters} timed calls after {args.warmup} warm-up calls")
+          f"(batch = tokens // seq), {heads_text}; median of {args.iters} timed calls after {args.warmup} untimed")
     print(f"FLOPs: {header['flops_convention']}")
     print(f"util = fwd TFLOP/s / peak {peak / 1e12:.4g} TFLOP/s ({peak_source})")
     if on_cpu and "pallas" in impls:
