@@ -88,7 +88,9 @@ def _forward_kernel(*refs, scale, causal, packed, block_q, block_kv):
     def _finish():
         l = l_scratch[...]
         o_ref[...] = (acc_scratch[...] * blk.lanes(1.0 / l, head_dim)).astype(o_ref.dtype)
-        lse_ref[...] = m_scratch[...] + jnp.log(l)
+        # Transposed to rows: a (8, block_q) tile per block keeps the (B, H, 8, T) output 16× smaller than
+        # the lane-replicated (block_q, 128) column, and it is the layout the dK/dV kernel reads.
+        lse_ref[...] = jnp.transpose(m_scratch[...] + jnp.log(l))[:NUM_SUBLANES]
 
 
 def forward(q, k, v, segment_ids, *, scale, causal, blocks, interpret):
@@ -115,15 +117,16 @@ def forward(q, k, v, segment_ids, *, scale, causal, blocks, interpret):
         kernel,
         grid=(b, h, t // bq, s // bk),
         in_specs=in_specs,
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq, NUM_LANES), lambda b_, h_, i, j: (b_, h_, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, NUM_LANES), jnp.float32)],
+        out_specs=[q_spec, pl.BlockSpec((None, None, NUM_SUBLANES, bq), lambda b_, h_, i, j: (b_, h_, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, NUM_SUBLANES, t), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
         compiler_params=_params(n_arbitrary=1),
         interpret=interpret,
         name="flash_attention_fwd",
     )(*args)
-    return out, lse[..., 0]
+    return out, lse[:, :, 0]
 
 
 # -------------------------------------------------------------------------------------------------- dQ
