@@ -7,7 +7,7 @@ compute `dtype` (bf16 on accelerators) at use; norms, softmax and logits run in 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.kernels.attention import ATTENTION_RESIDUAL_NAMES, attention
+from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, attention, decode_attention, platform_of,
+                                      resolve_impl)
 from llm_jax.model.config import ModelConfig
 
 _REMAT = {
@@ -107,7 +108,15 @@ class Attention(nn.Module):
     rules: Any = ()
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None):
+        """Self-attention over x; with a layer cache `kv` = (k, v), each (B, K, S, D), also returns it updated.
+
+        - kv None: training and scoring, attention over the T tokens given.
+        - kv given, lengths None (prefill): the cache is empty; attention over the prompt itself, whose keys and
+          values are written at cache positions [0, T).
+        - kv and lengths (B,) given (decode): row b's T new tokens are written at [lengths[b], lengths[b] + T)
+          and attend to the cache up to themselves.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         wq_dhk = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), cfg)
@@ -123,10 +132,30 @@ class Attention(nn.Module):
         q_bthd = sharding.constrain(q_bthd, ("batch", "length", "act_heads", None), self.mesh, self.rules)
         k_btkd = sharding.constrain(k_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         v_btkd = sharding.constrain(v_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
-        out_bthd = attention(q_bthd, k_btkd, v_btkd, segment_ids_bt=segment_ids_bt, causal=True,
-                             impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
-                             blocks=cfg.attention_blocks)
-        return token_matmul(out_bthd, wo_hkd.astype(dt), n_contract=2)
+        if kv is not None and lengths_b is not None:
+            kv = tuple(_write_rows(cache, new, lengths_b) for cache, new in zip(kv, (k_btkd, v_btkd)))
+            out_bthd = decode_attention(q_bthd, *kv, lengths_b + x_btd.shape[1], impl=self._decode_impl(),
+                                        mesh=self.mesh, rules=self.rules)
+        else:
+            out_bthd = attention(q_bthd, k_btkd, v_btkd, segment_ids_bt=segment_ids_bt, causal=True,
+                                 impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
+                                 blocks=cfg.attention_blocks)
+            if kv is not None:
+                kv = tuple(_write_rows(cache, new, jnp.zeros(x_btd.shape[:1], jnp.int32))
+                           for cache, new in zip(kv, (k_btkd, v_btkd)))
+        out_btd = token_matmul(out_bthd, wo_hkd.astype(dt), n_contract=2)
+        return out_btd if kv is None else (out_btd, kv)
+
+    def _decode_impl(self) -> str:
+        """The Pallas decode kernel where a kernel path serves training attention, else the reference."""
+        impl = resolve_impl(self.cfg.attention_impl, platform_of(self.mesh), self.cfg.compute_dtype)
+        return "pallas" if impl in ("pallas", "cudnn") else "reference"
+
+
+def _write_rows(cache_bksd, new_btkd, starts_b):
+    """Writes row b's T new keys (or values) into its cache at [starts[b], starts[b] + T)."""
+    new_bktd = jnp.transpose(new_btkd, (0, 2, 1, 3)).astype(cache_bksd.dtype)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache_bksd, new_bktd, starts_b)
 
 
 class MLP(nn.Module):
@@ -153,19 +182,29 @@ class Block(nn.Module):
     rules: Any = ()
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
-        x_btd = x_btd + Attention(self.cfg, self.mesh, self.rules, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt)
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None):
+        """x (B, T, D) -> (x, kv): kv is the layer's updated cache, None without one (see Attention)."""
+        attn = Attention(self.cfg, self.mesh, self.rules, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt, kv, lengths_b)
+        attn_btd, kv = attn if kv is not None else (attn, None)
+        x_btd = x_btd + attn_btd
         x_btd = x_btd + MLP(self.cfg, self.mesh, self.rules, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_btd))
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
-        return x_btd
+        return x_btd, kv
 
 
-class _ScannedBlock(Block):
-    """A Block with the (carry, None) signature nn.scan wants."""
+class KVCache(NamedTuple):
+    """Keys and values of every layer, (L, B, K, S, D) each, head-major for the decode kernel; `lengths` (B,)
+    counts each row's valid entries."""
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
-        return super().__call__(x_btd, positions_bt, segment_ids_bt), None
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 class Transformer(nn.Module):
@@ -189,32 +228,54 @@ class Transformer(nn.Module):
 
     def _make_layers(self):
         cfg = self.cfg
-        block_cls = _ScannedBlock if cfg.scan_layers else Block
+        block_cls = Block
         if cfg.remat != "none":
             # prevent_cse=False is safe (and faster) under scan, which already blocks CSE across layers.
             block_cls = nn.remat(block_cls, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
+            # The layer's cache slice is scanned over (axis 0), like its parameters; the per-layer cache
+            # comes back as the scan's output.
             scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, self.mesh, self.rules, name="blocks")
         return [block_cls(cfg, self.mesh, self.rules, name=f"block_{i}") for i in range(cfg.n_layers)]
 
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None,
+                 prefill: bool = False):
+        """Hidden states (B, T, D); with a cache, (hidden states, updated cache).
+
+        With `cache`: `prefill=True` runs the prompt through an empty cache (row b's prompt is its first
+        cache.lengths[b] tokens; the padding after it is written but never attended to and is overwritten by
+        decoding); otherwise the T tokens are new, at positions cache.lengths + [0, T). The returned cache's
+        lengths count the tokens it now holds.
+        """
         cfg = self.cfg
         if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+            start_b = cache.lengths if cache is not None and not prefill else jnp.zeros(tokens_bt.shape[:1], jnp.int32)
+            positions_bt = start_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
         # Gather the FSDP shards of the table first (as FSDP does for every weight at use): a lookup into a
         # table split along embed would force XLA to replicate the whole activation.
         table_vd = sharding.constrain(self.embedding, ("vocab", None), self.mesh, self.rules)
         x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(cfg.compute_dtype)
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        lengths_b = None if cache is None or prefill else cache.lengths
+        kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
-            x_btd, _ = self.layers(x_btd, positions_bt, segment_ids_bt)
+            x_btd, kv = self.layers(x_btd, positions_bt, segment_ids_bt, kv, lengths_b)
         else:
-            for block in self.layers:
-                x_btd = block(x_btd, positions_bt, segment_ids_bt)
-        return self.final_norm(x_btd)
+            per_layer = []
+            for i, block in enumerate(self.layers):
+                x_btd, layer_kv = block(x_btd, positions_bt, segment_ids_bt,
+                                        None if kv is None else (kv[0][i], kv[1][i]), lengths_b)
+                per_layer.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack(parts) for parts in zip(*per_layer))
+        hidden_btd = self.final_norm(x_btd)
+        if cache is None:
+            return hidden_btd
+        lengths = cache.lengths if prefill else cache.lengths + tokens_bt.shape[1]
+        return hidden_btd, KVCache(*kv, lengths)
 
     def logits(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
         return self.head(self(tokens_bt, positions_bt, segment_ids_bt))

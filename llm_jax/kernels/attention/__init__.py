@@ -80,18 +80,24 @@ def _parts(mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes if a is not None]))
 
 
-def _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules):
-    """Runs fn(q, k, v, segment_ids) on each device's batch rows and heads.
+def _split_axes(mesh, rules, batch: int, heads: int, kv_heads: int):
+    """Mesh axes for the batch and the heads under shard_map.
 
     A dimension its mesh axes do not divide (the one-row batch of parameter init, 2 K/V heads on 4 tensor
     devices) is replicated instead of split: correct, only less parallel.
     """
     batch_axes = sharding.logical_to_spec(("batch",), rules)[0]
     head_axes = sharding.logical_to_spec(("act_heads",), rules)[0]
-    if q_bthd.shape[0] % _parts(mesh, batch_axes):
+    if batch % _parts(mesh, batch_axes):
         batch_axes = None
-    if q_bthd.shape[2] % _parts(mesh, head_axes) or k_bskd.shape[2] % _parts(mesh, head_axes):
+    if heads % _parts(mesh, head_axes) or kv_heads % _parts(mesh, head_axes):
         head_axes = None
+    return batch_axes, head_axes
+
+
+def _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules):
+    """Runs fn(q, k, v, segment_ids) on each device's batch rows and heads."""
+    batch_axes, head_axes = _split_axes(mesh, rules, q_bthd.shape[0], q_bthd.shape[2], k_bskd.shape[2])
     q_spec = P(batch_axes, None, head_axes, None)
     if segment_ids_bt is None:
         mapped = lambda q, k, v: fn(q, k, v, None)  # noqa: E731
@@ -121,12 +127,24 @@ def attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, impl=
     return _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules)
 
 
-def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, impl="auto", block_kv: int | None = None):
-    """New queries against a KV cache (see `decode.py`); `auto` is pallas on TPU and GPU, else reference."""
+def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, impl="auto", block_kv: int | None = None,
+                     mesh=None, rules=()):
+    """New queries against a KV cache (see `decode.py`); `auto` is pallas on TPU and GPU, else reference.
+
+    With a mesh, the kernel runs under shard_map: rows over the batch axes, heads over the tensor axes.
+    """
     if impl not in DECODE_IMPLEMENTATIONS:
         raise ValueError(f"decode attention impl {impl!r} is not one of {DECODE_IMPLEMENTATIONS}")
     if impl == "auto":
-        impl = "pallas" if platform_of() in ("tpu", "gpu", "cuda") else "reference"
+        impl = "pallas" if platform_of(mesh) in ("tpu", "gpu", "cuda") else "reference"
     if impl == "reference":
         return reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
-    return pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, block_kv=block_kv)
+
+    def fn(q, k, v, lengths):
+        return pallas_decode_attention(q, k, v, lengths, block_kv=block_kv)
+    if mesh is None or mesh.size == 1:
+        return fn(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
+    batch_axes, head_axes = _split_axes(mesh, rules, q_bthd.shape[0], q_bthd.shape[2], k_cache_bksd.shape[1])
+    q_spec, cache_spec = P(batch_axes, None, head_axes, None), P(batch_axes, head_axes, None, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, cache_spec, cache_spec, P(batch_axes)),
+                         out_specs=q_spec, check_vma=False)(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
