@@ -7,6 +7,10 @@ documents in the same order.
 Plain text: a .txt file is one document, unless it contains form feeds (\\f), which separate documents.
 Blank lines are not separators because they are how paragraphs are written inside a document.
 Whitespace-only documents are skipped in every format.
+
+jsonl and parquet files are read as records (a dict per non-blank line or per row) that carry where they came
+from, `"path:line"` or `"path: row N"`, so every error names its place. A document is one string field of each
+record (`text_key`); `llm_jax/data/records.py` reads the records of chat data (SFT, preferences, prompts).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import glob
 import gzip
 import json
 import os
-from typing import IO, Iterator
+from typing import IO, Iterator, Sequence
 
 from llm_jax.data import default_corpus
 
@@ -89,7 +93,8 @@ def _iter_text(path: str) -> Iterator[str]:
             yield doc.strip("\n")
 
 
-def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:
+def iter_jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every non-blank line of a jsonl file; where is `"path:line"` (1-based)."""
     with _open_text(path) as f:
         line_no = 0
         while True:
@@ -108,37 +113,79 @@ def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:
                 raise DataError(f"{path}:{line_no}: invalid JSON ({e})") from e
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            if text_key not in record:
-                raise DataError(f"{path}:{line_no}: missing key {text_key!r} (keys: {sorted(record)[:10]})")
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{line_no}: {text_key!r} is {type(text).__name__}, expected a string")
-            if text.strip():
-                yield text
+            yield f"{path}:{line_no}", record
+
+
+def parquet_schema(path: str):
+    """The arrow schema of a parquet file, read from its footer only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.endswith(".gz"):
+        raise DataError(f"{path}: gzipped parquet is not supported (parquet compresses its own pages)")
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read as parquet ({e})") from e
+
+
+def iter_parquet_records(path: str, columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, row as a dict) for every row of a parquet file; where is `"path: row N"` (1-based).
+
+    `columns` restricts the read to those columns (all by default); a missing one is an error. Nulls stay None.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = parquet_schema(path).names
+    for column in columns or ():
+        if column not in names:
+            raise DataError(f"{path}: no column {column!r} (columns: {names})")
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}: row {row}", record
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read as parquet ({e})") from e
+
+
+def iter_file_records(path: str, format: str = "auto") -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of a jsonl or parquet file."""
+    fmt = detect_format(path, format)
+    if fmt == "text":
+        raise DataError(f"{path}: a text file holds documents, not records; records are read from jsonl or parquet")
+    return iter_jsonl_records(path) if fmt == "jsonl" else iter_parquet_records(path)
+
+
+def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:
+    for where, record in iter_jsonl_records(path):
+        if text_key not in record:
+            raise DataError(f"{where}: missing key {text_key!r} (keys: {sorted(record)[:10]})")
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {text_key!r} is {type(text).__name__}, expected a string")
+        if text.strip():
+            yield text
 
 
 def _iter_parquet(path: str, text_key: str) -> Iterator[str]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: cannot read as parquet ({e})") from e
-    field = pf.schema_arrow.get_field_index(text_key)
-    if field < 0:
-        raise DataError(f"{path}: no column {text_key!r} (columns: {pf.schema_arrow.names})")
-    column_type = pf.schema_arrow.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise DataError(f"{path}: column {text_key!r} has type {column_type}, expected string")
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_key]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is None:
-                raise DataError(f"{path}: row {row}: {text_key!r} is null")
-            if text.strip():
-                yield text
+    schema = parquet_schema(path)
+    # Checked on the schema so a wrong column fails before any row is read.
+    if text_key in schema.names:
+        column_type = schema.field(text_key).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataError(f"{path}: column {text_key!r} has type {column_type}, expected string")
+    for where, record in iter_parquet_records(path, [text_key]):
+        text = record[text_key]
+        if text is None:
+            raise DataError(f"{where}: {text_key!r} is null")
+        if text.strip():
+            yield text
 
 
 def iter_file(path: str, format: str = "auto", text_key: str = "text") -> Iterator[str]:
@@ -147,8 +194,6 @@ def iter_file(path: str, format: str = "auto", text_key: str = "text") -> Iterat
         return _iter_text(path)
     if fmt == "jsonl":
         return _iter_jsonl(path, text_key)
-    if path.endswith(".gz"):
-        raise DataError(f"{path}: gzipped parquet is not supported (parquet compresses its own pages)")
     return _iter_parquet(path, text_key)
 
 
