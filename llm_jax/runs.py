@@ -1,0 +1,71 @@
+"""A finished run directory as something to use: its config, model, tokenizer and trained params.
+
+Later stages stand on earlier runs (SFT on pretraining, the reward model and DPO on SFT, PPO on both), and
+generation, scoring and evaluation read a run without training it. `load_run` gives all of that from the
+directory alone: `config.json`, `tokenizer.model` and the latest (or a chosen) checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from llm_jax import sharding
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.transformer import Transformer
+from llm_jax.train.checkpoint import CheckpointError, restore_params
+
+
+def read_config(run_dir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir!r} is not a run directory: it has no config.json")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def abstract_params(model: nn.Module, mesh=None, rules=(), init_method=None):
+    """Shapes, dtypes and (with a mesh) shardings of the model's params, without allocating them."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    boxed = jax.eval_shape(lambda k: model.init(k, dummy, method=init_method), jax.random.key(0))
+    params = nn.unbox(boxed)
+    if mesh is None:
+        return params
+    shardings = sharding.tree_shardings(sharding.param_logical_specs(boxed), mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+
+
+@dataclasses.dataclass
+class Run:
+    path: str
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    tokenizer: tokenizer_lib.Tokenizer
+    model: Transformer
+    params: Any
+
+
+def load_run(run_dir: str, *, mesh=None, rules=None, step: int | None = None, model_cls=Transformer,
+             overrides: dict | None = None) -> Run:
+    """The run's params (latest checkpoint unless `step`) in a `model_cls` built from its config.
+
+    `overrides` replace model fields that do not change the params (e.g. attention_impl, dtype for serving).
+    """
+    config = read_config(run_dir)
+    model_fields = dict(config.model)
+    model_fields.update(overrides or {})
+    model_cfg = ModelConfig.from_config(ml_collections.ConfigDict(model_fields))
+    tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+    tokenizer_lib.check_vocab(tokenizer, model_cfg.vocab_size)
+    if rules is None:
+        rules = sharding.check_rules(config.mesh_rules) if mesh is not None else ()
+    model = model_cls(model_cfg, mesh, rules)
+    params = restore_params(run_dir, abstract_params(model, mesh, rules), step=step)
+    return Run(run_dir, config, model_cfg, tokenizer, model, params)
