@@ -23,6 +23,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA's rank axis: tiny, replicated; A and B shard like their base weight otherwise
 )
 
 
@@ -54,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
         attention_block_q=0,   # flash kernel tiles (powers of two); 0: the kernel family's default
         attention_block_kv=0,
         init_std=0.02,
+        # LoRA (Hu et al. 2021; llm_jax/model/lora.py): with lora_rank > 0 each target projection W gains
+        # x·W + (lora_alpha / lora_rank)·dropout(x)·A·B, and only A, B (and task heads) train.
+        lora_rank=0,           # 0: no adapters, every param trains
+        lora_alpha=16.0,
+        lora_dropout=0.0,      # on the adapters' input, training steps only
+        lora_targets="wq,wk,wv,wo",  # comma-separated subset of wq,wk,wv,wo,w_gate,w_up,w_down
     ))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
@@ -69,6 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
         eval_fraction=0.02,
         seq_len=128, batch_size=16,  # global batch, in sequences
         cache_dir="",          # tokenized-corpus cache; empty: <workdir>/data
+        chat_template="chatml_min",  # how sft/reward/dpo records become tokens (llm_jax/data/chat.py)
+    ))
+
+    c.reward = ml_collections.ConfigDict(dict(
+        margin=0.0,            # Bradley–Terry: −log σ(r_chosen − r_rejected − margin)
+    ))
+
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,              # strength of the KL anchor to the reference
+        label_smoothing=0.0,   # cDPO: assumed fraction of flipped preference labels, in [0, 0.5)
+        loss="sigmoid",        # sigmoid (DPO) | ipo
+        reference="",          # the frozen reference run; empty: train.init_from
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -81,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, log_every=10, eval_every=200,
         eval_batches=-1,       # held-out batches per eval; -1: every held-out row
         checkpoint_every=200, keep_checkpoints=3,
-        init_from="",          # a run directory whose latest params start this run (continued pretraining)
+        init_from="",          # a run directory whose latest params start this run (continued pretraining,
+                               # SFT from pretraining, reward and DPO from SFT)
         progress_bar=True,
     ))
 

@@ -187,7 +187,10 @@ def _corpus_stats(train: TokenizedSplit, eval_: TokenizedSplit, vocab_size: int)
 
 
 class LMData:
-    """The train stream (a checkpointable grain iterator), fixed eval batches, and corpus statistics."""
+    """The train stream (a checkpointable grain iterator), fixed eval batches, and corpus statistics.
+
+    Rows are any dict of arrays with one leading row axis (packed LM rows, preference pairs, ...).
+    """
 
     def __init__(self, train_rows: dict[str, np.ndarray], eval_rows: dict[str, np.ndarray], *, seed: int,
                  global_batch_size: int, process_index: int, process_count: int, stats: dict,
@@ -196,7 +199,7 @@ class LMData:
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.process_count = process_count
-        self.seq_len = train_rows["inputs"].shape[1]
+        self.seq_len = next(iter(train_rows.values())).shape[1]
         self.stats = stats  # numbers only, so they can be logged as metrics as they are
         self.cache_path = cache_path
         self._eval_rows = eval_rows
@@ -219,7 +222,7 @@ class LMData:
         Global eval batch i is rows [i·B, (i+1)·B) in corpus order; process p takes the p-th contiguous
         block of it, so every process returns the same number of batches.
         """
-        n_rows = len(self._eval_rows["inputs"])
+        n_rows = len(next(iter(self._eval_rows.values())))
         if n_rows == 0:
             raise ValueError("there are no eval documents: set data.eval or raise data.eval_fraction "
                              f"(n_eval_docs={self.stats.get('n_eval_docs')})")
@@ -233,7 +236,7 @@ class LMData:
             batch = {}
             for k, v in self._eval_rows.items():
                 rows = v[lo:lo + b]
-                pad = np.zeros((b - len(rows), self.seq_len), v.dtype)
+                pad = np.zeros((b - len(rows),) + v.shape[1:], v.dtype)
                 batch[k] = np.concatenate([rows, pad])
             batches.append(batch)
         return batches

@@ -1,9 +1,18 @@
-"""Objectives by name. Each module exports `build_data(config, tokenizer, workdir)`,
-`make_train_step(config, model, optimizer, schedule)` and `make_eval_step(config, model)`; the shared loop
-calls them and never branches on which objective it runs."""
+"""Objectives by name; the shared loop calls them and never branches on which objective it runs.
+
+Each module exports
+- `build_data(config, tokenizer, workdir)`: the train stream and eval batches (`data/pipeline.LMData`);
+- `make_train_step(config, model, optimizer, schedule)` and `make_eval_step(config, model)`;
+- `finish_eval(metrics)`: eval means (sums over batches / weight, keys `eval_<stat>`) -> reported metrics;
+and optionally
+- `model_class`: the flax module the objective trains (default `Transformer`);
+- `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs);
+- `params_from_run(run_dir, abstract_params)`: params to start from `train.init_from` (default: restore all).
+"""
 import importlib
 
-OBJECTIVES = {"lm": "llm_jax.objectives.lm"}
+OBJECTIVES = {"lm": "llm_jax.objectives.lm", "sft": "llm_jax.objectives.sft",
+              "reward": "llm_jax.objectives.reward", "dpo": "llm_jax.objectives.dpo"}
 
 
 def get_objective(name: str):

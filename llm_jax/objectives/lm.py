@@ -5,6 +5,7 @@ loss_mask that is 1 where the target counts (every real token when pretraining, 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -83,6 +84,11 @@ def make_train_step(config, model: Transformer, optimizer, schedule):
 def make_eval_step(config, model: Transformer):
     del config
     return train_step.make_eval_step(make_loss_fn(model))
+
+
+def finish_eval(metrics: dict) -> dict:
+    """Per-token eval means -> reported metrics: adds perplexity."""
+    return {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 80.0))}
 
 
 def build_data(config, tokenizer, workdir: str):

@@ -65,6 +65,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(run_dir: str) -> int | None:
+    """Another run's latest finished checkpoint step (None if it has none), read without touching it."""
+    directory = checkpoint_dir(run_dir)
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(directory)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
     """The params of another run (its latest checkpoint unless `step`), placed on `abstract_params`' shardings."""
     directory = checkpoint_dir(run_dir)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -93,6 +94,26 @@ def validate(config) -> ModelConfig:
     return model_cfg
 
 
+# Model fields that shape the params: a run started from another must agree on all of them.
+_PARAM_SHAPING = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
+                  "tie_embeddings")
+
+
+def _check_lineage(config, init_from: str) -> None:
+    """Names every param-shaping model field that differs from the run being started from."""
+    path = os.path.join(init_from, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"train.init_from={init_from!r} is not a run directory: it has no config.json")
+    with open(path) as f:
+        parent = json.load(f).get("model", {})
+    mine = ModelConfig.from_config(config.model)
+    theirs = ModelConfig.from_config(ml_collections.ConfigDict(parent))
+    differ = [f"{name}: {getattr(theirs, name)} there, {getattr(mine, name)} here"
+              for name in _PARAM_SHAPING if getattr(theirs, name) != getattr(mine, name)]
+    if differ:
+        raise CheckpointError(f"train.init_from={init_from!r} has a different model; " + "; ".join(differ))
+
+
 def _check_resumable(config, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -132,7 +153,7 @@ class Training:
 
 def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
     objective = get_objective(config.objective)
-    model = Transformer(model_cfg, mesh, rules)
+    model = getattr(objective, "model_class", Transformer)(model_cfg, mesh, rules)
     dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
     def init_params(key):
@@ -176,7 +197,9 @@ def run(config, workdir: str) -> dict:
         state = checkpointer.restore(t.abstract_state, train_iter)
         log_line(f"resumed {workdir} from step {int(state.step)}")
     elif config.train.init_from:
-        params = restore_params(config.train.init_from, t.abstract_state.params)
+        _check_lineage(config, config.train.init_from)
+        params_from_run = getattr(objective, "params_from_run", restore_params)
+        params = params_from_run(config.train.init_from, t.abstract_state.params)
         state = t.create_state(params)
         log_line(f"started from the params of {config.train.init_from}")
     else:
@@ -185,7 +208,7 @@ def run(config, workdir: str) -> dict:
     n_eval = config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize
     eval_batches = [sharding.global_batch_from_local(b, mesh, rules) for b in data.eval_batches(n_eval)]
 
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    tokens_per_step = config.data.batch_size * config.data.seq_len * getattr(objective, "sequences_per_row", 1)
     flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
     peak, peak_source = hardware.peak_flops(model_cfg.dtype)
     start_step, total = int(state.step), config.train.steps
@@ -206,9 +229,7 @@ def run(config, workdir: str) -> dict:
             for key, value in jax.device_get(eval_step(step_params, batch)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         weight = max(float(sums.pop("weight")), 1.0)
-        result = {f"eval_{k}": float(v) / weight for k, v in sums.items()}
-        result["eval_perplexity"] = math.exp(min(result["eval_loss"], 80.0))
-        return result
+        return objective.finish_eval({f"eval_{k}": float(v) / weight for k, v in sums.items()})
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
     interval = dict(start=time.perf_counter(), steps=0, paused=0.0)

@@ -1,0 +1,31 @@
+"""Supervised fine-tuning from a pretraining run (loss on assistant tokens only).
+
+    llm-jax train --config configs/sft.py:tiny --workdir runs/sft      # from runs/pre, on the embedded task
+    llm-jax train --config configs/sft.py:size=1b,init_from=gs://b/runs/pre --config.data.train=sft.jsonl ...
+
+The model section is the pretraining config's of the same size (the params must fit), so the lineage is one
+config family. Data: `data.train` names SFT records (jsonl/parquet, `llm_jax/data/records.py`) or
+`default_task`, the embedded task whose answers `default_task.gold_score` grades.
+"""
+import os
+
+from llm_jax.config_lib import load_config, parse_arg
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_STAGE = {  # size: data/optim/train settings of this stage
+    "tiny": dict(data=dict(seq_len=64, batch_size=32), optim=dict(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1),
+                 train=dict(steps=300, log_every=10, eval_every=100, checkpoint_every=100, eval_batches=8)),
+}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, size="tiny", steps=-1, seed=0, init_from="runs/pre")
+    config = load_config(os.path.join(_HERE, f"pretrain.py:size={arg.size},seed={arg.seed}"))
+    config.objective = "sft"
+    config.train.init_from = arg.init_from
+    config.data.update(train="default_task", eval="")
+    for section, fields in _STAGE.get(arg.size, {}).items():
+        config[section].update(fields)
+    if arg.steps > 0:
+        config.train.steps = arg.steps
+    return config

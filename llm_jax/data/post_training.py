@@ -1,0 +1,172 @@
+"""Batches for the post-training objectives: SFT conversations (packed) and preference pairs (one per row).
+
+`data.train` / `data.eval` name record files (jsonl, jsonl.gz, parquet; formats in `records.py`), or
+`default_task` for the embedded task (`default_task.py`), rendered into the cache dir on first use. Without
+`data.eval`, a stable hash of each example's text holds out `data.eval_fraction` of it.
+
+SFT: each conversation is rendered by the chat template (`chat.py`, `data.chat_template`) with a loss mask on
+assistant turns, then conversations are shuffled and packed into rows of `data.seq_len` exactly like
+pretraining documents (segment ids keep them apart; only response tokens count).
+
+Preferences (reward model, DPO): each pair becomes one row holding both sequences, prompt + answer + end +
+eos, right-padded to `data.seq_len`, under the keys `chosen_<k>` and `rejected_<k>` for k in inputs,
+targets, positions, segment_ids (1 on real tokens, 0 on padding) and loss_mask (1 on the answer's tokens and
+its end marker). An example longer than seq_len + 1 tokens (after dropping whole earlier exchanges) is
+skipped and counted in the stats (`n_<split>_too_long`), never cut inside an answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from llm_jax.data import chat, records
+from llm_jax.data.packing import pack_documents
+from llm_jax.data.pipeline import LMData, _eval_membership
+from llm_jax.data.tokenizer import Tokenizer
+
+DEFAULT_TASK_SPEC = "default_task"
+PAIR_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def resolve_spec(spec: str, kind: str, split: str, cache_dir: str) -> str:
+    """A record spec with `default_task` replaced by the embedded task's file for `kind` and `split`."""
+    if spec != DEFAULT_TASK_SPEC:
+        return spec
+    from llm_jax.data import default_task
+    return default_task.write_default_task()[f"{kind}_{split}"]  # shared: a pure function of the seed
+
+
+def _split(examples: list, data_config, kind: str, cache_dir: str, read: Callable[[str], Iterable],
+           text_of: Callable) -> tuple[list, list]:
+    """(train, eval) examples: `data.eval` when set (or the task's own eval split), else a hash split."""
+    if data_config.eval:
+        return examples, list(read(resolve_spec(data_config.eval, kind, "eval", cache_dir)))
+    if data_config.train == DEFAULT_TASK_SPEC:
+        return examples, list(read(resolve_spec(DEFAULT_TASK_SPEC, kind, "eval", cache_dir)))
+    held_out = _eval_membership([text_of(e) for e in examples], data_config.eval_fraction)
+    return ([e for e, h in zip(examples, held_out) if not h], [e for e, h in zip(examples, held_out) if h])
+
+
+def _conversation_text(example: records.SFTExample) -> str:
+    return "\x1e".join(f"{m.role}\x1f{m.content}" for m in example.messages)
+
+
+def _render_all(examples: Sequence, render: Callable) -> tuple[list, int]:
+    rendered, too_long = [], 0
+    for example in examples:
+        try:
+            rendered.append(render(example))
+        except chat.ExampleTooLong:
+            too_long += 1
+    return rendered, too_long
+
+
+def _check_enough_rows(data_config, n_rows: int) -> None:
+    batch = int(data_config.batch_size)
+    if n_rows < batch:
+        raise ValueError(f"data.train={data_config.train!r} gives {n_rows} rows of seq_len={data_config.seq_len}, "
+                         f"fewer than one batch (data.batch_size={batch})")
+
+
+def _lm_data(train_rows, eval_rows, config, stats) -> LMData:
+    return LMData(train_rows, eval_rows, seed=config.seed, global_batch_size=int(config.data.batch_size),
+                  process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
+
+
+def _cache_dir(config, workdir: str) -> str:
+    return config.data.cache_dir or os.path.join(workdir, "data")
+
+
+def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
+    """Packed SFT rows with the loss on assistant turns only; see the module docstring."""
+    data, cache_dir = config.data, _cache_dir(config, workdir)
+    template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
+    chat.check_template(tokenizer, template)
+    read = lambda spec: records.iter_sft_examples(spec, data.format)  # noqa: E731
+    train, eval_ = _split(list(read(resolve_spec(data.train, "sft", "train", cache_dir))), data, "sft", cache_dir,
+                          read, _conversation_text)
+
+    def render(example):
+        return chat.render_conversation(example.messages, tokenizer, template, max_len=int(data.seq_len) + 1,
+                                        where=example.where)
+
+    stats = {}
+    rows = {}
+    for name, examples in (("train", train), ("eval", eval_)):
+        rendered, too_long = _render_all(examples, render)
+        if name == "train":  # shuffle conversations before packing, as pretraining shuffles documents
+            rendered = [rendered[i] for i in np.random.default_rng(config.seed).permutation(len(rendered))]
+        rows[name] = pack_documents([r[0] for r in rendered], int(data.seq_len), [r[1] for r in rendered])
+        n_targets = sum(len(r[1]) for r in rendered)
+        stats.update({f"n_{name}_examples": len(rendered), f"n_{name}_too_long": too_long,
+                      f"n_{name}_rows": len(rows[name]["inputs"]),
+                      f"{name}_response_token_fraction": float(sum(r[1].sum() for r in rendered) / max(n_targets, 1))})
+    _check_enough_rows(data, len(rows["train"]["inputs"]))
+    return _lm_data(rows["train"], rows["eval"], config, stats)
+
+
+def _pair_side(tokens_list: Sequence[np.ndarray], masks: Sequence[np.ndarray], seq_len: int) -> dict:
+    n = len(tokens_list)
+    out = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in PAIR_KEYS}
+    for i, (tokens, mask) in enumerate(zip(tokens_list, masks)):
+        m = len(tokens) - 1
+        out["inputs"][i, :m] = tokens[:-1]
+        out["targets"][i, :m] = tokens[1:]
+        out["positions"][i, :m] = np.arange(m)
+        out["segment_ids"][i, :m] = 1
+        out["loss_mask"][i, :m] = mask
+    return out
+
+
+def pair_rows(pairs: Sequence[chat.RenderedPair], seq_len: int) -> dict[str, np.ndarray]:
+    """One row per pair: `chosen_<k>` and `rejected_<k>` arrays of (n_pairs, seq_len)."""
+    rows = {}
+    for side in ("chosen", "rejected"):
+        arrays = _pair_side([getattr(p, side) for p in pairs], [getattr(p, f"{side}_mask") for p in pairs], seq_len)
+        rows.update({f"{side}_{k}": v for k, v in arrays.items()})
+    return rows
+
+
+def _pair_text(example: records.PreferenceExample) -> str:
+    prompt = "\x1e".join(f"{m.role}\x1f{m.content}" for m in example.prompt)
+    return f"{prompt}\x1d{example.chosen}\x1d{example.rejected}"
+
+
+def render_preferences(config, tokenizer: Tokenizer, workdir: str) -> tuple[dict, dict, dict]:
+    """(train rows, eval rows, stats) of preference pairs; see the module docstring."""
+    data, cache_dir = config.data, _cache_dir(config, workdir)
+    template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
+    chat.check_template(tokenizer, template)
+    read = lambda spec: records.iter_preference_examples(spec, data.format)  # noqa: E731
+    train, eval_ = _split(list(read(resolve_spec(data.train, "preferences", "train", cache_dir))), data,
+                          "preferences", cache_dir, read, _pair_text)
+
+    def render(example):
+        return chat.render_pair(example.prompt, example.chosen, example.rejected, tokenizer, template,
+                                max_len=int(data.seq_len) + 1, where=example.where)
+
+    stats, rows = {}, {}
+    for name, examples in (("train", train), ("eval", eval_)):
+        rendered, too_long = _render_all(examples, render)
+        rows[name] = pair_rows(rendered, int(data.seq_len))
+        stats.update({f"n_{name}_pairs": len(rendered), f"n_{name}_too_long": too_long})
+    _check_enough_rows(data, stats["n_train_pairs"])
+    return rows["train"], rows["eval"], stats
+
+
+def build_preference_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
+    train_rows, eval_rows, stats = render_preferences(config, tokenizer, workdir)
+    return _lm_data(train_rows, eval_rows, config, stats)
+
+
+def rows_fingerprint(rows: dict[str, np.ndarray]) -> str:
+    """A short hash of row arrays (cache keys for values computed from the rows)."""
+    h = hashlib.sha256()
+    for key in sorted(rows):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(rows[key]).tobytes())
+    return h.hexdigest()[:20]

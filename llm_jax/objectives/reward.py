@@ -1,0 +1,165 @@
+"""Reward model: the SFT trunk plus a scalar head, trained on pairwise preferences (Bradley–Terry).
+
+    r(x, y) = w · h_last + b,   h_last = the final hidden state at the last token of prompt + answer
+    loss    = −log σ(r(x, y_chosen) − r(x, y_rejected) − m)      (m = `reward.margin`, 0 by default)
+
+The last token is the end marker closing the answer (the eos after it is a target, never an input), so r
+has read the whole answer including the decision to stop. The head starts at zero, so every reward starts
+at 0 and the first steps learn from the trunk's features.
+
+Metrics (means over pairs): `accuracy` (chosen scored above rejected), `margin` (r_c − r_r), `reward_mean`
+and `reward_std` over both answers. `RewardScorer` (`load_scorer(run_dir)`) scores new answers for PPO,
+rejection sampling and evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from llm_jax.data import chat
+from llm_jax.data.post_training import build_preference_data, pair_rows
+from llm_jax.data.records import Message
+from llm_jax.model.transformer import Transformer
+from llm_jax.train import step as train_step
+from llm_jax.train.checkpoint import CheckpointError, restore_params
+
+HEAD_PARAMS = ("reward_head", "reward_bias")
+sequences_per_row = 2  # each row is a pair: two forward sequences
+
+
+class RewardModel(Transformer):
+    """A Transformer with a scalar head; its trunk params have exactly the language model's paths."""
+
+    def setup(self):
+        super().setup()
+        self.reward_head = self.param("reward_head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                                      (self.cfg.d_model,), self.cfg.weights_dtype)
+        self.reward_bias = self.param("reward_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()),
+                                      (), self.cfg.weights_dtype)
+
+    def score(self, tokens_bt, positions_bt, segment_ids_bt):
+        """(B,) f32 rewards read at each row's last real token (segment id > 0)."""
+        hidden_btd = self(tokens_bt, positions_bt, segment_ids_bt)
+        last_b = jnp.maximum(jnp.sum(segment_ids_bt > 0, axis=1) - 1, 0)
+        h_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return h_bd @ self.reward_head.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
+
+
+model_class = RewardModel
+
+
+def both_sides(batch: dict, key: str):
+    """Chosen rows then rejected rows, (2B, ...): one forward pass for the pair."""
+    return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+
+
+def bradley_terry_loss(chosen_b, rejected_b, margin: float = 0.0):
+    """−log σ(r_c − r_r − m) per pair."""
+    return jax.nn.softplus(-(chosen_b - rejected_b - margin))
+
+
+def make_loss_fn(model: RewardModel, margin: float):
+    def loss_fn(params, batch, rng):
+        del rng
+        rewards = model.apply(params, both_sides(batch, "inputs"), both_sides(batch, "positions"),
+                              both_sides(batch, "segment_ids"), method=RewardModel.score)
+        chosen_b, rejected_b = jnp.split(rewards, 2)
+        valid_b = (jnp.sum(batch["chosen_segment_ids"], axis=1) > 0).astype(jnp.float32)  # eval padding rows: 0
+        diff_b = chosen_b - rejected_b
+        stats = dict(weight=jnp.sum(valid_b), accuracy=jnp.sum((diff_b > 0) * valid_b),
+                     margin=jnp.sum(diff_b * valid_b), reward_mean=jnp.sum((chosen_b + rejected_b) / 2 * valid_b),
+                     reward_sq=jnp.sum((chosen_b ** 2 + rejected_b ** 2) / 2 * valid_b))
+        return jnp.sum(bradley_terry_loss(chosen_b, rejected_b, margin) * valid_b), stats
+    return loss_fn
+
+
+def _margin(config) -> float:
+    return float(config.get("reward", {}).get("margin", 0.0))
+
+
+def make_train_step(config, model, optimizer, schedule):
+    return train_step.make_train_step(make_loss_fn(model, _margin(config)), optimizer, schedule,
+                                      config.optim.grad_accum)
+
+
+def make_eval_step(config, model):
+    return train_step.make_eval_step(make_loss_fn(model, _margin(config)))
+
+
+def finish_eval(metrics: dict) -> dict:
+    out = dict(metrics)
+    variance = out.pop("eval_reward_sq") - out["eval_reward_mean"] ** 2
+    out["eval_reward_std"] = math.sqrt(max(variance, 0.0))
+    return out
+
+
+def build_data(config, tokenizer, workdir: str):
+    return build_preference_data(config, tokenizer, workdir)
+
+
+def params_from_run(run_dir: str, abstract_params):
+    """The trunk from an LM run (SFT), with a fresh zero head; or everything from a reward run."""
+    top = abstract_params["params"]
+    trunk = {"params": {k: v for k, v in top.items() if k not in HEAD_PARAMS}}
+    try:
+        return restore_params(run_dir, abstract_params)
+    except CheckpointError:  # not a reward run: restore the trunk and start the head at zero
+        restored = restore_params(run_dir, trunk)
+    head = {k: jax.device_put(jnp.zeros(top[k].shape, top[k].dtype), top[k].sharding) for k in HEAD_PARAMS}
+    return {"params": {**restored["params"], **head}}
+
+
+@dataclasses.dataclass
+class RewardScorer:
+    """Scores answers to prompts with a trained reward model (batched, jitted once per padded length)."""
+    model: RewardModel
+    params: object
+    tokenizer: object
+    template: str
+    max_len: int
+    batch_size: int = 32
+
+    def score_tokens(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """Rewards of full token sequences (prompt + answer + end + eos, as `chat.render_pair` renders them)."""
+        for i, seq in enumerate(sequences):
+            if len(seq) - 1 > self.max_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; the reward model reads at most "
+                                 f"{self.max_len + 1} (its data.seq_len + 1)")
+        score = jax.jit(lambda p, t, pos, seg: self.model.apply(p, t, pos, seg, method=RewardModel.score))
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = list(sequences[start:start + self.batch_size])
+            n = len(chunk)
+            chunk += [chunk[-1]] * (self.batch_size - n)  # one compiled shape for every batch
+            rows = sequence_rows(chunk, self.max_len)
+            out.append(np.asarray(score(self.params, rows["inputs"], rows["positions"], rows["segment_ids"]))[:n])
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def score(self, prompts, answers) -> np.ndarray:
+        """Rewards of text answers to prompts (each prompt a string or a list of records.Message)."""
+        sequences = []
+        for prompt, answer in zip(prompts, answers):
+            messages = [Message("user", prompt)] if isinstance(prompt, str) else list(prompt)
+            sequences.append(np.concatenate([chat.render_prompt(messages, self.tokenizer, self.template),
+                                             chat.render_response(answer, self.tokenizer, self.template),
+                                             [self.tokenizer.eos_id]]).astype(np.int32))
+        return self.score_tokens(sequences)
+
+
+def sequence_rows(sequences: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Model inputs (inputs, targets, positions, segment_ids, loss_mask) of whole sequences, padded to seq_len."""
+    masks = [np.zeros(len(s) - 1, np.float32) for s in sequences]
+    rows = pair_rows([chat.RenderedPair(s, s, s, 0, m, m) for s, m in zip(sequences, masks)], seq_len)
+    return {k[len("chosen_"):]: v for k, v in rows.items() if k.startswith("chosen_")}
+
+
+def load_scorer(run_dir: str, batch_size: int = 32) -> RewardScorer:
+    from llm_jax.runs import load_run
+    run = load_run(run_dir, model_cls=RewardModel)
+    template = run.config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
+    return RewardScorer(run.model, run.params, run.tokenizer, template, int(run.config.data.seq_len), batch_size)

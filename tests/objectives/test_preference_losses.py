@@ -1,0 +1,79 @@
+"""Bradley–Terry and DPO losses against hand-computed values, DPO's closed-form optimum on a bandit, and the
+reward model reading the last real token."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from llm_jax.model.config import ModelConfig
+from llm_jax.objectives.dpo import dpo_loss
+from llm_jax.objectives.reward import RewardModel, bradley_terry_loss
+
+
+def test_bradley_terry_loss_values():
+    # −log σ(x) = log(1 + e^−x)
+    np.testing.assert_allclose(bradley_terry_loss(jnp.array([2.0, 0.0, -1.0]), jnp.array([0.0, 0.0, 1.0])),
+                               [np.log1p(np.exp(-2.0)), np.log(2.0), np.log1p(np.exp(2.0))], rtol=1e-6)
+    np.testing.assert_allclose(bradley_terry_loss(jnp.array([2.0]), jnp.array([0.0]), margin=1.0),
+                               [np.log1p(np.exp(-1.0))], rtol=1e-6)
+
+
+def test_dpo_loss_values():
+    pi_c, pi_r, ref_c, ref_r = map(jnp.array, ([-3.0], [-5.0], [-4.0], [-4.0]))  # h = 1 − (−1) = 2
+    beta = 0.5
+    np.testing.assert_allclose(dpo_loss(pi_c, pi_r, ref_c, ref_r, beta), [np.log1p(np.exp(-1.0))], rtol=1e-6)
+    smoothed = 0.8 * np.log1p(np.exp(-1.0)) + 0.2 * np.log1p(np.exp(1.0))
+    np.testing.assert_allclose(dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing=0.2), [smoothed], rtol=1e-6)
+    np.testing.assert_allclose(dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="ipo"), [(2.0 - 1.0) ** 2], rtol=1e-6)
+    with pytest.raises(ValueError, match="dpo.loss='kto' is not one of"):
+        dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="kto")
+
+
+def test_dpo_on_a_bandit_reaches_the_closed_form_optimum():
+    """One prompt, K answers, Bradley–Terry preferences from a known reward r: minimising the expected DPO loss
+    over all ordered pairs must give π*(y) ∝ π_ref(y)·exp(r(y)/β)."""
+    beta = 0.5
+    reward = jnp.array([1.0, 0.0, -0.5, 0.7])
+    ref_logits = jnp.array([0.3, 1.0, 0.0, -0.4])
+    ref_logp = jax.nn.log_softmax(ref_logits)
+    k = len(reward)
+    i, j = np.triu_indices(k, 1)
+    pair_weight = jax.nn.sigmoid(reward[i] - reward[j])  # P(i ≻ j): the pair appears as (chosen=i, rejected=j)
+
+    def expected_loss(theta):
+        logp = jax.nn.log_softmax(theta)
+        forward = dpo_loss(logp[i], logp[j], ref_logp[i], ref_logp[j], beta)
+        backward = dpo_loss(logp[j], logp[i], ref_logp[j], ref_logp[i], beta)
+        return jnp.sum(pair_weight * forward + (1 - pair_weight) * backward)
+
+    opt = optax.adam(0.05)
+
+    def step(carry, _):
+        theta, state = carry
+        updates, state = opt.update(jax.grad(expected_loss)(theta), state)
+        return (optax.apply_updates(theta, updates), state), None
+    (theta, _), _ = jax.lax.scan(step, (ref_logits, opt.init(ref_logits)), None, length=3000)
+    optimum = jax.nn.softmax(ref_logp + reward / beta)
+    np.testing.assert_allclose(jax.nn.softmax(theta), optimum, atol=2e-3)
+    assert not np.allclose(jax.nn.softmax(ref_logits), optimum, atol=0.05)  # it really moved
+
+
+def test_reward_model_reads_the_last_real_token():
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, vocab_size=40)
+    model = RewardModel(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 4, 40)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    segments = jnp.array([[1] * 5 + [0] * 3, [1] * 8])
+    params = nn.unbox(model.init(jax.random.key(1), tokens, positions, segments, method=RewardModel.score))
+    assert not params["params"]["reward_head"].any()  # starts at zero: every reward 0
+    params["params"]["reward_head"] = jax.random.normal(jax.random.key(2), (32,))
+    rewards = model.apply(params, tokens, positions, segments, method=RewardModel.score)
+    hidden = model.apply(params, tokens, positions, segments)
+    np.testing.assert_allclose(rewards, [hidden[0, 4] @ params["params"]["reward_head"],
+                                         hidden[1, 7] @ params["params"]["reward_head"]], rtol=1e-5)
+    # padding after the last real token changes nothing
+    other = tokens.at[0, 5:].set(7)
+    np.testing.assert_allclose(model.apply(params, other, positions, segments, method=RewardModel.score), rewards,
+                               rtol=1e-5)
