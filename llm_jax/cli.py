@@ -2,8 +2,10 @@
 
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
+    llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
+`generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,21 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
+    sub = commands.add_parser("generate", help="answer every prompt of a file with a run's model; one jsonl row "
+                                               "per prompt (see llm_jax/generation_io.py)")
+    sub.add_argument("--run", required=True, help="the run directory (config.json, tokenizer.model, checkpoints)")
+    sub.add_argument("--prompts", required=True, help="prompts file(s): jsonl, jsonl.gz or parquet; a glob or a "
+                                                      "comma list")
+    sub.add_argument("--out", help="output jsonl (default <run>/generations/<prompts name>.jsonl)")
+    sub.add_argument("--max-new-tokens", type=int, default=64)
+    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    sub.add_argument("--top-k", type=int, default=0, help="0: off")
+    sub.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    sub.add_argument("--no-cache", action="store_true",
+                     help="re-run the full forward every step instead of the KV cache (slow; a reference)")
     return parser
 
 
@@ -55,11 +72,38 @@ def load(config_spec: str, overrides: list[str]):
     return config_lib.apply_overrides(config_lib.load_config(config_spec), overrides)
 
 
+def _generate(args, overrides: list[str]) -> int:
+    from llm_jax.data.sources import DataError
+    from llm_jax.generate import SamplingConfig
+    from llm_jax.generation_io import generate_file
+    from llm_jax.train.checkpoint import CheckpointError
+
+    if overrides:
+        raise config_lib.ConfigError(f"generate reads the run's own config; it takes no overrides "
+                                     f"(got --config.{overrides[0]})")
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        print(f"llm-jax generate: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = generate_file(args.run, args.prompts, args.out, sampling, batch_size=args.batch_size,
+                               seed=args.seed, step=args.step, use_cache=not args.no_cache)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"llm-jax generate: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
+        if args.command == "generate":
+            return _generate(args, overrides)
         config = load(args.config, overrides)
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)

@@ -1,0 +1,252 @@
+"""Generation over a prompts file: read and render the prompts, batch them, sample, write one jsonl row each.
+
+    llm-jax generate --run runs/sft --prompts prompts.jsonl --out answers.jsonl [--max-new-tokens 64 ...]
+
+Prompts are read with `records.iter_prompt_examples` (jsonl, jsonl.gz or parquet; `{"prompt": str | messages,
+...}`) and rendered with the run's chat template (`config.data.chat_template`, else chatml_min) as
+`[bos] turns <|assistant|>`. Everything is read and rendered before the params are restored, so a bad record
+fails at once, naming its file:line.
+
+Context. A prompt must fit in the run's context, `config.data.seq_len` (the longest sequence the model was
+trained on). A longer multi-turn prompt loses whole exchanges from the front, as in training
+(`chat.render_prompt`); one whose last user turn alone is too long is an error naming its file:line. The answer
+may run past the context (rotary positions have no end); a note on stderr says when some prompt plus
+`max_new_tokens` would, since the model never saw such positions in training.
+
+Batching. Prompts go in file order, `batch_size` at a time, right-padded to the batch's longest prompt rounded
+up to a multiple of PAD_MULTIPLE; a short last batch is filled up to a power of two with copies of its first
+prompt (their answers are dropped). So a file compiles a few (rows, length) shapes, not one per batch. Batch i
+samples with key fold_in(key(seed), i): the same file, seed and batch size give the same answers.
+
+Rows, one per prompt in file order:
+
+    where        "path:line" of the prompt's record
+    prompt       the prompt as given: a string (with "system" when the record had one) or a list of messages
+    metadata     the record's other keys (e.g. "task")
+    response     the answer's text: the emitted tokens up to, not including, a stop token
+    tokens       the emitted token ids (a final stop token included)
+    log_probs    one per token, under softmax(logits / temperature), temperature 1 when greedy (generate.py)
+    stopped      whether the answer ended with a stop token (<|end|> or eos) rather than at max_new_tokens
+    prompt_tokens  the rendered prompt's length in tokens
+    gold_score   only for records with a "task" key: `default_task.gold_score(prompt, response)` in [0, 1]
+                 (a "task" record whose prompt that scorer rejects fails at reading, naming its file:line)
+
+The summary `generate_file` returns (and the command prints as JSON): count, new_tokens, seconds (the wall time
+of all batches, compilation included) and tokens_per_s, stopped and truncated counts, batches and the (rows,
+length) shapes compiled, and with gold scores their mean `gold_score` over `scored` rows.
+
+Sharding: `generate_file(..., mesh=...)` restores the params on the mesh and fills every batch up to a multiple
+of the mesh's batch shards; the command itself runs on one host's default device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llm_jax import runs, sharding
+from llm_jax.data import chat, records
+from llm_jax.data.sources import DataError, resolve_files
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.generate import SamplingConfig, generate
+from llm_jax.train.checkpoint import CheckpointError, checkpoint_dir
+
+PAD_MULTIPLE = 16  # prompt lengths are padded up to this: one compilation serves many batches
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedPrompt:
+    example: records.PromptExample
+    tokens: np.ndarray   # (P,) int32: [bos] turns <|assistant|>
+    truncated: bool      # early exchanges were dropped to fit the context
+    scored: bool         # its answer gets a gold score
+
+
+def prompt_text(messages: Sequence[records.Message]) -> str:
+    """The last user turn: what a scorer of single-turn tasks reads as the prompt."""
+    return messages[-1].content
+
+
+def gold_scorer() -> Callable[[str, str], float] | None:
+    """default_task.gold_score, or None where that module (or the function) is not part of this install."""
+    if importlib.util.find_spec("llm_jax.data.default_task") is None:
+        return None
+    from llm_jax.data import default_task
+    return getattr(default_task, "gold_score", None)
+
+
+def read_prompts(spec: str, tokenizer: Tokenizer, *, template: str = chat.DEFAULT_TEMPLATE,
+                 max_len: int | None = None, format: str = "auto",
+                 scorer: Callable[[str, str], float] | None = None) -> list[RenderedPrompt]:
+    """Every prompt the spec names, rendered; DataError naming file:line for a bad or too long one."""
+    rendered = []
+    for example in records.iter_prompt_examples(spec, format):
+        tokens = chat.render_prompt(example.prompt, tokenizer, template, where=example.where)
+        truncated = max_len is not None and len(tokens) > max_len
+        if truncated:
+            # raises ExampleTooLong (a DataError naming where) when the last exchange alone does not fit
+            tokens = chat.render_prompt(example.prompt, tokenizer, template, max_len=max_len, where=example.where)
+        scored = scorer is not None and "task" in example.metadata
+        if scored:
+            try:
+                scorer(prompt_text(example.prompt), "")
+            except ValueError as e:
+                raise DataError(f"{example.where}: the record has a 'task' key, so its answer is scored by "
+                                f"default_task.gold_score, which rejects the prompt: {e}") from e
+        rendered.append(RenderedPrompt(example, tokens, truncated, scored))
+    if not rendered:
+        raise DataError(f"{spec}: no prompts (the file has no records)")
+    return rendered
+
+
+def padded_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def batch_shards(mesh, rules) -> int:
+    """How many ways the mesh splits a batch's rows (the mesh axes of the logical "batch" axis)."""
+    if mesh is None:
+        return 1
+    axes = sharding.logical_to_spec(("batch",), rules)[0]
+    axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def batches(prompts: Sequence[RenderedPrompt], batch_size: int, pad_id: int = 0, row_multiple: int = 1
+            ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(number of real rows n, tokens (B, P) right-padded, lengths (B,)) in file order; rows n.. are filler.
+
+    A short last batch gets the next power of two of rows (a multiple of `row_multiple`, at most batch_size)."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        rows = max(1 << (n - 1).bit_length(), row_multiple)
+        rows = batch_size if n == batch_size else min(batch_size, padded_length(rows, row_multiple))
+        chunk += [chunk[0]] * (rows - n)
+        lengths_b = np.array([len(p.tokens) for p in chunk], np.int32)
+        tokens_bp = np.full((rows, padded_length(int(lengths_b.max()))), pad_id, np.int32)
+        for row, p in enumerate(chunk):
+            tokens_bp[row, :len(p.tokens)] = p.tokens
+        yield n, tokens_bp, lengths_b
+
+
+def response_row(prompt: RenderedPrompt, tokens: np.ndarray, log_probs: np.ndarray, length: int,
+                 stop_ids: Sequence[int], tokenizer: Tokenizer, scorer=None) -> dict:
+    """The output row of one prompt from its generated tokens (B=1 slices of a `Generation`)."""
+    ids = [int(i) for i in tokens[:length]]
+    stopped = bool(ids) and ids[-1] in stop_ids
+    response = tokenizer.decode(ids[:-1] if stopped else ids)
+    messages = prompt.example.prompt
+    row = dict(where=prompt.example.where)
+    if len(messages) == 1:
+        row["prompt"] = messages[0].content
+    elif len(messages) == 2 and messages[0].role == "system":
+        row["prompt"], row["system"] = messages[1].content, messages[0].content
+    else:
+        row["prompt"] = [dataclasses.asdict(m) for m in messages]
+    row.update(metadata=prompt.example.metadata, response=response, tokens=ids,
+               log_probs=[float(x) for x in log_probs[:length]], stopped=stopped,
+               prompt_tokens=len(prompt.tokens))
+    if prompt.scored and scorer is not None:
+        row["gold_score"] = float(scorer(prompt_text(messages), response))
+    return row
+
+
+def default_out_path(run_dir: str, spec: str) -> str:
+    name = os.path.basename(resolve_files(spec)[0])
+    for ext in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name[:-len(ext)] if name.endswith(ext) else name
+    return os.path.join(run_dir, "generations", f"{name}.jsonl")
+
+
+def checkpoint_step(run_dir: str, step: int | None) -> int | None:
+    """The step `load_run` restores: `step`, or the latest finished checkpoint (None if there is none)."""
+    if step is not None or not os.path.isdir(checkpoint_dir(run_dir)):
+        return step
+    manager = ocp.CheckpointManager(checkpoint_dir(run_dir))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, sampling: SamplingConfig, *,
+                  batch_size: int = 32, seed: int = 0, step: int | None = None, use_cache: bool = True,
+                  mesh=None, rules=None, format: str = "auto", progress: bool = True) -> dict:
+    """Generates an answer to every prompt of `prompts_spec` with the run's model; writes the rows (module
+    docstring) to `out_path` (default <run>/generations/<prompts name>.jsonl) and returns a summary."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist")
+    config = runs.read_config(run_dir)
+    if mesh is not None and rules is None:
+        rules = sharding.check_rules(config.mesh_rules)
+    shards = batch_shards(mesh, rules)
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} does not divide over the mesh's {shards} batch shards")
+    tokenizer = Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+    template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
+    context = int(config.data.seq_len)
+    stops = chat.stop_ids(tokenizer, template)
+    sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))
+    scorer = gold_scorer()
+    try:
+        prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
+                               scorer=scorer)
+    except chat.ExampleTooLong as e:
+        raise DataError(f"{e}, the run's context (data.seq_len in {run_dir}/config.json)") from e
+    longest = max(len(p.tokens) for p in prompts)
+    if progress and longest + sampling.max_new_tokens > context:
+        print(f"generate: note: the longest prompt ({longest} tokens) plus max_new_tokens={sampling.max_new_tokens} "
+              f"can reach beyond the run's context of {context} tokens (data.seq_len), positions it never trained on",
+              file=sys.stderr)
+    out_path = out_path or default_out_path(run_dir, prompts_spec)
+
+    step = checkpoint_step(run_dir, step)
+    run = runs.load_run(run_dir, mesh=mesh, rules=rules, step=step)
+    key = jax.random.key(seed)
+    rows, shapes, n_tokens = [], set(), 0
+    n_batches = -(-len(prompts) // batch_size)
+    start = time.perf_counter()
+    for i, (n, tokens_bp, lengths_b) in enumerate(batches(prompts, batch_size, tokenizer.pad_id, shards)):
+        out = generate(run.model, run.params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling,
+                       use_cache=use_cache)
+        tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
+        shapes.add(tokens_bp.shape)
+        for row in range(n):
+            rows.append(response_row(prompts[len(rows)], tokens[row], log_probs[row], int(lengths[row]), stops,
+                                     tokenizer, scorer))
+        n_tokens += int(lengths[:n].sum())
+        if progress:
+            print(f"generate: batch {i + 1}/{n_batches}, {len(rows)}/{len(prompts)} prompts, {n_tokens} tokens, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+
+    # Written whole, then renamed: an earlier file of the same name survives a failed run.
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+
+    scores = [r["gold_score"] for r in rows if "gold_score" in r]
+    summary = dict(run=run_dir, step=step, prompts=prompts_spec, out=out_path, count=len(rows), context=context,
+                   new_tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
+                   stopped=sum(r["stopped"] for r in rows), truncated=sum(p.truncated for p in prompts),
+                   batches=n_batches, shapes=sorted(shapes), use_cache=use_cache,
+                   sampling=dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                 top_k=sampling.top_k, top_p=sampling.top_p, seed=seed))
+    if scores:
+        summary.update(gold_score=float(np.mean(scores)), scored=len(scores))
+    return summary
