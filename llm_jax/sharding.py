@@ -100,8 +100,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    return named_sharding(mesh, BATCH_AXES, rules)
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Rows over the batch axes, a second dimension over the length axes; per-row scalars (ndim 1) too."""
+    axes = tuple(BATCH_AXES[:ndim]) + (None,) * max(ndim - len(BATCH_AXES), 0)
+    return named_sharding(mesh, axes, rules)
 
 
 def check_batch(global_batch: int, seq_len: int, mesh: Mesh, rules, grad_accum: int = 1) -> None:
@@ -123,6 +125,6 @@ def check_batch(global_batch: int, seq_len: int, mesh: Mesh, rules, grad_accum: 
 
 def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded over the batch axes (multi-host safe)."""
-    sharding = batch_sharding(mesh, rules)
-    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for name, value in local_batch.items()}
+    arrays = {name: np.asarray(value) for name, value in local_batch.items()}
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+            for name, value in arrays.items()}

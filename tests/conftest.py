@@ -8,3 +8,26 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
     " --xla_cpu_collective_call_terminate_timeout_seconds=900"
     " --xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+SMALL_OVERRIDES = [
+    "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=128",
+    "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=32", "data.batch_size=8",
+    "optim.warmup_steps=2", "train.steps=8", "train.log_every=1", "train.eval_every=4",
+    "train.checkpoint_every=4", "train.eval_batches=2",
+]
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A 512-piece tokenizer trained on the default corpus, shared by every test that needs a real one."""
+    from llm_jax.cli import load
+    from llm_jax.data.tokenizer_stage import run_tokenizer
+    workdir = tmp_path_factory.mktemp("tok")
+    return run_tokenizer(load("configs/pretrain.py:tiny", SMALL_OVERRIDES), str(workdir))["path"]
+
+
+@pytest.fixture
+def small_overrides():
+    return list(SMALL_OVERRIDES)

@@ -54,7 +54,7 @@ class PackedRows:
         self._packed = packed
 
     def __len__(self) -> int:
-        return len(self._packed["inputs"])
+        return len(next(iter(self._packed.values())))
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[i] for k, v in self._packed.items()}

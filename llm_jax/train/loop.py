@@ -141,7 +141,7 @@ class Training:
     schedule: optax.Schedule
     abstract_state: TrainState
     state_shardings: TrainState
-    batch_sharding: jax.sharding.NamedSharding
+    batch_sharding: jax.sharding.NamedSharding  # of (B, T) batch arrays; steps take each array's own sharding
     init_params: Callable
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable   # jitted (params, batch) -> summed stats
@@ -164,9 +164,9 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
     train_step = jax.jit(objective.make_train_step(config, model, optimizer, schedule),
-                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         in_shardings=(state_sh, None), out_shardings=(state_sh, replicated),
                          donate_argnums=0)
-    eval_step = jax.jit(objective.make_eval_step(config, model), in_shardings=(state_sh.params, batch_sh),
+    eval_step = jax.jit(objective.make_eval_step(config, model), in_shardings=(state_sh.params, None),
                         out_shardings=replicated)
     return Training(model, optimizer, schedule, abstract_state, state_sh, batch_sh, init_params, train_step,
                     eval_step, config.seed)
@@ -309,7 +309,8 @@ def run(config, workdir: str) -> dict:
             checkpointer.close()
     summary.update(step=int(state.step), final_loss=_last(workdir, "loss"))
     for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):  # a finished run, rerun, reports its last eval
-        summary.setdefault(key, _last(workdir, key))
+        if key not in summary and _last(workdir, key) is not None:
+            summary[key] = _last(workdir, key)
     return summary
 
 

@@ -141,7 +141,8 @@ def test_the_1b_train_step_lowers_with_the_pallas_kernels(platform, marker):
     mesh, rules = sharding.make_mesh(config.mesh), sharding.check_rules(config.mesh_rules)
     training = build_training(config, ModelConfig.from_config(config.model), mesh, rules)
     shape = (config.data.batch_size, config.data.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32)
+    batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
+                                       sharding=training.batch_sharding)
              for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
     assert config.model.remat == "dots_attention"
     text = training.train_step.trace(training.abstract_state, batch).lower(lowering_platforms=(platform,)).as_text()
