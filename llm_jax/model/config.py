@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections an adapter may sit on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class ModelConfig:
     attention_block_q: int = 0   # flash kernel tiles; 0: the kernel family's default (kernels/attention/blocks.py)
     attention_block_kv: int = 0
     init_std: float = 0.02
+    lora_rank: int = 0             # LoRA adapters of this rank on `lora_targets`; 0: none (see model/lora.py)
+    lora_alpha: float = 16.0       # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0      # dropout on the adapters' input, in training only
+    lora_targets: str = "wq,wk,wv,wo"
 
     @classmethod
     def from_config(cls, model_config) -> "ModelConfig":
@@ -59,6 +64,17 @@ class ModelConfig:
             value = getattr(self, name)
             if value and (value < 8 or value & (value - 1)):
                 fail(f"{name}={value} must be 0 (the kernel default) or a power of two ≥ 8")
+        if self.lora_rank < 0:
+            fail(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            fail(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or len(set(targets)) != len(targets):
+            fail(f"lora_targets={self.lora_targets!r} must be a comma-separated subset (no repeats) of "
+                 f"{','.join(LORA_TARGETS)}" + (f"; unknown: {unknown}" if unknown else ""))
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -72,6 +88,15 @@ class ModelConfig:
             return None
         q, kv = self.attention_block_q or self.attention_block_kv, self.attention_block_kv or self.attention_block_q
         return BlockSizes(q=q, kv=kv, q_bwd=q, kv_bwd=kv)
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """The projections that carry an adapter; empty without LoRA."""
+        return tuple(t.strip() for t in self.lora_targets.split(",")) if self.lora_rank else ()
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def compute_dtype(self):

@@ -4,6 +4,9 @@ SwiGLU MLP) scanned over depth, final norm and LM head.
 Every weight carries logical axis names (see `llm_jax/sharding.py` for the mapping to the mesh); activations
 are constrained by name at block boundaries. Parameters are kept in `param_dtype` (f32) and cast to the
 compute `dtype` (bf16 on accelerators) at use; norms, softmax and logits run in f32.
+
+With `lora_rank > 0` the projections named in `lora_targets` carry LoRA adapters (see `llm_jax/model/lora.py`);
+their dropout runs only when the apply call is given a "dropout" rng (`dropout_rngs(rng)`).
 """
 from __future__ import annotations
 
@@ -33,6 +36,52 @@ _REMAT = {
 def _param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=None):
     init = init or nn.initializers.normal(cfg.init_std)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
+
+
+def project(module: nn.Module, name: str, x, w, axes, n_in: int = 1):
+    """x·W over x's last `n_in` dims, plus the `LoRA` update where `name` is one of `cfg.lora_target_names`."""
+    cfg = module.cfg
+    y = token_matmul(x, w.astype(cfg.compute_dtype), n_contract=n_in)
+    if name in cfg.lora_target_names:
+        y = y + LoRA(cfg, w.shape, axes, n_in, module.mesh, module.rules, name=f"{name}_lora")(x)
+    return y
+
+
+class LoRA(nn.Module):
+    """The low-rank update (α/r)·dropout(x)·A·B of a projection W (*in → *out) (Hu et al. 2021; model/lora.py).
+
+    A (*in, r) is Kaiming-uniform, B (r, *out) zeros, so a fresh adapter changes nothing. Two thin matmuls,
+    (B·T, in)·(in, r) then (B·T, r)·(r, out); W + A·B is never formed. A and B live in a module of their own
+    (`<W>_lora/{a,b}` beside W): the base weights keep a plain model's paths, and their init too (under
+    nn.scan a module's init keys depend on how many params it declares). Dropout runs only when the apply
+    call has a "dropout" rng.
+    """
+    cfg: ModelConfig
+    w_shape: tuple
+    axes: tuple
+    n_in: int = 1
+    mesh: Mesh | None = None
+    rules: Any = ()
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt, n_in, r = self.cfg, self.cfg.compute_dtype, self.n_in, self.cfg.lora_rank
+        in_shape, out_shape = tuple(self.w_shape[:n_in]), tuple(self.w_shape[n_in:])
+        # Kaiming-uniform over A's fan-in (bound 1/√fan_in), as in the paper's reference implementation.
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)),
+                                                  out_axis=-1)
+        a = _param(self, "a", (*in_shape, r), (*self.axes[:n_in], "lora_rank"), cfg, a_init)
+        b = _param(self, "b", (r, *out_shape), ("lora_rank", *self.axes[n_in:]), cfg, nn.initializers.zeros)
+        if cfg.lora_dropout > 0 and self.has_rng("dropout"):
+            x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
+        xa_btr = token_matmul(x, a.astype(dt), n_contract=n_in) * cfg.lora_scale
+        xa_btr = sharding.constrain(xa_btr, ("batch", "length", "lora_rank"), self.mesh, self.rules)
+        return token_matmul(xa_btr, b.astype(dt))
+
+
+def dropout_rngs(rng) -> dict:
+    """`model.apply(..., rngs=dropout_rngs(rng))`: dropout on with a key (training), off with None (evaluation)."""
+    return {} if rng is None else {"dropout": rng}
 
 
 def _residual_init(cfg: ModelConfig):
@@ -117,16 +166,18 @@ class Attention(nn.Module):
         - kv and lengths (B,) given (decode): row b's T new tokens are written at [lengths[b], lengths[b] + T)
           and attend to the cache up to themselves.
         """
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+        cfg = self.cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        wq_dhk = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), cfg)
-        wk_dkh = _param(self, "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        wv_dkh = _param(self, "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        wo_hkd = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), cfg, _residual_init(cfg))
+        q_axes, o_axes = ("embed", "heads", "head_dim"), ("heads", "head_dim", "embed")
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        wq_dhk = _param(self, "wq", (d, h, hd), q_axes, cfg)
+        wk_dkh = _param(self, "wk", (d, k, hd), kv_axes, cfg)
+        wv_dkh = _param(self, "wv", (d, k, hd), kv_axes, cfg)
+        wo_hkd = _param(self, "wo", (h, hd, d), o_axes, cfg, _residual_init(cfg))
 
-        q_bthd = token_matmul(x_btd, wq_dhk.astype(dt))
-        k_btkd = token_matmul(x_btd, wk_dkh.astype(dt))
-        v_btkd = token_matmul(x_btd, wv_dkh.astype(dt))
+        q_bthd = project(self, "wq", x_btd, wq_dhk, q_axes)
+        k_btkd = project(self, "wk", x_btd, wk_dkh, kv_axes)
+        v_btkd = project(self, "wv", x_btd, wv_dkh, kv_axes)
         q_bthd = rotary(q_bthd, positions_bt, cfg.rope_theta)
         k_btkd = rotary(k_btkd, positions_bt, cfg.rope_theta)
         q_bthd = sharding.constrain(q_bthd, ("batch", "length", "act_heads", None), self.mesh, self.rules)
@@ -143,7 +194,7 @@ class Attention(nn.Module):
             if kv is not None:
                 kv = tuple(_write_rows(cache, new, jnp.zeros(x_btd.shape[:1], jnp.int32))
                            for cache, new in zip(kv, (k_btkd, v_btkd)))
-        out_btd = token_matmul(out_bthd, wo_hkd.astype(dt), n_contract=2)
+        out_btd = project(self, "wo", out_bthd, wo_hkd, o_axes, n_in=2)
         return out_btd if kv is None else (out_btd, kv)
 
     def _decode_impl(self) -> str:
@@ -165,15 +216,16 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd):
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        w_gate_df = _param(self, "w_gate", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
-        w_up_df = _param(self, "w_up", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
-        w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, _residual_init(cfg))
-        gate_btf = token_matmul(x_btd, w_gate_df.astype(dt))
-        up_btf = token_matmul(x_btd, w_up_df.astype(dt))
+        cfg = self.cfg
+        up_axes, down_axes = ("embed", "mlp"), ("mlp", "embed")
+        w_gate_df = _param(self, "w_gate", (cfg.d_model, cfg.d_ff), up_axes, cfg)
+        w_up_df = _param(self, "w_up", (cfg.d_model, cfg.d_ff), up_axes, cfg)
+        w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), down_axes, cfg, _residual_init(cfg))
+        gate_btf = project(self, "w_gate", x_btd, w_gate_df, up_axes)
+        up_btf = project(self, "w_up", x_btd, w_up_df, up_axes)
         h_btf = sharding.constrain(swiglu(gate_btf, up_btf), ("batch", "length", "act_mlp"),
                                    self.mesh, self.rules)
-        return token_matmul(h_btf, w_down_fd.astype(dt))
+        return project(self, "w_down", h_btf, w_down_fd, down_axes)
 
 
 class Block(nn.Module):
@@ -234,8 +286,8 @@ class Transformer(nn.Module):
             block_cls = nn.remat(block_cls, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # The layer's cache slice is scanned over (axis 0), like its parameters; the per-layer cache
-            # comes back as the scan's output.
-            scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            # comes back as the scan's output. Each layer draws its own params and (LoRA) dropout masks.
+            scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, self.mesh, self.rules, name="blocks")

@@ -1,5 +1,12 @@
-"""AdamW with a weight-decay mask, gradient clipping and the learning-rate schedules of `config.optim`."""
+"""AdamW with a weight-decay mask, gradient clipping and the learning-rate schedules of `config.optim`.
+
+An optimizer may train only part of the params (LoRA's adapters, `llm_jax/model/lora.py`): it then carries
+the rule that picks them (`trainable_of`), its state is built for those leaves alone (`train/state.py`), and the
+train step takes gradients w.r.t. those alone (`train/step.py`). Every other param is frozen.
+"""
 from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
 
 import jax
 import optax
@@ -35,9 +42,29 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+class PartialOptimizer(NamedTuple):
+    """An optax transformation over the trainable params only (init, update and the trees they see hold just
+    those leaves, as cut by `lora.split`), with the rule `params -> bool mask` that picks them."""
+    init: Callable
+    update: Callable
+    trainable: Any
+
+
+def only(optimizer: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+    """`optimizer` restricted to the params `trainable` marks (a rule or a mask); None: every param."""
+    return optimizer if trainable is None else PartialOptimizer(optimizer.init, optimizer.update, trainable)
+
+
+def trainable_of(optimizer) -> Any:
+    """The rule (or mask) of the params an optimizer trains; None: every param."""
+    return getattr(optimizer, "trainable", None)
+
+
+def make_optimizer(optim_config, total_steps: int,
+                   trainable=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping) and its schedule; with `trainable` (see `only`), over those params alone."""
     c = optim_config
     schedule = learning_rate_schedule(c, total_steps)
     parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
+    return only(optax.chain(*parts), trainable), schedule
