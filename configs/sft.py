@@ -7,11 +7,8 @@ The model section is the pretraining config's of the same size (the params must 
 config family. Data: `data.train` names SFT records (jsonl/parquet, `llm_jax/data/records.py`) or
 `default_task`, the embedded task whose answers `default_task.gold_score` grades.
 """
-import os
+from llm_jax.configs_common import stage_config
 
-from llm_jax.config_lib import load_config, parse_arg
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _STAGE = {  # size: data/optim/train settings of this stage
     "tiny": dict(data=dict(seq_len=64, batch_size=32), optim=dict(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
                  train=dict(steps=900, log_every=10, eval_every=300, checkpoint_every=300, eval_batches=8)),
@@ -19,13 +16,4 @@ _STAGE = {  # size: data/optim/train settings of this stage
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=-1, seed=0, init_from="runs/pre")
-    config = load_config(os.path.join(_HERE, f"pretrain.py:size={arg.size},seed={arg.seed}"))
-    config.objective = "sft"
-    config.train.init_from = arg.init_from
-    config.data.update(train="default_task", eval="")
-    for section, fields in _STAGE.get(arg.size, {}).items():
-        config[section].update(fields)
-    if arg.steps > 0:
-        config.train.steps = arg.steps
-    return config
+    return stage_config(arg, objective="sft", init_from="runs/pre", stage_sizes=_STAGE)

@@ -108,3 +108,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     c.mesh_rules = DEFAULT_RULES
     return c
+
+
+def stage_config(arg, *, objective: str, init_from: str, stage_sizes: dict) -> ml_collections.ConfigDict:
+    """A post-training stage's config: the pretraining config of the same size (so the params fit the run it
+    starts from: one config lineage), the objective, `train.init_from`, and the stage's own settings per size.
+
+    `arg` is the config file's argument: `size`, `steps`, `seed`, `init_from`.
+    """
+    import os
+
+    from llm_jax.config_lib import load_config, parse_arg
+    arg = parse_arg(arg, size="tiny", steps=-1, seed=0, init_from=init_from)
+    pretrain = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py")
+    config = load_config(f"{pretrain}:size={arg.size},seed={arg.seed}")
+    config.objective = objective
+    config.train.init_from = arg.init_from
+    config.data.update(train="default_task", eval="")
+    for section, fields in stage_sizes.get(arg.size, {}).items():
+        config[section].update(fields)
+    if arg.steps > 0:
+        config.train.steps = arg.steps
+    return config

@@ -24,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from llm_jax.kernels.attention import blocks as blk
+from llm_jax.kernels.attention.flash_tpu import fold_scores, init_softmax_scratch
 from llm_jax.kernels.attention.reference import MASK_VALUE
 
 NUM_LANES = blk.NUM_LANES
@@ -48,11 +49,7 @@ def _tpu_kernel(lengths_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_scratch, l_s
     k_start = j * block_kv
     head_dim = acc_scratch.shape[-1]
 
-    @pl.when(j == 0)
-    def _init():
-        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    pl.when(j == 0)(lambda: init_softmax_scratch(m_scratch, l_scratch, acc_scratch))
 
     @pl.when(k_start < lengths_ref[row])
     def _step():
@@ -60,16 +57,7 @@ def _tpu_kernel(lengths_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_scratch, l_s
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
         visible = k_pos <= blk.lanes(pos_ref[...], block_kv)
         s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32) * scale
-        s = blk.apply_mask(s, visible)
-        m_prev = m_scratch[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - blk.lanes(m_next, block_kv))
-        l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_scratch[...] = m_next
-        v = v_ref[...]
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_scratch[...] = acc_scratch[...] * blk.lanes(alpha, head_dim) + pv
+        fold_scores(blk.apply_mask(s, visible), v_ref[...], m_scratch, l_scratch, acc_scratch)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():

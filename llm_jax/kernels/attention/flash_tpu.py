@@ -40,6 +40,25 @@ def _params(n_arbitrary: int, n_parallel: int = 3):
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary)
 
 
+def init_softmax_scratch(m_scratch, l_scratch, acc_scratch):
+    """Running max, sum and output of an online softmax, before the first key block."""
+    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+
+def fold_scores(s, v, m_scratch, l_scratch, acc_scratch):
+    """Folds one block of masked, scaled scores (rows, block_kv) and its values into the running softmax."""
+    m_prev = m_scratch[...]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - blk.lanes(m_next, s.shape[1]))
+    l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_scratch[...] = m_next
+    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_scratch[...] = acc_scratch[...] * blk.lanes(alpha, acc_scratch.shape[-1]) + pv
+
+
 def _run_causal_step(step, causal: bool, q_start, k_start, block_q: int, block_kv: int):
     """Runs `step(with_causal_mask)` on visible blocks: unmasked below the diagonal, masked on it."""
     if not causal:
@@ -60,27 +79,14 @@ def _forward_kernel(*refs, scale, causal, packed, block_q, block_kv):
     q_start, k_start = i * block_q, j * block_kv
     head_dim = acc_scratch.shape[-1]
 
-    @pl.when(j == 0)
-    def _init():
-        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    pl.when(j == 0)(lambda: init_softmax_scratch(m_scratch, l_scratch, acc_scratch))
 
     def step(with_causal_mask):
-        v = v_ref[...]
         s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32) * scale
         mask = blk.and_masks(
             blk.causal_mask(q_start, k_start, s.shape) if with_causal_mask else None,
             blk.lanes(q_seg_ref[...], block_kv) == kv_seg_ref[:1, :] if packed else None)
-        s = blk.apply_mask(s, mask)
-        m_prev = m_scratch[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - blk.lanes(m_next, block_kv))
-        l_scratch[...] = alpha * l_scratch[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_scratch[...] = m_next
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_scratch[...] = acc_scratch[...] * blk.lanes(alpha, head_dim) + pv
+        fold_scores(blk.apply_mask(s, mask), v_ref[...], m_scratch, l_scratch, acc_scratch)
 
     _run_causal_step(step, causal, q_start, k_start, block_q, block_kv)
 
