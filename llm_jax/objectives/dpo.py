@@ -34,7 +34,7 @@ import numpy as np
 
 from llm_jax.data.pipeline import LMData
 from llm_jax.data.post_training import render_preferences, rows_fingerprint
-from llm_jax.model.transformer import Transformer
+from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.objectives.reward import both_sides
 from llm_jax.train import step as train_step
@@ -56,10 +56,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     raise ValueError(f"dpo.loss={loss!r} is not one of {LOSSES}")
 
 
-def sequence_log_probs(model: Transformer, params, batch: dict):
+def sequence_log_probs(model: Transformer, params, batch: dict, rng=None):
     """(chosen (B,), rejected (B,)): Σ log π(answer token) over each side's loss mask, in one forward pass."""
     logits = model.apply(params, both_sides(batch, "inputs"), both_sides(batch, "positions"),
-                         both_sides(batch, "segment_ids"), method=Transformer.logits)
+                         both_sides(batch, "segment_ids"), method=Transformer.logits, rngs=dropout_rngs(rng))
     per_token = token_log_probs(logits, both_sides(batch, "targets")) * both_sides(batch, "loss_mask")
     return jnp.split(jnp.sum(per_token, axis=1), 2)
 
@@ -79,8 +79,7 @@ def _settings(config) -> dict:
 
 def make_loss_fn(model: Transformer, beta: float, label_smoothing: float, loss: str):
     def loss_fn(params, batch, rng):
-        del rng
-        pi_c, pi_r = sequence_log_probs(model, params, batch)
+        pi_c, pi_r = sequence_log_probs(model, params, batch, rng)
         ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
         valid = (jnp.sum(batch["chosen_segment_ids"], axis=1) > 0).astype(jnp.float32)  # eval padding rows: 0
         rewards_c, rewards_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.data.pipeline import build_lm_data
-from llm_jax.model.transformer import Transformer
+from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.train import step as train_step
 
 
@@ -68,9 +68,8 @@ def cross_entropy(logits_btv, targets_bt, loss_mask_bt):
 
 def make_loss_fn(model: Transformer):
     def loss_fn(params, batch, rng):
-        del rng  # no dropout in the language model
         logits_btv = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                 method=Transformer.logits)
+                                 method=Transformer.logits, rngs=dropout_rngs(rng))  # LoRA dropout, if any
         loss_sum, weight = cross_entropy(logits_btv, batch["targets"], batch["loss_mask"])
         correct = jnp.sum(argmax_hits(logits_btv, batch["targets"]) * batch["loss_mask"])
         return loss_sum, {"weight": weight, "accuracy": correct.astype(jnp.float32)}

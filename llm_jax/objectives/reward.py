@@ -24,7 +24,7 @@ from flax import linen as nn
 from llm_jax.data import chat
 from llm_jax.data.post_training import build_preference_data, pair_rows
 from llm_jax.data.records import Message
-from llm_jax.model.transformer import Transformer
+from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import CheckpointError, restore_params
 
@@ -65,9 +65,8 @@ def bradley_terry_loss(chosen_b, rejected_b, margin: float = 0.0):
 
 def make_loss_fn(model: RewardModel, margin: float):
     def loss_fn(params, batch, rng):
-        del rng
         rewards = model.apply(params, both_sides(batch, "inputs"), both_sides(batch, "positions"),
-                              both_sides(batch, "segment_ids"), method=RewardModel.score)
+                              both_sides(batch, "segment_ids"), method=RewardModel.score, rngs=dropout_rngs(rng))
         chosen_b, rejected_b = jnp.split(rewards, 2)
         valid_b = (jnp.sum(batch["chosen_segment_ids"], axis=1) > 0).astype(jnp.float32)  # eval padding rows: 0
         diff_b = chosen_b - rejected_b

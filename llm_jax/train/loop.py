@@ -28,6 +28,7 @@ from tqdm import tqdm
 from llm_jax import sharding
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
+from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
 from llm_jax.objectives import get_objective
@@ -159,7 +160,9 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
     def init_params(key):
         return model.init(key, dummy_tokens, method=Transformer.logits)
 
-    optimizer, schedule = make_optimizer(config.optim, config.train.steps)
+    # With LoRA only the adapters (and task heads) train: the optimizer carries that rule, so its state, the
+    # state's shardings and the train step all cover those params alone.
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps, trainable=lora.trainable_for(model_cfg))
     abstract_state, state_sh = state_shardings(init_params, optimizer, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
@@ -199,7 +202,8 @@ def run(config, workdir: str) -> dict:
     elif config.train.init_from:
         _check_lineage(config, config.train.init_from)
         params_from_run = getattr(objective, "params_from_run", restore_params)
-        params = params_from_run(config.train.init_from, t.abstract_state.params)
+        # A LoRA model takes the run's weights as its base; its adapters start fresh (B = 0: no change yet).
+        params = params_from_run(config.train.init_from, lora.without_adapters(t.abstract_state.params))
         state = t.create_state(params)
         log_line(f"started from the params of {config.train.init_from}")
     else:
@@ -214,10 +218,14 @@ def run(config, workdir: str) -> dict:
     start_step, total = int(state.step), config.train.steps
     writer = MetricsWriter(workdir, resume_step=start_step)
     counts = flops.param_counts(model_cfg)
+    lora_metrics, lora_line = lora.training_report(t.abstract_state.params, t.optimizer, model_cfg,
+                                                   config.optim.grad_accum)
     if start_step == 0:
         writer.write(0, {"n_params": counts["total"], "n_params_kaplan": counts["kaplan"],
                          "flops_per_token": flops_per_step / tokens_per_step, "peak_flops": peak,
-                         **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}})
+                         **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}, **lora_metrics})
+    if lora_line:
+        log_line(lora_line)
     log_line(f"{model_cfg.n_layers} layers, {counts['total']:,} params, mesh "
              f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
 

@@ -119,7 +119,7 @@ def test_continued_pretraining_starts_from_the_earlier_run(small_config, tmp_pat
 
 def test_init_from_a_run_of_another_shape_is_refused(small_config, tmp_path):
     run(small_config("train.steps=1"), str(tmp_path / "base"))
-    with pytest.raises(CheckpointError, match="do not fit this model"):
+    with pytest.raises(CheckpointError, match="has a different model; d_ff: 128 there, 256 here"):
         run(small_config(f"train.init_from={tmp_path / 'base'}", "model.d_ff=256"), str(tmp_path / "other"))
 
 
