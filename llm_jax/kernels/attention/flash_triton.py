@@ -45,6 +45,15 @@ def _causal_ranges(q_start, block_q: int, block_kv: int, n_kv: int):
     return first_masked, end
 
 
+def _loop_over_key_blocks(body, carry, causal: bool, q_start, block_q: int, block_kv: int, n_kv: int):
+    """carry = body(j, carry, with_causal_mask) over the key blocks a query block sees, the diagonal masked."""
+    if not causal:
+        return lax.fori_loop(0, n_kv, functools.partial(body, with_causal_mask=False), carry)
+    first_masked, end = _causal_ranges(q_start, block_q, block_kv, n_kv)
+    carry = lax.fori_loop(0, first_masked, functools.partial(body, with_causal_mask=False), carry)
+    return lax.fori_loop(first_masked, end, functools.partial(body, with_causal_mask=True), carry)
+
+
 # ----------------------------------------------------------------------------------------------- forward
 def _forward_kernel(*refs, scale, causal, packed, block_q, block_kv, seq_kv):
     q_ref, k_ref, v_ref = refs[:3]
@@ -71,14 +80,7 @@ def _forward_kernel(*refs, scale, causal, packed, block_q, block_kv, seq_kv):
 
     carry = (jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
-    n_kv = seq_kv // block_kv
-    if causal:
-        first_masked, end = _causal_ranges(q_start, block_q, block_kv, n_kv)
-        carry = lax.fori_loop(0, first_masked, functools.partial(body, with_causal_mask=False), carry)
-        carry = lax.fori_loop(first_masked, end, functools.partial(body, with_causal_mask=True), carry)
-    else:
-        carry = lax.fori_loop(0, n_kv, functools.partial(body, with_causal_mask=False), carry)
-    m, l, acc = carry
+    m, l, acc = _loop_over_key_blocks(body, carry, causal, q_start, block_q, block_kv, seq_kv // block_kv)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
@@ -131,14 +133,8 @@ def _dq_kernel(*refs, scale, causal, packed, block_q, block_kv, seq_kv):
         ds = p * (_nt(do, v_ref[keys, :]) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    n_kv = seq_kv // block_kv
-    if causal:
-        first_masked, end = _causal_ranges(q_start, block_q, block_kv, n_kv)
-        dq = lax.fori_loop(0, first_masked, functools.partial(body, with_causal_mask=False), dq)
-        dq = lax.fori_loop(first_masked, end, functools.partial(body, with_causal_mask=True), dq)
-    else:
-        dq = lax.fori_loop(0, n_kv, functools.partial(body, with_causal_mask=False), dq)
+    dq = _loop_over_key_blocks(body, jnp.zeros(q.shape, jnp.float32), causal, q_start, block_q, block_kv,
+                               seq_kv // block_kv)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
