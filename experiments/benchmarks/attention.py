@@ -39,7 +39,6 @@ import math
 import os
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,9 @@ import numpy as np
 
 from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes, attention, platform_of, resolve_impl
 from llm_jax.train import hardware
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import compile_and_time  # noqa: E402
 
 DEFAULT_IMPLS = {"tpu": "xla,pallas", "cpu": "xla"}  # anything else is a GPU: xla,pallas,cudnn
 FWD_BWD_FACTOR = 3.5  # FlashAttention-2: backward = 2.5 × forward (recomputation included)
@@ -68,16 +70,7 @@ def _ints(text: str) -> list[int]:
 
 def time_compiled(fn, args, warmup: int, iters: int) -> tuple[float, float]:
     """(median seconds of `iters` calls of jit(fn) after `warmup` calls, compile seconds)."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    _, compile_s, times = compile_and_time(fn, args, warmup, iters)
     return float(np.median(times)), compile_s
 
 

@@ -32,6 +32,9 @@ from llm_jax.model.transformer import Transformer
 from llm_jax.runs import abstract_params
 from llm_jax.train import hardware
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import compile_and_time  # noqa: E402
+
 PATHS = (("KV cache", make_generate_fn), ("full forward", make_full_forward_generate_fn))
 
 
@@ -44,19 +47,9 @@ def random_model(config, mesh, rules):
 
 
 def time_path(make_fn, model, params, prompts_bp, lengths_b, sampling, warmup: int, repeats: int):
-    fn = jax.jit(make_fn(model, sampling, prompts_bp.shape[1]))
-    args = (params, prompts_bp, lengths_b, jax.random.key(0))
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return out, compile_s, times
+    """(generation, compile seconds, seconds of each timed run) of one sampler."""
+    return compile_and_time(make_fn(model, sampling, prompts_bp.shape[1]),
+                            (params, prompts_bp, lengths_b, jax.random.key(0)), warmup, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
