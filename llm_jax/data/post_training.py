@@ -32,7 +32,7 @@ DEFAULT_TASK_SPEC = "default_task"
 PAIR_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def resolve_spec(spec: str, kind: str, split: str, cache_dir: str) -> str:
+def resolve_spec(spec: str, kind: str, split: str) -> str:
     """A record spec with `default_task` replaced by the embedded task's file for `kind` and `split`."""
     if spec != DEFAULT_TASK_SPEC:
         return spec
@@ -40,13 +40,13 @@ def resolve_spec(spec: str, kind: str, split: str, cache_dir: str) -> str:
     return default_task.write_default_task()[f"{kind}_{split}"]  # shared: a pure function of the seed
 
 
-def _split(examples: list, data_config, kind: str, cache_dir: str, read: Callable[[str], Iterable],
+def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterable],
            text_of: Callable) -> tuple[list, list]:
     """(train, eval) examples: `data.eval` when set (or the task's own eval split), else a hash split."""
     if data_config.eval:
-        return examples, list(read(resolve_spec(data_config.eval, kind, "eval", cache_dir)))
+        return examples, list(read(resolve_spec(data_config.eval, kind, "eval")))
     if data_config.train == DEFAULT_TASK_SPEC:
-        return examples, list(read(resolve_spec(DEFAULT_TASK_SPEC, kind, "eval", cache_dir)))
+        return examples, list(read(resolve_spec(DEFAULT_TASK_SPEC, kind, "eval")))
     held_out = _eval_membership([text_of(e) for e in examples], data_config.eval_fraction)
     return ([e for e, h in zip(examples, held_out) if not h], [e for e, h in zip(examples, held_out) if h])
 
@@ -77,18 +77,19 @@ def _lm_data(train_rows, eval_rows, config, stats) -> LMData:
                   process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
 
 
-def _cache_dir(config, workdir: str) -> str:
+def data_cache_dir(config, workdir: str) -> str:
+    """Where a run keeps values computed from its data (`data.cache_dir`, else <workdir>/data)."""
     return config.data.cache_dir or os.path.join(workdir, "data")
 
 
 def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
     """Packed SFT rows with the loss on assistant turns only; see the module docstring."""
-    data, cache_dir = config.data, _cache_dir(config, workdir)
+    data = config.data
     template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
     chat.check_template(tokenizer, template)
     read = lambda spec: records.iter_sft_examples(spec, data.format)  # noqa: E731
-    train, eval_ = _split(list(read(resolve_spec(data.train, "sft", "train", cache_dir))), data, "sft", cache_dir,
-                          read, _conversation_text)
+    train, eval_ = _split(list(read(resolve_spec(data.train, "sft", "train"))), data, "sft", read,
+                          _conversation_text)
 
     def render(example):
         return chat.render_conversation(example.messages, tokenizer, template, max_len=int(data.seq_len) + 1,
@@ -138,12 +139,12 @@ def _pair_text(example: records.PreferenceExample) -> str:
 
 def render_preferences(config, tokenizer: Tokenizer, workdir: str) -> tuple[dict, dict, dict]:
     """(train rows, eval rows, stats) of preference pairs; see the module docstring."""
-    data, cache_dir = config.data, _cache_dir(config, workdir)
+    data = config.data
     template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
     chat.check_template(tokenizer, template)
     read = lambda spec: records.iter_preference_examples(spec, data.format)  # noqa: E731
-    train, eval_ = _split(list(read(resolve_spec(data.train, "preferences", "train", cache_dir))), data,
-                          "preferences", cache_dir, read, _pair_text)
+    train, eval_ = _split(list(read(resolve_spec(data.train, "preferences", "train"))), data, "preferences",
+                          read, _pair_text)
 
     def render(example):
         return chat.render_pair(example.prompt, example.chosen, example.rejected, tokenizer, template,

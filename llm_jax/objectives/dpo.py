@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.data.pipeline import LMData
-from llm_jax.data.post_training import render_preferences, rows_fingerprint
+from llm_jax.data.post_training import data_cache_dir, render_preferences, rows_fingerprint
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.objectives.reward import both_sides
@@ -151,7 +151,7 @@ def build_data(config, tokenizer, workdir: str) -> LMData:
     _settings(config)
     train_rows, eval_rows, stats = render_preferences(config, tokenizer, workdir)
     run_dir = reference_run(config)
-    cache_dir = config.data.cache_dir or os.path.join(workdir, "data")
+    cache_dir = data_cache_dir(config, workdir)
     batch = int(config.data.batch_size)
     train_rows = _with_reference(train_rows, run_dir, cache_dir, batch)
     eval_rows = _with_reference(eval_rows, run_dir, cache_dir, batch)

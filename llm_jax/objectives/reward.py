@@ -122,6 +122,7 @@ class RewardScorer:
     template: str
     max_len: int
     batch_size: int = 32
+    _jitted: object = dataclasses.field(default=None, init=False, repr=False)
 
     def score_tokens(self, sequences: list[np.ndarray]) -> np.ndarray:
         """Rewards of full token sequences (prompt + answer + end + eos, as `chat.render_pair` renders them)."""
@@ -129,7 +130,7 @@ class RewardScorer:
             if len(seq) - 1 > self.max_len:
                 raise ValueError(f"sequence {i} has {len(seq)} tokens; the reward model reads at most "
                                  f"{self.max_len + 1} (its data.seq_len + 1)")
-        score = jax.jit(lambda p, t, pos, seg: self.model.apply(p, t, pos, seg, method=RewardModel.score))
+        score = self._score_fn()
         out = []
         for start in range(0, len(sequences), self.batch_size):
             chunk = list(sequences[start:start + self.batch_size])
@@ -138,6 +139,12 @@ class RewardScorer:
             rows = sequence_rows(chunk, self.max_len)
             out.append(np.asarray(score(self.params, rows["inputs"], rows["positions"], rows["segment_ids"]))[:n])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _score_fn(self):
+        """The jitted scorer, built once: every batch has the same padded shape, so it compiles once."""
+        if self._jitted is None:
+            self._jitted = jax.jit(lambda p, t, pos, seg: self.model.apply(p, t, pos, seg, method=RewardModel.score))
+        return self._jitted
 
     def score(self, prompts, answers) -> np.ndarray:
         """Rewards of text answers to prompts (each prompt a string or a list of records.Message)."""

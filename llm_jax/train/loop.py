@@ -315,15 +315,16 @@ def run(config, workdir: str) -> dict:
             bar.close()
             writer.close()
             checkpointer.close()
-    summary.update(step=int(state.step), final_loss=_last(workdir, "loss"))
+    logged = read_metrics(workdir)
+    summary.update(step=int(state.step), final_loss=_last(logged, "loss"))
     for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):  # a finished run, rerun, reports its last eval
-        if key not in summary and _last(workdir, key) is not None:
-            summary[key] = _last(workdir, key)
+        if key not in summary and _last(logged, key) is not None:
+            summary[key] = _last(logged, key)
     return summary
 
 
-def _last(workdir: str, key: str):
-    values = [m[key] for m in read_metrics(workdir) if key in m]
+def _last(metrics: list[dict], key: str):
+    values = [m[key] for m in metrics if key in m]
     return values[-1] if values else None
 
 
