@@ -1,0 +1,1 @@
+"""Reinforcement learning from a reward model: PPO's losses and loop, rejection sampling."""
