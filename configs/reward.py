@@ -8,7 +8,8 @@ The trunk starts from the SFT params and a zero scalar head is added. `data.trai
 from llm_jax.configs_common import stage_config
 
 _STAGE = {
-    "tiny": dict(data=dict(seq_len=64, batch_size=32), optim=dict(lr=5e-4, warmup_steps=20, weight_decay=0.0),
+    # The likelihood readout: a scalar head alone judges this trunk's answers by their length (reward.py).
+    "tiny": dict(reward=dict(readout="likelihood"), data=dict(seq_len=64, batch_size=32), optim=dict(lr=5e-4, warmup_steps=20, weight_decay=0.0),
                  train=dict(steps=300, log_every=10, eval_every=100, checkpoint_every=100, eval_batches=8)),
 }
 

@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.reward = ml_collections.ConfigDict(dict(
         margin=0.0,            # Bradley–Terry: −log σ(r_chosen − r_rejected − margin)
+        readout="last",        # last: w·h_last + b | likelihood: plus the answer's log-likelihood under the
+                               # trunk's own LM head (objectives/reward.py: what a small trunk needs)
     ))
 
     c.dpo = ml_collections.ConfigDict(dict(

@@ -134,12 +134,16 @@ def render_pair(prompt: Sequence[Message], chosen: str, rejected: str, tokenizer
     prompt_ids = _prompt_tokens(prompt, tokenizer, template, 1 + max(len(a) for a in answers), max_len, where)
     start = len(prompt_ids)
     full = [np.concatenate([prompt_ids, a, [tokenizer.eos_id]]).astype(np.int32) for a in answers]
-    masks = []
-    for seq in full:
-        mask = np.zeros(len(seq) - 1, np.float32)
-        mask[start - 1:len(seq) - 2] = 1.0  # targets start .. the <|end|>; not the eos
-        masks.append(mask)
-    return RenderedPair(prompt_ids, full[0], full[1], start, masks[0], masks[1])
+    return RenderedPair(prompt_ids, full[0], full[1], start, answer_mask(len(full[0]), start),
+                        answer_mask(len(full[1]), start))
+
+
+def answer_mask(n_tokens: int, response_start: int) -> np.ndarray:
+    """The loss mask over the n_tokens − 1 targets of prompt + answer + <|end|> + eos whose answer starts at
+    `response_start`: 1 on the answer's tokens and its <|end|>, 0 on the prompt and the final eos."""
+    mask = np.zeros(n_tokens - 1, np.float32)
+    mask[response_start - 1:n_tokens - 2] = 1.0
+    return mask
 
 
 def _prompt_tokens(messages, tokenizer, template, extra, max_len, where) -> np.ndarray:

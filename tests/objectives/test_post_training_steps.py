@@ -78,9 +78,9 @@ def _pair_batch(seed, batch=8, seq=32, vocab=512):
     return out
 
 
-def _train(config_name, mesh_axes, devices, steps=2):
+def _train(config_name, mesh_axes, devices, steps=2, extra=()):
     config = load(f"configs/{config_name}.py:tiny", SMALL_MODEL + ["data.seq_len=32", "optim.lr=1e-2",
-                                                                   "optim.warmup_steps=0"])
+                                                                   "optim.warmup_steps=0", *extra])
     config.mesh.update(mesh_axes)
     mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.check_rules(config.mesh_rules)
     training = build_training(config, ModelConfig.from_config(config.model), mesh, rules)
@@ -91,9 +91,9 @@ def _train(config_name, mesh_axes, devices, steps=2):
     return history
 
 
-@pytest.mark.parametrize("objective", ["reward", "dpo"])
-def test_sharded_preference_steps_match_one_device(objective):
-    want = _train(objective, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
-    got = _train(objective, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices())
+@pytest.mark.parametrize("objective,extra", [("reward", ()), ("reward", ("reward.readout=last",)), ("dpo", ())])
+def test_sharded_preference_steps_match_one_device(objective, extra):
+    want = _train(objective, dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1], extra=extra)
+    got = _train(objective, dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices(), extra=extra)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert want[0][0] > 0 and np.isfinite(want).all()

@@ -77,3 +77,24 @@ def test_reward_model_reads_the_last_real_token():
     other = tokens.at[0, 5:].set(7)
     np.testing.assert_allclose(model.apply(params, other, positions, segments, method=RewardModel.score), rewards,
                                rtol=1e-5)
+
+
+def test_likelihood_readout_adds_the_answers_log_likelihood():
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, vocab_size=40)
+    model = RewardModel(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 4, 40)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    segments = jnp.array([[1] * 6 + [0] * 2, [1] * 8])
+    answer = jnp.array([[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0]], jnp.float32)
+    params = nn.unbox(model.init(jax.random.key(1), inputs, positions, segments, method=RewardModel.score))
+    params["params"]["reward_head"] = jax.random.normal(jax.random.key(2), (32,))
+    last = model.apply(params, inputs, positions, segments, method=RewardModel.score)
+    got = model.apply(params, inputs, positions, segments, targets, answer, readout="likelihood",
+                      method=RewardModel.score)
+    log_probs = jax.nn.log_softmax(model.apply(params, inputs, positions, segments, method=RewardModel.logits))
+    want = last + jnp.array([sum(float(log_probs[b, t, targets[b, t]]) for t in range(8) if answer[b, t])
+                             for b in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="not one of"):
+        model.apply(params, inputs, positions, segments, targets, answer, readout="mean", method=RewardModel.score)
