@@ -3,9 +3,12 @@
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
+    llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
+`rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
+(see llm_jax/rl/rejection_sampling.py).
 """
 from __future__ import annotations
 
@@ -38,16 +41,30 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--prompts", required=True, help="prompts file(s): jsonl, jsonl.gz or parquet; a glob or a "
                                                       "comma list")
     sub.add_argument("--out", help="output jsonl (default <run>/generations/<prompts name>.jsonl)")
-    sub.add_argument("--max-new-tokens", type=int, default=64)
-    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    _sampling_arguments(sub, max_new_tokens=64, temperature=0.0)
+    sub.add_argument("--no-cache", action="store_true",
+                     help="re-run the full forward every step instead of the KV cache (slow; a reference)")
+    sub = commands.add_parser("rejection-sample", help="sample K answers per prompt, keep the reward model's best "
+                                                       "as SFT records (see llm_jax/rl/rejection_sampling.py)")
+    sub.add_argument("--run", required=True, help="the policy run directory (the model that samples)")
+    sub.add_argument("--reward-run", required=True, help="the reward model's run directory")
+    sub.add_argument("--prompts", required=True, help="prompts file(s) as for generate, or default_task (the "
+                                                      "embedded task's train prompts)")
+    sub.add_argument("--k", type=int, default=8, help="samples per prompt")
+    sub.add_argument("--out", required=True, help="output jsonl of SFT records")
+    sub.add_argument("--threshold", type=float, help="keep a prompt's best answer only if its reward is ≥ this")
+    _sampling_arguments(sub, max_new_tokens=32, temperature=1.0)
+    return parser
+
+
+def _sampling_arguments(sub, *, max_new_tokens: int, temperature: float) -> None:
+    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    sub.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
     sub.add_argument("--top-k", type=int, default=0, help="0: off")
     sub.add_argument("--top-p", type=float, default=1.0, help="1: off")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--batch-size", type=int, default=32)
-    sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    sub.add_argument("--no-cache", action="store_true",
-                     help="re-run the full forward every step instead of the KV cache (slow; a reference)")
-    return parser
+    sub.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -72,29 +89,48 @@ def load(config_spec: str, overrides: list[str]):
     return config_lib.apply_overrides(config_lib.load_config(config_spec), overrides)
 
 
-def _generate(args, overrides: list[str]) -> int:
+def _sample_command(args, overrides: list[str], run, check=None) -> int:
+    """Runs `run(sampling)` for a sampling command; usage errors exit 2, bad runs or data 1."""
     from llm_jax.data.sources import DataError
     from llm_jax.generate import SamplingConfig
-    from llm_jax.generation_io import generate_file
     from llm_jax.train.checkpoint import CheckpointError
 
     if overrides:
-        raise config_lib.ConfigError(f"generate reads the run's own config; it takes no overrides "
+        raise config_lib.ConfigError(f"{args.command} reads the run's own config; it takes no overrides "
                                      f"(got --config.{overrides[0]})")
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p)
+        if check is not None:
+            check()
     except ValueError as e:
-        print(f"llm-jax generate: {e}", file=sys.stderr)
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
         return 2
     try:
-        result = generate_file(args.run, args.prompts, args.out, sampling, batch_size=args.batch_size,
-                               seed=args.seed, step=args.step, use_cache=not args.no_cache)
+        result = run(sampling)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"llm-jax generate: {e}", file=sys.stderr)
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, default=str))
     return 0
+
+
+def _generate(args, overrides: list[str]) -> int:
+    from llm_jax.generation_io import generate_file
+    return _sample_command(args, overrides, lambda sampling: generate_file(
+        args.run, args.prompts, args.out, sampling, batch_size=args.batch_size, seed=args.seed, step=args.step,
+        use_cache=not args.no_cache))
+
+
+def _rejection_sample(args, overrides: list[str]) -> int:
+    from llm_jax.rl import rejection_sampling as rs
+    return _sample_command(args, overrides, lambda sampling: rs.rejection_sample(
+        args.run, args.reward_run, args.prompts, args.out, args.k, sampling, threshold=args.threshold,
+        batch_size=args.batch_size, seed=args.seed, step=args.step),
+        check=lambda: rs.check_options(args.k, args.threshold, args.batch_size))
+
+
+_SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if args.command == "generate":
-            return _generate(args, overrides)
+        if args.command in _SAMPLING_COMMANDS:
+            return _SAMPLING_COMMANDS[args.command](args, overrides)
         config = load(args.config, overrides)
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)
