@@ -4,11 +4,13 @@
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
     llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
+    llm-jax preference-pairs --run runs/sft --judge runs/rm --prompts default_task --k 8 --out pairs.jsonl
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
-(see llm_jax/rl/rejection_sampling.py).
+(see llm_jax/rl/rejection_sampling.py). `preference-pairs` writes a judge's (`gold` or a reward run) best
+against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
 """
 from __future__ import annotations
 
@@ -46,15 +48,30 @@ def _parser() -> argparse.ArgumentParser:
                      help="re-run the full forward every step instead of the KV cache (slow; a reference)")
     sub = commands.add_parser("rejection-sample", help="sample K answers per prompt, keep the reward model's best "
                                                        "as SFT records (see llm_jax/rl/rejection_sampling.py)")
-    sub.add_argument("--run", required=True, help="the policy run directory (the model that samples)")
+    _best_of_k_arguments(sub, "SFT records")
     sub.add_argument("--reward-run", required=True, help="the reward model's run directory")
+    sub.add_argument("--threshold", type=float, help="keep a prompt's best answer only if its reward is ≥ this")
+    sub = commands.add_parser("preference-pairs", help="sample K answers per prompt, write a judge's best against "
+                                                       "its worst as preference records (see "
+                                                       "llm_jax/rl/preference_pairs.py)")
+    _best_of_k_arguments(sub, "preference records")
+    sub.add_argument("--judge", required=True, help="gold (default_task.gold_score, prompts with a 'task' key) or "
+                                                    "a reward model's run directory")
+    sub.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"),
+                     help="best-worst: one pair per prompt; all: every two answers whose scores differ")
+    sub.add_argument("--min-margin", type=float, help="least score difference of a pair (default 0.2 for gold, "
+                                                      "0 for a reward model; equal scores never pair)")
+    return parser
+
+
+def _best_of_k_arguments(sub, records: str) -> None:
+    """What the commands that sample K answers per prompt from a policy run share."""
+    sub.add_argument("--run", required=True, help="the policy run directory (the model that samples)")
     sub.add_argument("--prompts", required=True, help="prompts file(s) as for generate, or default_task (the "
                                                       "embedded task's train prompts)")
     sub.add_argument("--k", type=int, default=8, help="samples per prompt")
-    sub.add_argument("--out", required=True, help="output jsonl of SFT records")
-    sub.add_argument("--threshold", type=float, help="keep a prompt's best answer only if its reward is ≥ this")
+    sub.add_argument("--out", required=True, help=f"output jsonl of {records}")
     _sampling_arguments(sub, max_new_tokens=32, temperature=1.0)
-    return parser
 
 
 def _sampling_arguments(sub, *, max_new_tokens: int, temperature: float) -> None:
@@ -130,7 +147,16 @@ def _rejection_sample(args, overrides: list[str]) -> int:
         check=lambda: rs.check_options(args.k, args.threshold, args.batch_size))
 
 
-_SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample}
+def _preference_pairs(args, overrides: list[str]) -> int:
+    from llm_jax.rl import preference_pairs as pp
+    return _sample_command(args, overrides, lambda sampling: pp.preference_pairs(
+        args.run, args.judge, args.prompts, args.out, args.k, sampling, pairing=args.pairs,
+        min_margin=args.min_margin, batch_size=args.batch_size, seed=args.seed, step=args.step),
+        check=lambda: pp.check_options(args.k, args.min_margin, args.pairs, args.batch_size))
+
+
+_SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample,
+                      "preference-pairs": _preference_pairs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,37 +1,28 @@
 """`llm-jax rejection-sample`: the reward model's best of K samples is kept, the threshold drops, the output
 follows the seed and loads as SFT data; runs that do not fit together fail naming them.
 
-The runs are freshly initialised models saved as checkpoints (no training). The policy's params are set so that
-every step emits <|end|> with probability about 0.17 and otherwise a uniform token: samples differ, some stop and
-some run to max_new_tokens. The reward model has a random head, so its rewards differ between answers."""
+The runs are freshly initialised models saved as checkpoints (no training; tests/conftest.py `tiny_rl_runs`). The
+policy's params are set so that every step emits <|end|> with probability about 0.17 and otherwise a uniform token:
+samples differ, some stop and some run to max_new_tokens. The reward model has a random head, so its rewards
+differ between answers."""
 import json
 import os
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from flax import linen as nn
 from sentencepiece import sentencepiece_model_pb2
 
 from llm_jax import cli
-from llm_jax.cli import load
 from llm_jax.data import chat
 from llm_jax.data.records import iter_sft_examples, sft_example
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import gold_scorer
-from llm_jax.model.config import ModelConfig
-from llm_jax.model.transformer import Transformer
-from llm_jax.objectives import get_objective
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl.rejection_sampling import rejection_sample
-from llm_jax.train.checkpoint import CheckpointError, checkpoint_dir
+from llm_jax.train.checkpoint import CheckpointError
 
-SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=128",
-               "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=48"]
 PROMPTS = [
     {"prompt": "reverse, vaplem bru sia", "task": "reverse"},
     {"prompt": "copy, gaiet bru", "system": "answer briefly", "task": "copy"},
@@ -41,26 +32,6 @@ PROMPTS = [
 ]
 K = 6
 SAMPLING = SamplingConfig(max_new_tokens=8, temperature=1.0)
-# × the final hidden state's ≈ 7.7 in dim 0: p(<|end|>) ≈ e^4.6 / (e^4.6 + 511) ≈ 0.17 a step, so about 4 samples
-# in 5 stop within 8 tokens
-END_LOGIT_GAP = 0.6
-
-
-def _save_run(workdir, config_spec, tokenizer_path, edit):
-    """A run directory (config.json, tokenizer.model, one checkpoint) holding a fresh model edited by `edit`."""
-    config = load(config_spec, SMALL_MODEL + [f"tokenizer.path={tokenizer_path}"])
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    shutil.copy(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
-    model = getattr(get_objective(config.objective), "model_class", Transformer)(ModelConfig.from_config(config.model))
-    params = nn.unbox(model.init(jax.random.key(len(config.objective)), jnp.zeros((1, 8), jnp.int32)))
-    params = edit(params)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    manager.wait_until_finished()
-    manager.close()
-    return str(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +40,8 @@ def tokenizer(small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def runs(small_tokenizer, tokenizer, tmp_path_factory):
-    end = tokenizer.special_id("<|end|>")
-
-    def stopping_policy(params):
-        # Tied embeddings: dim 0 of every embedding is 1 and the final norm keeps only dim 0, so every logit is
-        # h_0 · 1 (a uniform draw) except <|end|>'s, h_0 · (1 + gap).
-        p = params["params"]
-        table_vd = p["embedding"].at[:, 0].set(1.0).at[end, 0].set(1.0 + END_LOGIT_GAP)
-        scale_d = jnp.zeros_like(p["final_norm"]["scale"]).at[0].set(1.0)
-        return {"params": {**p, "embedding": table_vd, "final_norm": {"scale": scale_d}}}
-
-    def random_head(params):
-        p = params["params"]
-        head_d = jax.random.normal(jax.random.key(1), p["reward_head"].shape) * 10.0
-        return {"params": {**p, "reward_head": head_d}}
-
-    root = tmp_path_factory.mktemp("runs")
-    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, stopping_policy)
-    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, random_head)
-    return policy, rm
+def runs(tiny_rl_runs):
+    return tiny_rl_runs
 
 
 @pytest.fixture(scope="module")
