@@ -89,7 +89,29 @@ def base_config() -> ml_collections.ConfigDict:
         beta=0.1,              # strength of the KL anchor to the reference
         label_smoothing=0.0,   # cDPO: assumed fraction of flipped preference labels, in [0, 0.5)
         loss="sigmoid",        # sigmoid (DPO) | ipo
+        nll_coef=0.0,          # + nll_coef · the chosen answer's per-token NLL (Llama 3 used 0.2)
         reference="",          # the frozen reference run; empty: train.init_from
+    ))
+
+    c.ppo = ml_collections.ConfigDict(dict(  # objectives/ppo.py; train.steps counts PPO iterations
+        reward="reward_model",  # what pays: the reward model | gold (the embedded task's scorer: the ceiling)
+        reward_run="runs/rm",  # the frozen reward model (scored and logged in either case)
+        reference_run="",      # the frozen reference; empty: train.init_from (LoRA: the policy's own base)
+        value_from="reward",   # the value model starts from the reward run (trunk + head) | policy (zero head)
+        prompts="default_task", eval_prompts="default_task", n_eval_prompts=256,
+        rollout_batch=64,      # prompts (one response each) per iteration
+        minibatch=16, epochs=4,  # updates per iteration: epochs · rollout_batch / minibatch, each model
+        max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+        kl_coef=0.05,          # β of the per-token KL penalty (the initial β when adaptive)
+        kl_estimator="k1",     # k1 | k2 | k3 (rl/losses.py)
+        kl_control="fixed",    # fixed | adaptive (toward kl_target nats per response over kl_horizon samples)
+        kl_target=6.0, kl_horizon=10000.0,
+        gamma=1.0, lam=0.95,   # GAE
+        clip_eps=0.2, value_clip=0.2, entropy_coef=0.0,
+        whiten_advantages=True,
+        normalize_score=True,  # standardise scores with the reward run's last eval mean and std
+        unfinished_penalty=1.0,  # subtracted from the (standardised) score of a response that never stopped
+        value_lr=0.0,          # the value model's peak lr; 0: optim.lr
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -8,11 +8,15 @@ and optionally
 - `model_class`: the flax module the objective trains (default `Transformer`);
 - `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs);
 - `params_from_run(run_dir, abstract_params)`: params to start from `train.init_from` (default: restore all).
+
+An objective that is not a pass over a fixed dataset (PPO samples its own data) instead exports
+`run(config, workdir) -> summary`, its own loop, which `train.loop.run` hands the run to.
 """
 import importlib
 
 OBJECTIVES = {"lm": "llm_jax.objectives.lm", "sft": "llm_jax.objectives.sft",
-              "reward": "llm_jax.objectives.reward", "dpo": "llm_jax.objectives.dpo"}
+              "reward": "llm_jax.objectives.reward", "dpo": "llm_jax.objectives.dpo",
+              "ppo": "llm_jax.objectives.ppo"}
 
 
 def get_objective(name: str):

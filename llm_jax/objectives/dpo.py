@@ -6,6 +6,11 @@ tokens (its content and end marker),
     h      = [log π(y_c|x) − log π_ref(y_c|x)] − [log π(y_r|x) − log π_ref(y_r|x)]
     sigmoid (DPO):  −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)     (ε = label_smoothing: conservative DPO)
     ipo:            (h − 1/(2β))²                            (Azar et al. 2023)
+    + nll_coef · (−log π(y_c|x) / |y_c|)     the chosen answer's per-token NLL (Llama 3; Pang et al. 2024)
+
+The NLL term counters likelihood displacement. The preference losses only see differences, so both
+answers' log-probs can fall together. Measured on the embedded task at the tiny size, with β 0.1 and no NLL
+term, the chosen answer's log-prob fell by ~6 nats and the greedy gold score dropped below the SFT model's.
 
 For a fixed prompt and Bradley–Terry preferences P(y ≻ y') = σ(r(y) − r(y')), the sigmoid loss is minimised
 by π*(y) ∝ π_ref(y)·exp(r(y)/β) (tested on a bandit in tests/objectives/test_dpo.py).
@@ -20,8 +25,8 @@ Metrics (means over pairs): `rewards_chosen` = β·(log π − log π_ref)(y_c),
 answers of log π(y|x) − log π_ref(y|x), a drift measure on the preference data (a KL estimate only where the
 answers are samples of π).
 
-Config (`config.dpo`): beta, label_smoothing, loss ("sigmoid" | "ipo"), reference (a run dir; empty: the
-run's `train.init_from`).
+Config (`config.dpo`): beta, label_smoothing, loss ("sigmoid" | "ipo"), nll_coef, reference (a run dir; empty:
+the run's `train.init_from`). `chosen_nll` is logged with the other metrics.
 """
 from __future__ import annotations
 
@@ -67,7 +72,9 @@ def sequence_log_probs(model: Transformer, params, batch: dict, rng=None):
 def _settings(config) -> dict:
     d = config.get("dpo", {})
     settings = dict(beta=float(d.get("beta", 0.1)), label_smoothing=float(d.get("label_smoothing", 0.0)),
-                    loss=str(d.get("loss", "sigmoid")))
+                    loss=str(d.get("loss", "sigmoid")), nll_coef=float(d.get("nll_coef", 0.0)))
+    if settings["nll_coef"] < 0:
+        raise ValueError(f"dpo.nll_coef must be >= 0, got {settings['nll_coef']}")
     if settings["loss"] not in LOSSES:
         raise ValueError(f"dpo.loss={settings['loss']!r} is not one of {LOSSES}")
     if settings["beta"] <= 0:
@@ -77,9 +84,10 @@ def _settings(config) -> dict:
     return settings
 
 
-def make_loss_fn(model: Transformer, beta: float, label_smoothing: float, loss: str):
+def make_loss_fn(model: Transformer, beta: float, label_smoothing: float, loss: str, nll_coef: float = 0.0):
     def loss_fn(params, batch, rng):
         pi_c, pi_r = sequence_log_probs(model, params, batch, rng)
+        chosen_nll = -pi_c / jnp.maximum(jnp.sum(batch["chosen_loss_mask"], axis=1), 1.0)
         ref_c, ref_r = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
         valid = (jnp.sum(batch["chosen_segment_ids"], axis=1) > 0).astype(jnp.float32)  # eval padding rows: 0
         rewards_c, rewards_r = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
@@ -87,8 +95,10 @@ def make_loss_fn(model: Transformer, beta: float, label_smoothing: float, loss: 
                      rewards_rejected=jnp.sum(rewards_r * valid),
                      accuracy=jnp.sum((rewards_c > rewards_r) * valid),
                      margin=jnp.sum((rewards_c - rewards_r) * valid),
-                     kl_to_reference=jnp.sum(((pi_c - ref_c) + (pi_r - ref_r)) / 2 * valid))
-        return jnp.sum(dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing, loss) * valid), stats
+                     kl_to_reference=jnp.sum(((pi_c - ref_c) + (pi_r - ref_r)) / 2 * valid),
+                     chosen_nll=jnp.sum(chosen_nll * valid))
+        per_pair = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing, loss) + nll_coef * chosen_nll
+        return jnp.sum(per_pair * valid), stats
     return loss_fn
 
 

@@ -29,8 +29,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator=None) -> None:
-        step = int(state.step)
+    def save(self, state: TrainState, data_iterator=None, label: int | None = None,
+             extra: dict | None = None) -> None:
+        """Saves under `label` (default the state's step: a loop whose iterations take several optimizer
+        updates, PPO, labels by iteration); `extra` is a small JSON dict saved beside it (`restore_extra`)."""
+        step = int(state.step) if label is None else int(label)
         if step in self.manager.all_steps():
             return
         items = dict(params=ocp.args.StandardSave(state.params),
@@ -38,7 +41,16 @@ class Checkpointer:
                                                             rng=state.rng)))
         if self.save_data_iterator and data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if extra is not None:
+            items["extra"] = ocp.args.JsonSave(extra)
         self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_extra(self, step: int) -> dict:
+        """The JSON dict saved with checkpoint `step`."""
+        try:
+            return dict(self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} has no loop state saved with it: {e}") from e
 
     def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
         step = self.latest_step() if step is None else step

@@ -115,14 +115,15 @@ def _check_lineage(config, init_from: str) -> None:
         raise CheckpointError(f"train.init_from={init_from!r} has a different model; " + "; ".join(differ))
 
 
-def _check_resumable(config, workdir: str) -> None:
+def _check_resumable(config, workdir: str, also: tuple[str, ...] = ()) -> None:
+    """Refuses to resume a run whose fields in _RESUME_MUST_MATCH (and `also`) changed."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
         saved = json.load(f)
     current = json.loads(config.to_json_best_effort())
-    for name in _RESUME_MUST_MATCH:
+    for name in _RESUME_MUST_MATCH + tuple(also):
         if _dotted_dict(saved, name) != _dotted_dict(current, name):
             raise CheckpointError(f"{workdir} holds a run whose {name} is {_dotted_dict(saved, name)}, but the "
                                   f"config now says {_dotted_dict(current, name)}: use a new --workdir")
@@ -176,6 +177,9 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
 
 
 def run(config, workdir: str) -> dict:
+    own_loop = getattr(get_objective(config.objective), "run", None)
+    if own_loop is not None:  # e.g. PPO: sample, score, update
+        return own_loop(config, workdir)
     model_cfg = validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)

@@ -98,3 +98,26 @@ def test_likelihood_readout_adds_the_answers_log_likelihood():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="not one of"):
         model.apply(params, inputs, positions, segments, targets, answer, readout="mean", method=RewardModel.score)
+
+
+def test_dpo_nll_term_adds_the_chosen_answers_per_token_nll():
+    from llm_jax.model.transformer import Transformer
+    from llm_jax.objectives.dpo import make_loss_fn, sequence_log_probs
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, vocab_size=40)
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 2, 9), 4, 40)
+    batch = {}
+    for side, toks, mask in (("chosen", tokens[0], [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]),
+                             ("rejected", tokens[1], [[0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])):
+        batch.update({f"{side}_inputs": toks[:, :-1], f"{side}_targets": toks[:, 1:],
+                      f"{side}_positions": jnp.broadcast_to(jnp.arange(8), (2, 8)),
+                      f"{side}_segment_ids": jnp.ones((2, 8), jnp.int32),
+                      f"{side}_loss_mask": jnp.array(mask, jnp.float32)})
+    batch.update(ref_chosen_logp=jnp.array([-9.0, -3.0]), ref_rejected_logp=jnp.array([-7.0, -6.0]))
+    params = nn.unbox(model.init(jax.random.key(1), batch["chosen_inputs"], method=Transformer.logits))
+    plain, stats = make_loss_fn(model, 0.1, 0.0, "sigmoid")(params, batch, None)
+    with_nll, _ = make_loss_fn(model, 0.1, 0.0, "sigmoid", nll_coef=0.5)(params, batch, None)
+    chosen, _ = sequence_log_probs(model, params, batch)
+    per_token_nll = -chosen / jnp.array([3.0, 1.0])  # the chosen answers have 3 and 1 tokens
+    np.testing.assert_allclose(stats["chosen_nll"], per_token_nll.sum(), rtol=1e-5)
+    np.testing.assert_allclose(with_nll - plain, 0.5 * per_token_nll.sum(), rtol=1e-5)

@@ -1,0 +1,20 @@
+"""RLHF with PPO: the SFT policy against the reward model, under a KL penalty to the SFT reference.
+
+    llm-jax train --config configs/ppo.py:tiny --workdir runs/ppo      # policy runs/sft, reward model runs/rm
+
+`train.steps` counts PPO iterations (sample `ppo.rollout_batch` responses, score them, `ppo.epochs` passes of
+minibatch updates); `train.eval_every` evaluates greedy and sampled answers to held-out prompts (the gold
+score on the embedded task). The settings and equations are in llm_jax/objectives/ppo.py.
+"""
+from llm_jax.configs_common import stage_config
+
+_STAGE = {
+    "tiny": dict(
+        ppo=dict(rollout_batch=64, minibatch=16, epochs=2, max_new_tokens=12, kl_coef=0.05, n_eval_prompts=256),
+        optim=dict(lr=1e-4, schedule="constant", warmup_steps=5, weight_decay=0.0),
+        train=dict(steps=40, log_every=1, eval_every=10, checkpoint_every=10)),
+}
+
+
+def get_config(arg=None):
+    return stage_config(arg, objective="ppo", init_from="runs/sft", stage_sizes=_STAGE)

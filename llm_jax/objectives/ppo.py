@@ -1,0 +1,142 @@
+"""RLHF with PPO: the SFT policy optimised against a frozen reward model under a KL penalty to the reference.
+
+    llm-jax train --config configs/ppo.py:tiny --workdir runs/ppo     # policy from runs/sft, reward from runs/rm
+
+Four models share the mesh: the policy π (from `train.init_from`, the SFT run), the value model V (a
+`reward.RewardModel`: the reward run's trunk and head by default, `ppo.value_from`), the frozen reference
+π_ref (`ppo.reference_run`, default the SFT run) and the frozen reward model R (`ppo.reward_run`). The frozen
+two hold no optimizer state; a LoRA policy's reference is its own base weights with the adapters left out,
+so the two share one copy of the base.
+
+Each iteration (`train.steps` of them; `llm_jax/rl/ppo_loop.py`) samples one response per prompt for
+`ppo.rollout_batch` prompts with the KV-cache generator, scores them, and takes `ppo.epochs` passes of
+minibatch updates (`ppo.minibatch` rows each) of both models, with the losses of `llm_jax/rl/losses.py`:
+
+    s       = (R(x, y) − μ_R) / σ_R − penalty·[y did not stop]       μ_R, σ_R: the reward run's last eval
+    r_t     = −β·kl_t + s·[t = last]          kl_t = kl_estimate(log π_old, log π_ref)  (k1 | k2 | k3)
+    A, G    = GAE(r, V_old; γ, λ), A whitened over the rollout
+    policy  = Σ_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)) − c_e·Σ_t entropy_t       ρ_t = π/π_old
+    value   = Σ_t ½·max((V − G)², (clip(V, V_old ± c) − G)²)
+
+both averaged over the minibatch's response tokens. With `ppo.reward="gold"` the embedded task's scorer pays s
+instead (gold_score − penalty·[did not stop]): PPO against a perfect reward model, the ceiling that separates
+the reward model's errors from the optimiser's (the reward model is still scored and logged). β is fixed or follows the adaptive controller toward
+`ppo.kl_target` (Ziegler et al. 2019). Standardising R with the reward model's own held-out statistics puts
+rewards on a unit scale, so β and the value loss mean the same thing whatever offset R learned.
+
+This module holds the settings and the two loss functions; the loop lives in `llm_jax/rl/ppo_loop.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from llm_jax.objectives.lm import token_log_probs
+from llm_jax.rl import losses, rollout
+
+VALUE_FROM = ("reward", "policy")
+REWARDS = ("reward_model", "gold")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSettings:
+    reward: str
+    reward_run: str
+    reference_run: str
+    value_from: str
+    prompts: str
+    eval_prompts: str
+    n_eval_prompts: int
+    rollout_batch: int
+    minibatch: int
+    epochs: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    kl_coef: float
+    kl_estimator: str
+    kl_control: str
+    kl_target: float
+    kl_horizon: float
+    gamma: float
+    lam: float
+    clip_eps: float
+    value_clip: float
+    entropy_coef: float
+    whiten_advantages: bool
+    normalize_score: bool
+    unfinished_penalty: float
+    value_lr: float
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.epochs * (self.rollout_batch // self.minibatch)
+
+
+def settings(config) -> PPOSettings:
+    """`config.ppo` checked field by field; every bad value is named."""
+    p = config.ppo
+    s = PPOSettings(**{f.name: p[f.name] for f in dataclasses.fields(PPOSettings)})
+    s = dataclasses.replace(s, reference_run=s.reference_run or config.train.init_from)
+    if not config.train.init_from:
+        raise ValueError("PPO starts from a policy: set train.init_from to an SFT run directory")
+    if not s.reward_run:
+        raise ValueError("PPO needs a reward model: set ppo.reward_run to a reward run directory")
+    if s.reward not in REWARDS:
+        raise ValueError(f"ppo.reward={s.reward!r} is not one of {REWARDS}")
+    if s.value_from not in VALUE_FROM:
+        raise ValueError(f"ppo.value_from={s.value_from!r} is not one of {VALUE_FROM}")
+    if s.kl_estimator not in losses.KL_ESTIMATORS:
+        raise ValueError(f"ppo.kl_estimator={s.kl_estimator!r} is not one of {losses.KL_ESTIMATORS}")
+    losses.make_kl_controller(s.kl_control, s.kl_coef, s.kl_target, s.kl_horizon)  # names a bad kind or target
+    for name in ("rollout_batch", "minibatch", "epochs", "max_new_tokens", "n_eval_prompts"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"ppo.{name} must be >= 1, got {getattr(s, name)}")
+    if s.rollout_batch % s.minibatch:
+        raise ValueError(f"ppo.rollout_batch={s.rollout_batch} is not a multiple of ppo.minibatch={s.minibatch}")
+    if s.kl_coef < 0 or s.entropy_coef < 0 or s.value_clip < 0 or s.clip_eps <= 0:
+        raise ValueError(f"ppo.kl_coef={s.kl_coef}, entropy_coef={s.entropy_coef} and value_clip={s.value_clip} "
+                         f"must be >= 0 and clip_eps={s.clip_eps} > 0")
+    if not (0.0 <= s.gamma <= 1.0 and 0.0 <= s.lam <= 1.0):
+        raise ValueError(f"ppo.gamma={s.gamma} and ppo.lam={s.lam} must be in [0, 1]")
+    if s.temperature <= 0:
+        raise ValueError(f"ppo.temperature must be > 0 (PPO needs a sampling policy), got {s.temperature}")
+    return s
+
+
+def _sequences(batch: dict) -> rollout.Sequences:
+    return rollout.Sequences(batch["tokens"], batch["segment_ids"], batch["index"], batch["response"],
+                             batch["mask"])
+
+
+def make_policy_loss_fn(model, s: PPOSettings):
+    """loss_fn(params, batch, rng) -> (Σ clipped policy loss − c_e·Σ entropy, stats) over response tokens."""
+    def loss_fn(params, batch, rng):
+        seqs = _sequences(batch)
+        logits_bnv = rollout.response_logits(model, params, seqs, rng)
+        logp_bn = token_log_probs(logits_bnv, seqs.response_bn) * seqs.mask_bn
+        pg_sum, stats = losses.policy_loss(logp_bn, batch["old_logp"], batch["advantages"], seqs.mask_bn,
+                                           s.clip_eps)
+        entropy_sum = losses.masked_sum(losses.entropy_from_logits(logits_bnv), seqs.mask_bn)
+        stats = dict(stats, weight=jnp.sum(seqs.mask_bn), policy_loss=pg_sum, entropy=entropy_sum)
+        return pg_sum - s.entropy_coef * entropy_sum, stats
+    return loss_fn
+
+
+def make_value_loss_fn(model, s: PPOSettings):
+    """loss_fn(params, batch, rng) -> (Σ clipped value loss, stats) over response tokens."""
+    def loss_fn(params, batch, rng):
+        seqs = _sequences(batch)
+        values_bn = rollout.values(model, params, seqs, rng)
+        loss_sum, stats = losses.value_loss(values_bn, batch["old_values"], batch["returns"], seqs.mask_bn,
+                                            s.value_clip)
+        return loss_sum, dict(stats, weight=jnp.sum(seqs.mask_bn))
+    return loss_fn
+
+
+def run(config, workdir: str) -> dict:
+    """PPO has its own loop (sample, score, update), which `llm-jax train` calls for objective "ppo"."""
+    from llm_jax.rl.ppo_loop import run as ppo_run
+    return ppo_run(config, workdir)

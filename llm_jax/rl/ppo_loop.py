@@ -1,0 +1,464 @@
+"""PPO's loop: sample, score, update; evaluate, checkpoint and resume like every other run.
+
+    run(config, workdir) -> summary       (`llm-jax train` with objective "ppo"; see objectives/ppo.py)
+
+Iteration i (1-based; `train.steps` of them) takes the i-th block of `ppo.rollout_batch` prompts from a
+per-epoch permutation of the prompt file, samples a response to each (key fold_in(seed, i)), scores the
+rollout in one jitted program (policy and reference log-probs, values, reward-model scores, per-token
+rewards, GAE), then runs `ppo.epochs` shuffled passes of minibatch updates of the policy and of the value
+model. Everything is a pure function of (seed, i) and the checkpointed states, so a resumed run continues
+bit for bit.
+
+Checkpoints are labelled by iteration: the policy's under `<workdir>/checkpoints/` (so `llm-jax generate
+--run <workdir>` and a later stage's `train.init_from` read the policy), the value model's under
+`<workdir>/value/checkpoints/`, and the KL coefficient beside the policy's.
+
+Metrics each iteration: `score` (reward model, raw) and `score_norm` (what the policy is paid), `gold` (the
+embedded task's `gold_score` of the samples, when the prompts carry a task), `kl` (Σ_t k1 per response:
+log π_old − log π_ref, an unbiased estimate of KL(π‖π_ref) on samples of π), `kl_coef` (β), `entropy`,
+`clip_fraction`, `approx_kl`, `policy_loss`, `value_loss`, `value_clip_fraction`, `explained_variance`
+(of the returns by the values before the update), `response_length`, `stopped` (fraction ending with the
+end marker), and per role (generate, score, train) the seconds and the MFU. Evaluation, at iteration 0 and
+every `train.eval_every`: on `ppo.n_eval_prompts` held-out prompts, greedy answers (`eval_gold_greedy`,
+`eval_score_greedy`) and one sampled answer each (`eval_gold`, `eval_score`, `eval_kl`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import runs, sharding
+from llm_jax.data import chat
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.post_training import resolve_spec
+from llm_jax.data.tokenizer_stage import prepare_tokenizer
+from llm_jax.generate import SamplingConfig, generate
+from llm_jax.generation_io import batch_shards, gold_scorer, padded_length, prompt_text, read_prompts
+from llm_jax.model import lora
+from llm_jax.model.transformer import Transformer
+from llm_jax.objectives import ppo, reward
+from llm_jax.rl import losses, rollout
+from llm_jax.scaling import flops
+from llm_jax.train import hardware
+from llm_jax.train import step as train_step
+from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
+from llm_jax.train.loop import _check_lineage, _check_resumable, _StopSignal, validate
+from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
+from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.state import create_state, state_shardings
+
+
+def _host(x) -> np.ndarray:
+    """A global array's full value on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _local_rows(rows: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+    """Global rows (every process holds all of them) as arrays sharded over the batch axes."""
+    n, pi, pc = len(next(iter(rows.values()))), jax.process_index(), jax.process_count()
+    return sharding.global_batch_from_local({k: v[pi * n // pc:(pi + 1) * n // pc] for k, v in rows.items()},
+                                            mesh, rules)
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Rendered prompts as fixed-shape arrays: tokens (n, P) right-padded, lengths (n,), and their texts."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    texts: list[str]
+    scored: np.ndarray  # (n,) bool: the gold scorer applies
+
+    @classmethod
+    def read(cls, spec: str, split: str, tokenizer, template: str, max_len: int, width: int | None, limit=None):
+        rendered = read_prompts(resolve_spec(spec, "prompts", split), tokenizer, template=template,
+                                max_len=max_len, scorer=gold_scorer())[:limit]
+        width = width or padded_length(max(len(p.tokens) for p in rendered))
+        tokens = np.full((len(rendered), width), tokenizer.pad_id, np.int32)
+        for i, p in enumerate(rendered):
+            if len(p.tokens) > width:
+                raise ValueError(f"{p.example.where}: prompt of {len(p.tokens)} tokens is longer than {width}")
+            tokens[i, :len(p.tokens)] = p.tokens
+        return cls(tokens, np.array([len(p.tokens) for p in rendered], np.int32),
+                   [prompt_text(p.example.prompt) for p in rendered], np.array([p.scored for p in rendered]))
+
+    def take(self, index: np.ndarray) -> "Prompts":
+        return Prompts(self.tokens[index], self.lengths[index], [self.texts[i] for i in index], self.scored[index])
+
+
+def iteration_prompts(n: int, batch: int, seed: int, iteration: int) -> np.ndarray:
+    """Indices of iteration i's prompts: the i-th block of `batch` in an endless sequence of permutations of
+    range(n), one per pass (each a pure function of (seed, pass)); a block may span two passes."""
+    start = (iteration - 1) * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng((seed, 7, epoch)).permutation(n)
+        out.extend(perm[offset:offset + batch - len(out)].tolist())
+    return np.asarray(out, np.int64)
+
+
+def _response_texts(tokenizer, tokens_bn, mask_bn, stop_ids) -> tuple[list[str], np.ndarray]:
+    texts, stopped = [], []
+    for row, m in zip(tokens_bn, mask_bn):
+        ids = [int(t) for t in row[:int(m.sum())]]
+        stop = bool(ids) and ids[-1] in stop_ids
+        texts.append(tokenizer.decode(ids[:-1] if stop else ids))
+        stopped.append(stop)
+    return texts, np.array(stopped)
+
+
+def _gold_scores(prompts: Prompts, answers: list[str]) -> np.ndarray | None:
+    """The gold score of every answer, or None unless the scorer applies to every prompt."""
+    scorer = gold_scorer()
+    if scorer is None or not prompts.scored.all():
+        return None
+    return np.array([scorer(t, a) for t, a in zip(prompts.texts, answers)], np.float64)
+
+
+def _gold(prompts: Prompts, answers: list[str]) -> float | None:
+    scores = _gold_scores(prompts, answers)
+    return None if scores is None else float(scores.mean())
+
+
+def _reward_statistics(reward_run: str) -> tuple[float, float]:
+    """(mean, std) of the reward model's scores at its last eval: how PPO standardises the scores."""
+    evals = [m for m in read_metrics(reward_run) if "eval_reward_mean" in m and "eval_reward_std" in m]
+    if not evals:
+        raise CheckpointError(f"reward run {reward_run!r} logged no eval_reward_mean/eval_reward_std (metrics.jsonl)"
+                              "; set ppo.normalize_score=False to use its raw scores")
+    return float(evals[-1]["eval_reward_mean"]), max(float(evals[-1]["eval_reward_std"]), 1e-6)
+
+
+class PPO:
+    """The models, their states and the jitted programs of one PPO run."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.s = s = ppo.settings(config)
+        self.model_cfg = validate(config)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = sharding.check_rules(config.mesh_rules)
+        shards = batch_shards(self.mesh, self.rules)
+        if s.minibatch % shards or s.rollout_batch % shards:
+            raise sharding.ShardingError(f"ppo.minibatch={s.minibatch} and ppo.rollout_batch={s.rollout_batch} "
+                                         f"must divide over the mesh's {shards} batch shards")
+        self.tokenizer = prepare_tokenizer(config, workdir)
+        tokenizer_lib.check_vocab(self.tokenizer, self.model_cfg.vocab_size)
+        for name, run_dir in (("ppo.reward_run", s.reward_run), ("ppo.reference_run", s.reference_run)):
+            theirs = tokenizer_lib.Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+            if theirs.sha256 != self.tokenizer.sha256:
+                raise tokenizer_lib.TokenizerMismatch(f"{name}={run_dir!r} has another tokenizer than the policy "
+                                                      f"({config.train.init_from!r})")
+        self.template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
+        self.stop_ids = tuple(chat.stop_ids(self.tokenizer, self.template))
+        self.sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                                       top_p=s.top_p, stop_ids=self.stop_ids)
+        max_prompt = int(config.data.seq_len) - s.max_new_tokens
+        self.prompts = Prompts.read(s.prompts, "train", self.tokenizer, self.template, max_prompt, None)
+        self.eval_prompts = Prompts.read(s.eval_prompts, "eval", self.tokenizer, self.template, max_prompt, None,
+                                         s.n_eval_prompts)
+        width = max(self.prompts.tokens.shape[1], self.eval_prompts.tokens.shape[1])
+        self.prompts, self.eval_prompts = (dataclasses.replace(p, tokens=np.pad(
+            p.tokens, ((0, 0), (0, width - p.tokens.shape[1])), constant_values=self.tokenizer.pad_id))
+            for p in (self.prompts, self.eval_prompts))
+        self.seq_len = width + s.max_new_tokens
+        self._build_models()
+        self._build_programs()
+
+    # ------------------------------------------------------------------------------------------ models
+
+    def _build_models(self):
+        s, cfg, mesh, rules, config = self.s, self.model_cfg, self.mesh, self.rules, self.config
+        self.policy = Transformer(cfg, mesh, rules)
+        self.value_model = reward.RewardModel(cfg, mesh, rules)
+        total = config.train.steps * s.updates_per_iteration
+        trainable = lora.trainable_for(cfg)
+        self.policy_opt, self.policy_schedule = make_optimizer(config.optim, total, trainable)
+        value_optim = config.optim.copy_and_resolve_references()
+        if s.value_lr > 0:
+            value_optim.lr = s.value_lr
+        self.value_opt, self.value_schedule = make_optimizer(value_optim, total, trainable)
+        dummy = jnp.zeros((1, self.seq_len), jnp.int32)
+        self.init_policy = lambda key: self.policy.init(key, dummy, method=Transformer.logits)
+        self.init_value = lambda key: self.value_model.init(key, dummy, method=Transformer.logits)
+        self.policy_abstract, self.policy_sh = state_shardings(self.init_policy, self.policy_opt, mesh, rules)
+        self.value_abstract, self.value_sh = state_shardings(self.init_value, self.value_opt, mesh, rules)
+        # The reference: a LoRA policy's own base weights (adapters left out: one shared copy), else a run.
+        self.ref_model = Transformer(lora.without_lora(cfg), mesh, rules)
+        self.ref_params = None
+        if not cfg.lora_rank:
+            _check_lineage(config, s.reference_run)
+            self.ref_params = restore_params(s.reference_run, lora.without_adapters(self.policy_abstract.params))
+        objective = runs.read_config(s.reward_run).objective
+        if objective != "reward":
+            raise CheckpointError(f"ppo.reward_run={s.reward_run!r} is a {objective!r} run, not a reward model")
+        rm = runs.load_run(s.reward_run, mesh=mesh, rules=rules, model_cls=reward.RewardModel)
+        self.rm_model, self.rm_params, self.rm_readout = rm.model, rm.params, reward.readout_of(rm.config)
+        self.rm_cfg = rm.model_cfg
+        self.score_mean, self.score_std = _reward_statistics(s.reward_run) if s.normalize_score else (0.0, 1.0)
+
+    def fresh_states(self):
+        s, config = self.s, self.config
+        _check_lineage(config, config.train.init_from)
+        params = restore_params(config.train.init_from, lora.without_adapters(self.policy_abstract.params))
+        policy = create_state(self.init_policy, self.policy_opt, self.policy_sh, config.seed, params)
+        value_run = s.reward_run if s.value_from == "reward" else config.train.init_from
+        _check_lineage(config, value_run)
+        value_params = reward.params_from_run(value_run, lora.without_adapters(self.value_abstract.params))
+        value = create_state(self.init_value, self.value_opt, self.value_sh, config.seed + 1, value_params)
+        return policy, value
+
+    def reference_params(self, policy_params):
+        return lora.without_adapters(policy_params) if self.ref_params is None else self.ref_params
+
+    # ---------------------------------------------------------------------------------------- programs
+
+    def _build_programs(self):
+        s, mesh = self.s, self.mesh
+        replicated = sharding.replicated(mesh)
+        policy_step = train_step.make_train_step(ppo.make_policy_loss_fn(self.policy, s), self.policy_opt,
+                                                 self.policy_schedule)
+        value_step = train_step.make_train_step(ppo.make_value_loss_fn(self.value_model, s), self.value_opt,
+                                                self.value_schedule)
+        self.policy_step = jax.jit(policy_step, in_shardings=(self.policy_sh, None),
+                                   out_shardings=(self.policy_sh, replicated), donate_argnums=0)
+        self.value_step = jax.jit(value_step, in_shardings=(self.value_sh, None),
+                                  out_shardings=(self.value_sh, replicated), donate_argnums=0)
+        self.score = jax.jit(self._score_rollout)
+        self.eval_kl = jax.jit(self._eval_kl)
+
+    def _sequences(self, prompt_tokens, prompt_lengths, gen):
+        return rollout.assemble(prompt_tokens, prompt_lengths, gen.tokens, gen.mask)
+
+    def _stopped(self, seqs):
+        n_b = jnp.sum(seqs.mask_bn, axis=1).astype(jnp.int32)
+        last_b = jnp.take_along_axis(seqs.response_bn, jnp.maximum(n_b - 1, 0)[:, None], axis=1)[:, 0]
+        return (n_b > 0) & jnp.isin(last_b, jnp.asarray(self.stop_ids))
+
+    def _score_rollout(self, policy_params, ref_params, value_params, rm_params, prompt_tokens, prompt_lengths,
+                       gen, beta, gold_b):
+        """Everything one iteration's updates need, in one program (objectives/ppo.py's equations)."""
+        s = self.s
+        seqs = self._sequences(prompt_tokens, prompt_lengths, gen)
+        old_logp = rollout.response_log_probs(self.policy, policy_params, seqs)
+        ref_logp = rollout.response_log_probs(self.ref_model, ref_params, seqs)
+        old_values = rollout.values(self.value_model, value_params, seqs)
+        score_b = rollout.reward_scores(self.rm_model, rm_params, seqs, self.rm_readout)
+        stopped_b = self._stopped(seqs)
+        if s.reward == "gold":  # the programmatic scorer pays: the ceiling a perfect reward model would give
+            paid_b = gold_b - s.unfinished_penalty * (1.0 - stopped_b)
+        else:
+            paid_b = (score_b - self.score_mean) / self.score_std - s.unfinished_penalty * (1.0 - stopped_b)
+        kl_bn = losses.kl_estimate(old_logp, ref_logp, s.kl_estimator) * seqs.mask_bn
+        rewards_bn = losses.token_rewards(paid_b, kl_bn, seqs.mask_bn, beta)
+        advantages_bn, returns_bn = losses.gae(rewards_bn, old_values, seqs.mask_bn, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages_bn = losses.whiten(advantages_bn, seqs.mask_bn)
+        k1_b = jnp.sum((old_logp - ref_logp) * seqs.mask_bn, axis=1)
+        batch = dict(tokens=seqs.tokens_bl, segment_ids=seqs.segment_ids_bl, index=seqs.index_bn,
+                     response=seqs.response_bn, mask=seqs.mask_bn, old_logp=old_logp, old_values=old_values,
+                     advantages=advantages_bn, returns=returns_bn)
+        stats = dict(score=jnp.mean(score_b), score_norm=jnp.mean(paid_b), kl=jnp.mean(k1_b),
+                     stopped=jnp.mean(stopped_b.astype(jnp.float32)),
+                     response_length=jnp.mean(jnp.sum(seqs.mask_bn, axis=1)),
+                     explained_variance=losses.explained_variance(old_values, returns_bn, seqs.mask_bn))
+        return batch, stats
+
+    def _eval_kl(self, policy_params, ref_params, rm_params, prompt_tokens, prompt_lengths, gen):
+        seqs = self._sequences(prompt_tokens, prompt_lengths, gen)
+        k1_b = jnp.sum(rollout.response_log_probs(self.policy, policy_params, seqs)
+                       - rollout.response_log_probs(self.ref_model, ref_params, seqs), axis=1)
+        return k1_b, rollout.reward_scores(self.rm_model, rm_params, seqs, self.rm_readout)
+
+    # ------------------------------------------------------------------------------------------- flops
+
+    def role_flops(self, n_rows: int, decode_steps: int) -> dict[str, float]:
+        """FLOPs of one iteration per role, by the 6N (+ attention) count of `scaling.flops` over the tokens
+        each role processes. Generation prefills the prompts and decodes `decode_steps` tokens a row. Scoring
+        is a forward of the policy, the reference and the value model over whole sequences, with the LM head
+        read at the N response positions only (and not at all for the value model), plus the reward model's
+        full forward. Training is forward + backward (3×) of the policy and the value model, `ppo.epochs`
+        times."""
+        cfg, length, n_new = self.model_cfg, self.seq_len, self.s.max_new_tokens
+        fwd = flops.forward_flops_per_token(cfg, length)
+        head = 2 * cfg.d_model * cfg.vocab_size  # per position where the LM head runs
+        trunk = n_rows * length * (fwd - head)
+        policy_fwd = trunk + n_rows * n_new * head
+        prompt_width = self.prompts.tokens.shape[1]
+        return dict(generate=n_rows * (prompt_width + decode_steps) * fwd,
+                    score=2 * policy_fwd + trunk + n_rows * length * flops.forward_flops_per_token(self.rm_cfg, length),
+                    train=self.s.epochs * 3 * (policy_fwd + trunk))
+
+
+def run(config, workdir: str) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=False)
+    value_ckpt = Checkpointer(os.path.join(workdir, "value"), config.train.keep_checkpoints, save_data_iterator=False)
+    resume_from = policy_ckpt.latest_step()
+    if resume_from is not None:
+        _check_resumable(config, workdir, also=("ppo",))
+    p = PPO(config, workdir)
+    s = p.s
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    kl_control = losses.make_kl_controller(s.kl_control, s.kl_coef, s.kl_target, s.kl_horizon)
+    if resume_from is not None:
+        policy = policy_ckpt.restore(p.policy_abstract, step=resume_from)
+        try:
+            value = value_ckpt.restore(p.value_abstract, step=resume_from)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{workdir} has policy checkpoint {resume_from} but no value checkpoint of it") from e
+        kl_control.load_state_dict(policy_ckpt.restore_extra(resume_from)["kl_control"])
+        log_line(f"resumed {workdir} from iteration {resume_from}")
+    else:
+        policy, value = p.fresh_states()
+        log_line(f"policy from {config.train.init_from}, value model from "
+                 f"{s.reward_run if s.value_from == 'reward' else config.train.init_from}, reward model "
+                 f"{s.reward_run} (readout {p.rm_readout}), reference {s.reference_run}")
+    start = resume_from or 0
+    writer = MetricsWriter(workdir, resume_step=start)
+    peak, peak_source = hardware.peak_flops(p.model_cfg.dtype)
+    log_line(f"PPO: {config.train.steps} iterations of {s.rollout_batch} prompts, {s.epochs} epochs of minibatches "
+             f"of {s.minibatch}; {len(p.prompts.texts)} train prompts, {len(p.eval_prompts.texts)} eval prompts; "
+             f"MFU against {peak_source}")
+    key = jax.random.key(config.seed)
+    summary = dict(workdir=workdir, start_step=start)
+
+    def evaluate(iteration: int) -> dict:
+        out = _evaluate(p, policy.params, jax.random.fold_in(key, 0))  # iterations fold in 1..: same samples each eval
+        writer.write(iteration, out)
+        log_line(format_line(iteration, config.train.steps, out))
+        return out
+
+    def save(iteration: int):
+        value_ckpt.save(value, label=iteration)
+        value_ckpt.wait()  # the value model first: a policy checkpoint always has its value model
+        policy_ckpt.save(policy, label=iteration, extra=dict(kl_control=kl_control.state_dict()))
+
+    with _StopSignal() as stop:
+        try:
+            if start == 0:
+                evaluate(0)
+            for iteration in range(start + 1, config.train.steps + 1):
+                policy, value, logged = _iteration(p, policy, value, kl_control, key, iteration, peak)
+                if iteration % config.train.log_every == 0 or iteration == config.train.steps:
+                    writer.write(iteration, logged)
+                    log_line(format_line(iteration, config.train.steps, logged))
+                if iteration % config.train.eval_every == 0 or iteration == config.train.steps:
+                    evaluate(iteration)
+                if iteration % config.train.checkpoint_every == 0 or iteration == config.train.steps:
+                    save(iteration)
+                if stop.agreed():
+                    save(iteration)
+                    log_line(f"SIGTERM: saved iteration {iteration} to {policy_ckpt.directory}; rerun the same "
+                             "command to resume")
+                    summary.update(stopped_early=True, step=iteration)
+                    break
+        finally:
+            writer.close()
+            value_ckpt.close()
+            policy_ckpt.close()
+    summary.setdefault("step", config.train.steps)
+    logged = read_metrics(workdir)
+    evals = [m for m in logged if "eval_gold_greedy" in m or "eval_score" in m]
+    if evals:
+        summary.update(before=evals[0], after=evals[-1])
+    return summary
+
+
+def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: float):
+    s, mesh, rules = p.s, p.mesh, p.rules
+    times = {}
+    t0 = time.perf_counter()
+    prompts = p.prompts.take(iteration_prompts(len(p.prompts.texts), s.rollout_batch, p.config.seed, iteration))
+    gen = generate(p.policy, policy.params, prompts.tokens, prompts.lengths, jax.random.fold_in(key, iteration),
+                   p.sampling)
+    jax.block_until_ready(gen)
+    times["generate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    beta = kl_control.value
+    texts, _ = _response_texts(p.tokenizer, _host(gen.tokens), _host(gen.mask), p.stop_ids)
+    gold_scores = _gold_scores(prompts, texts)
+    if s.reward == "gold" and gold_scores is None:
+        raise ValueError('ppo.reward="gold" needs prompts the gold scorer can score (default-task prompts with '
+                         'a "task" key)')
+    gold_b = np.zeros(len(texts), np.float32) if gold_scores is None else gold_scores.astype(np.float32)
+    batch, stats = p.score(policy.params, p.reference_params(policy.params), value.params, p.rm_params,
+                           prompts.tokens, prompts.lengths, gen, jnp.float32(beta), gold_b)
+    batch = {k: _host(v) for k, v in batch.items()}
+    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+    times["score"] = time.perf_counter() - t0
+    gold = None if gold_scores is None else float(gold_scores.mean())
+
+    t0 = time.perf_counter()
+    sums: dict = {}
+    n = s.rollout_batch
+    for epoch in range(s.epochs):
+        order = np.random.default_rng((p.config.seed, 11, iteration, epoch)).permutation(n)
+        for start in range(0, n, s.minibatch):
+            rows = order[start:start + s.minibatch]
+            mb = _local_rows({k: v[rows] for k, v in batch.items()}, mesh, rules)
+            policy, policy_metrics = p.policy_step(policy, mb)
+            value, value_metrics = p.value_step(value, mb)
+            for k, v in {**policy_metrics, **{f"value_{k}" if not k.startswith("value") else k: v
+                                              for k, v in value_metrics.items()}}.items():
+                sums.setdefault(k, []).append(v)
+    means = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
+    if not (np.isfinite(means["loss"]) and np.isfinite(means["value_loss"])):
+        raise FloatingPointError(f"non-finite PPO loss at iteration {iteration}: policy {means['loss']}, value "
+                                 f"{means['value_loss']}; the last checkpoint is intact")
+    times["train"] = time.perf_counter() - t0
+    kl_control.update(stats["kl"], s.rollout_batch)
+
+    decode_steps = int(batch["mask"].sum(axis=1).max())
+    role_flops = p.role_flops(n, decode_steps)
+    logged = dict(stats, kl_coef=beta, entropy=means["entropy"], clip_fraction=means["clip_fraction"],
+                  approx_kl=means["approx_kl"], policy_loss=means["policy_loss"], value_loss=means["value_loss"],
+                  value_clip_fraction=means["value_clip_fraction"], policy_grad_norm=means["grad_norm"],
+                  value_grad_norm=means["value_grad_norm"], lr=means["lr"])
+    if gold is not None:
+        logged["gold"] = gold
+    for role, seconds in times.items():
+        logged[f"seconds_{role}"] = seconds
+        logged[f"mfu_{role}"] = role_flops[role] / seconds / peak
+    return policy, value, logged
+
+
+def _evaluate(p: PPO, params, key) -> dict:
+    """Greedy and sampled answers to the eval prompts: gold score, reward-model score, KL (module docstring)."""
+    s, ep = p.s, p.eval_prompts
+    n, rows = len(ep.texts), s.rollout_batch
+    out: dict = {}
+    greedy = dataclasses.replace(p.sampling, temperature=0.0, top_k=0, top_p=1.0)
+    ref_params = p.reference_params(params)
+    for name, sampling in (("_greedy", greedy), ("", p.sampling)):
+        answers, scores, kls, lengths = [], [], [], []
+        for begin in range(0, n, rows):
+            index = np.arange(begin, begin + rows) % n  # the last block wraps around; extra rows are dropped
+            chunk = ep.take(index)
+            gen = generate(p.policy, params, chunk.tokens, chunk.lengths, jax.random.fold_in(key, begin), sampling)
+            k1_b, score_b = p.eval_kl(params, ref_params, p.rm_params, chunk.tokens, chunk.lengths, gen)
+            keep = min(rows, n - begin)
+            tokens, mask = _host(gen.tokens)[:keep], _host(gen.mask)[:keep]
+            answers += _response_texts(p.tokenizer, tokens, mask, p.stop_ids)[0]
+            scores.append(_host(score_b)[:keep])
+            kls.append(_host(k1_b)[:keep])
+            lengths.append(mask.sum(axis=1))
+        gold = _gold(ep, answers)
+        if gold is not None:
+            out[f"eval_gold{name}"] = gold
+        out[f"eval_score{name}"] = float(np.mean(np.concatenate(scores)))
+        out[f"eval_response_length{name}"] = float(np.mean(np.concatenate(lengths)))
+        if not name:
+            out["eval_kl"] = float(np.mean(np.concatenate(kls)))
+    return out

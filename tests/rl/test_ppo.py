@@ -1,0 +1,173 @@
+"""PPO's rollout and loop: the rollout reads the sampler's own log-probs and the reward model's own scores; a
+run logs every metric, resumes bit for bit after SIGTERM, and on an 8-device mesh equals one device.
+
+The runs are freshly initialised small models saved as checkpoints (no training): what is tested is the
+plumbing, not learning (the bandit test, test_ppo_optimum.py, tests that the losses reach the optimum)."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+
+from llm_jax import sharding
+from llm_jax.cli import load
+from llm_jax.data import default_task
+from llm_jax.generate import SamplingConfig, generate
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.transformer import Transformer
+from llm_jax.objectives import get_objective
+from llm_jax.objectives.reward import RewardScorer
+from llm_jax.rl import ppo_loop, rollout
+from llm_jax.train import loop
+from llm_jax.train.checkpoint import checkpoint_dir
+
+SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=128",
+               "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=48"]
+
+
+def _save_run(workdir, config_spec, tokenizer_path, edit=lambda p: p, metrics=None):
+    """A run directory (config.json, tokenizer.model, one checkpoint, metrics.jsonl) of a fresh model."""
+    config = load(config_spec, SMALL_MODEL + [f"tokenizer.path={tokenizer_path}"])
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    shutil.copy(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics or [])
+    model = getattr(get_objective(config.objective), "model_class", Transformer)(ModelConfig.from_config(config.model))
+    params = edit(nn.unbox(model.init(jax.random.key(len(config.objective)), jnp.zeros((1, 8), jnp.int32))))
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    manager.wait_until_finished()
+    manager.close()
+    return str(workdir)
+
+
+def _random_head(params):
+    p = params["params"]
+    return {"params": {**p, "reward_head": jax.random.normal(jax.random.key(1), p["reward_head"].shape)}}
+
+
+@pytest.fixture(scope="module")
+def runs(small_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_runs")
+    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer)
+    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, _random_head,
+                   metrics=[{"step": 1, "eval_reward_mean": -20.0, "eval_reward_std": 4.0}])
+    prompts = {}
+    for split, n in (("train", 24), ("eval", 8)):
+        path = root / f"prompts_{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in default_task.iter_records(f"prompts_{split}", n)))
+        prompts[split] = str(path)
+    return policy, rm, prompts
+
+
+def _on_one_device(monkeypatch):
+    make_mesh = sharding.make_mesh
+    monkeypatch.setattr(sharding, "make_mesh", lambda mesh_config, devices=None: make_mesh(mesh_config,
+                                                                                           jax.devices()[:1]))
+
+
+def _config(runs, *extra):
+    policy, rm, prompts = runs
+    return load("configs/ppo.py:tiny", SMALL_MODEL + [
+        f"train.init_from={policy}", f"ppo.reward_run={rm}", f"ppo.prompts={prompts['train']}",
+        f"ppo.eval_prompts={prompts['eval']}", "ppo.n_eval_prompts=8", "ppo.rollout_batch=8", "ppo.minibatch=4",
+        "ppo.epochs=2", "ppo.max_new_tokens=6", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=5",
+        "optim.lr=1e-3", "optim.warmup_steps=0", *extra])
+
+
+def test_rollout_reads_the_samplers_log_probs_and_the_reward_models_scores(runs, tmp_path, monkeypatch):
+    _on_one_device(monkeypatch)
+    config = _config(runs, "mesh.data=1")
+    p = ppo_loop.PPO(config, str(tmp_path))
+    policy, value = p.fresh_states()
+    prompts = p.prompts.take(np.arange(8))
+    gen = generate(p.policy, policy.params, prompts.tokens, prompts.lengths, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=6, temperature=1.0, stop_ids=p.stop_ids))
+    seqs = rollout.assemble(jnp.asarray(prompts.tokens), jnp.asarray(prompts.lengths), gen.tokens, gen.mask)
+    np.testing.assert_allclose(rollout.response_log_probs(p.policy, policy.params, seqs), gen.log_probs, atol=2e-5)
+    # each row: its prompt, then its response, then padding
+    for b in range(8):
+        n_p, n_r = int(prompts.lengths[b]), int(gen.mask[b].sum())
+        np.testing.assert_array_equal(seqs.tokens_bl[b, :n_p], prompts.tokens[b, :n_p])
+        np.testing.assert_array_equal(seqs.tokens_bl[b, n_p:n_p + n_r], gen.tokens[b, :n_r])
+        assert int(seqs.segment_ids_bl[b].sum()) == n_p + n_r
+    assert not np.asarray(rollout.values(p.value_model, value.params, seqs))[np.asarray(gen.mask) == 0].any()
+    # the reward model scores a rollout exactly as its scorer scores the same token sequences
+    scores = rollout.reward_scores(p.rm_model, p.rm_params, seqs, p.rm_readout)
+    scorer = RewardScorer(p.rm_model, p.rm_params, p.tokenizer, p.template, 48, 8, p.rm_readout)
+    sequences, starts = [], []
+    for b in range(8):
+        n_p, n_r = int(prompts.lengths[b]), int(gen.mask[b].sum())
+        sequences.append(np.concatenate([np.asarray(seqs.tokens_bl[b, :n_p + n_r]), [p.tokenizer.eos_id]]))
+        starts.append(n_p)
+    np.testing.assert_allclose(scores, scorer.score_tokens(sequences, starts), rtol=1e-5, atol=1e-4)
+
+
+def _final_params(workdir):
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir))
+    try:
+        return manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore()))["params"]
+    finally:
+        manager.close()
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_path, monkeypatch):
+    one_device = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+    _on_one_device(monkeypatch)
+    straight = str(tmp_path / "straight")
+    summary = loop.run(_config(runs, *one_device), straight)
+    logged = _metrics(straight)
+    iteration = [m for m in logged if m["step"] == 1 and "score" in m][0]
+    for key in ("score", "score_norm", "gold", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
+                "policy_loss", "value_loss", "explained_variance", "response_length", "stopped",
+                "seconds_generate", "seconds_score", "seconds_train", "mfu_generate", "mfu_score", "mfu_train"):
+        assert np.isfinite(iteration[key]), key
+    assert {"eval_gold_greedy", "eval_gold", "eval_score", "eval_kl"} <= set(summary["before"])
+    assert summary["before"]["eval_kl"] == 0.0  # before any update the policy is the reference
+    assert summary["after"]["step"] == 2
+
+    # SIGTERM after iteration 1: saved and stopped; the same command resumes and ends where `straight` did
+    resumed = str(tmp_path / "resumed")
+    monkeypatch.setattr(loop._StopSignal, "agreed", lambda self: True)
+    assert loop.run(_config(runs, *one_device), resumed)["stopped_early"]
+    monkeypatch.undo()
+    _on_one_device(monkeypatch)
+    loop.run(_config(runs, *one_device), resumed)
+    jax.tree.map(np.testing.assert_array_equal, _final_params(resumed), _final_params(straight))
+    assert [m for m in _metrics(resumed) if "seconds_train" not in m] == [
+        m for m in logged if "seconds_train" not in m]  # evals equal; timings differ
+
+    monkeypatch.undo()
+    sharded = str(tmp_path / "sharded")
+    loop.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), sharded)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 _final_params(sharded), _final_params(straight))
+
+
+def test_bad_ppo_settings_are_named(runs, tmp_path, monkeypatch):
+    _on_one_device(monkeypatch)
+    from llm_jax.objectives import ppo
+    with pytest.raises(ValueError, match="ppo.rollout_batch=8 is not a multiple of ppo.minibatch=3"):
+        ppo.settings(_config(runs, "ppo.minibatch=3"))
+    with pytest.raises(ValueError, match="kl_estimator='k9'"):
+        ppo.settings(_config(runs, "ppo.kl_estimator=k9"))
+    with pytest.raises(ValueError, match="ppo.value_from='sft'"):
+        ppo.settings(_config(runs, "ppo.value_from=sft"))
+    with pytest.raises(ValueError, match="temperature"):
+        ppo.settings(_config(runs, "ppo.temperature=0"))
+    policy, _, _ = runs
+    with pytest.raises(Exception, match="not a reward model"):
+        ppo_loop.PPO(_config(runs, f"ppo.reward_run={policy}", "mesh.data=1"), str(tmp_path))
