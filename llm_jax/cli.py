@@ -5,12 +5,15 @@
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
     llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
     llm-jax preference-pairs --run runs/sft --judge runs/rm --prompts default_task --k 8 --out pairs.jsonl
+    llm-jax pipeline  --config configs/pipeline.py:tiny --workdir runs/pipeline [--config.seed=1 ...]
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
 (see llm_jax/rl/rejection_sampling.py). `preference-pairs` writes a judge's (`gold` or a reward run) best
 against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
+`pipeline` runs every stage of a pipeline config, skipping those already complete, and prints a table of
+their results (see llm_jax/pipeline.py); its overrides apply to the pipeline config.
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
+    sub = commands.add_parser("pipeline", help="every stage of a pipeline config, each in <workdir>/<stage>, "
+                                               "skipping complete ones; prints a table (see llm_jax/pipeline.py)")
+    sub.add_argument("--config", required=True, help="path/to/pipeline.py[:arg]")
+    sub.add_argument("--workdir", required=True, help="the pipeline directory")
     sub = commands.add_parser("generate", help="answer every prompt of a file with a run's model; one jsonl row "
                                                "per prompt (see llm_jax/generation_io.py)")
     sub.add_argument("--run", required=True, help="the run directory (config.json, tokenizer.model, checkpoints)")
@@ -155,6 +162,17 @@ def _preference_pairs(args, overrides: list[str]) -> int:
         check=lambda: pp.check_options(args.k, args.min_margin, args.pairs, args.batch_size))
 
 
+def _pipeline(config, workdir: str) -> int:
+    from llm_jax.pipeline import PipelineError, run_pipeline
+    try:
+        summary = run_pipeline(config, workdir)
+    except PipelineError as e:
+        print(f"llm-jax pipeline: {e}", file=sys.stderr)
+        return 1
+    print(summary["table"], end="")
+    return 0
+
+
 _SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample,
                       "preference-pairs": _preference_pairs}
 
@@ -170,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)
         return 2
+    if args.command == "pipeline":
+        return _pipeline(config, args.workdir)
     if args.distributed:
         import jax
         # CPU hosts exchange collectives over gloo; accelerators keep their own (ICI, NCCL).

@@ -33,11 +33,15 @@ PAIR_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def resolve_spec(spec: str, kind: str, split: str) -> str:
-    """A record spec with `default_task` replaced by the embedded task's file for `kind` and `split`."""
-    if spec != DEFAULT_TASK_SPEC:
+    """A record spec with `default_task` replaced by the embedded task's file for `kind` and `split`; in a
+    comma list each `default_task` entry is replaced, so the task's records mix with files of one's own (a
+    reward model on the synthetic pairs plus on-policy ones). A spec without such an entry comes back as is."""
+    parts = spec.split(",")
+    if not any(part.strip() == DEFAULT_TASK_SPEC for part in parts):
         return spec
     from llm_jax.data import default_task
-    return default_task.write_default_task()[f"{kind}_{split}"]  # shared: a pure function of the seed
+    path = default_task.write_default_task()[f"{kind}_{split}"]  # shared: a pure function of the seed
+    return ",".join(path if part.strip() == DEFAULT_TASK_SPEC else part for part in parts)
 
 
 def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterable],

@@ -1,0 +1,297 @@
+"""The assistant pipeline in one command: every stage in its own subdirectory, resumable, one table at the end.
+
+    llm-jax pipeline --config configs/pipeline.py:tiny --workdir runs/pipeline
+
+    run_pipeline(config, workdir) -> summary (its "table" is the markdown the command prints)
+
+The config (configs/pipeline.py) lists the stages in `order`. A `train` stage is `llm_jax.train.loop.run` of its
+config spec plus overrides, in process, in `<workdir>/<stage>/`; with `evaluate` its model then answers the
+held-out prompts of `config.eval` greedily and sampled, and the gold scorer grades the answers
+(`<stage>/generations/{greedy,sampled}.jsonl`). A `pairs` stage writes on-policy preference pairs judged by the
+gold scorer to `<workdir>/pairs/pairs.jsonl` (llm_jax/rl/preference_pairs.py).
+
+Resuming. A stage that finished, its evaluation included, leaves `<stage>/stage.json` (written whole, then
+renamed): its summary, the metrics of the table and its wall time. A stage with one is skipped, so rerunning the
+command after an interruption continues where it stopped; a train stage stopped midway resumes from its last
+checkpoint (`llm-jax train`'s resume), and its recorded time is then that of the rerun. Deleting a stage's
+stage.json reruns that stage alone (a finished train run only re-evaluates); the stages after it are not
+rerun unless their stage.json files go too.
+
+Failure. Every stage still to run has its config loaded and overridden before anything runs, so a bad override
+fails at once; a stage that fails raises PipelineError naming it, and the stage.json files already written stay.
+
+Wall times (`seconds`) are measured here around the whole stage, compilation and evaluation included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from llm_jax.train.metrics import log_line, read_metrics
+
+STAGE_FILE = "stage.json"
+KINDS = ("train", "pairs")
+
+
+class PipelineError(RuntimeError):
+    """A pipeline config that cannot run, or a stage that failed (named)."""
+
+
+def _substitute(text: str, workdir: str) -> str:
+    return text.replace("{workdir}", workdir)
+
+
+def train_overrides(config, name: str, workdir: str) -> list[str]:
+    """A train stage's overrides as applied: the pipeline's seed first, then `overrides`, then `extra`."""
+    stage = config.stages[name]
+    overrides = [f"seed={config.seed}", *stage.overrides, *stage.extra.split()]
+    return [_substitute(o, workdir) for o in overrides]
+
+
+def check_config(config) -> None:
+    """The stage list's own checks: every stage in `order` defined once, with a known kind."""
+    order = list(config.order)
+    if not order or len(set(order)) != len(order):
+        raise PipelineError(f"pipeline order must name each stage once, got {order}")
+    unknown = [n for n in order if n not in config.stages]
+    if unknown:
+        raise PipelineError(f"pipeline order names stages {unknown} that config.stages does not define; "
+                            f"defined: {sorted(config.stages)}")
+    for name in order:
+        if config.stages[name].kind not in KINDS:
+            raise PipelineError(f"stage {name!r} has kind {config.stages[name].kind!r}; known: {list(KINDS)}")
+
+
+def read_stage(directory: str) -> dict | None:
+    path = os.path.join(directory, STAGE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Written whole, then renamed: a reader never sees half a file, and an interruption leaves none."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, value) -> None:
+    _write_text(path, json.dumps(value, indent=1, default=str) + "\n")
+
+
+def prompts_file(spec: str, split: str, n: int, path: str) -> str:
+    """The prompts spec (`default_task`: the task's `split` prompts), or its first n records written to `path`."""
+    from llm_jax.data import records
+    from llm_jax.data.post_training import resolve_spec
+    spec = resolve_spec(spec, "prompts", split)
+    if n <= 0:
+        return spec
+    rows = []
+    for _, record in records.iter_records(spec, "auto"):
+        rows.append(json.dumps(record, ensure_ascii=False) + "\n")
+        if len(rows) == n:
+            break
+    _write_text(path, "".join(rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _numbers(values: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _train_metrics(directory: str, summary: dict) -> dict:
+    """The last eval logged (a finished run that is rerun reports only part of it), PPO's before and after."""
+    evals = [m for m in read_metrics(directory) if any(k.startswith("eval_") for k in m)]
+    metrics = _numbers(evals[-1]) if evals else {}
+    metrics.pop("tokens", None)
+    for key in ("before", "after"):
+        metrics.update(_numbers(summary.get(key) or {}, f"{key}_"))
+    metrics.update(_numbers({k: summary.get(k) for k in ("step", "final_loss")}))
+    return metrics
+
+
+def evaluate(run_dir: str, eval_config) -> dict:
+    """Greedy and sampled answers to the held-out prompts, gold-scored, under `<run_dir>/generations/`."""
+    from llm_jax.generate import SamplingConfig
+    from llm_jax.generation_io import generate_file
+    out_dir = os.path.join(run_dir, "generations")
+    prompts = prompts_file(eval_config.prompts, "eval", eval_config.n_prompts,
+                           os.path.join(out_dir, "eval_prompts.jsonl"))
+    metrics = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", eval_config.temperature)):
+        result = generate_file(run_dir, prompts, os.path.join(out_dir, f"{name}.jsonl"),
+                               SamplingConfig(max_new_tokens=eval_config.max_new_tokens, temperature=temperature),
+                               batch_size=eval_config.batch_size, seed=eval_config.seed, progress=False)
+        metrics.update({f"gold_{name}": result.get("gold_score"), "eval_prompts": result["count"],
+                        f"stopped_{name}": result["stopped"] / result["count"]})
+    return metrics
+
+
+class _Stopped(PipelineError):
+    """A stage that stopped on SIGTERM: not failed, not complete."""
+
+
+def _run_train(config, name: str, workdir: str, directory: str, train_config) -> dict:
+    from llm_jax.train.loop import run
+    summary = run(train_config, directory)
+    if summary.get("stopped_early"):
+        raise _Stopped(f"stage {name!r} stopped early (SIGTERM) with its checkpoint saved; rerun the same command "
+                       "to resume")
+    metrics = _train_metrics(directory, summary)
+    if config.stages[name].evaluate:
+        metrics.update(evaluate(directory, config.eval))
+    return dict(objective=train_config.objective, summary=summary, metrics=metrics)
+
+
+def _run_pairs(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.generate import SamplingConfig
+    from llm_jax.rl.preference_pairs import preference_pairs
+    stage = config.stages[name]
+    prompts = prompts_file(stage.prompts, "train", stage.n_prompts, os.path.join(directory, "prompts.jsonl"))
+    summary = preference_pairs(
+        _substitute(stage.run, workdir), stage.judge, prompts, os.path.join(directory, "pairs.jsonl"), stage.k,
+        SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature), pairing=stage.pairs,
+        min_margin=stage.min_margin, batch_size=stage.batch_size, seed=config.seed, progress=False)
+    return dict(summary=summary, metrics=_numbers(summary))
+
+
+def _plan(config, name: str, workdir: str):
+    """What a stage will run, loaded now so that a bad override or option fails before any stage runs."""
+    stage = config.stages[name]
+    if stage.kind == "train":
+        from llm_jax.cli import load
+        return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
+    from llm_jax.generate import SamplingConfig
+    from llm_jax.rl.preference_pairs import check_options
+    check_options(stage.k, stage.min_margin, stage.pairs, stage.batch_size)
+    SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature)
+    return None
+
+
+def _describe(config, name: str, workdir: str) -> str:
+    stage = config.stages[name]
+    if stage.kind == "train":
+        return f"train {os.path.relpath(_substitute(stage.config, workdir))}"
+    return f"pairs from {_substitute(stage.run, workdir)}, judge {stage.judge}, k={stage.k}"
+
+
+_RUNNERS = {"train": _run_train, "pairs": _run_pairs}
+
+
+def _settings(config, name: str) -> dict:
+    """What a stage ran with, as stage.json records it (JSON: tuples read back as lists)."""
+    return json.loads(json.dumps(dict(seed=config.seed, stage_config=config.stages[name].to_dict())))
+
+
+def run_pipeline(config, workdir: str) -> dict:
+    """Runs every stage not yet complete (module docstring), then writes and returns the summary."""
+    check_config(config)
+    start = time.perf_counter()
+    done = {name: read_stage(os.path.join(workdir, name)) for name in config.order}
+    plans = {}
+    for name in config.order:
+        if done[name] is None:
+            try:
+                plans[name] = _plan(config, name, workdir)
+            except Exception as e:
+                raise PipelineError(f"pipeline stage {name!r} ({_describe(config, name, workdir)}): {e}") from e
+
+    records, ran = {}, []
+    for name in config.order:
+        directory = os.path.join(workdir, name)
+        elapsed = f"[{time.perf_counter() - start:7.1f} s]"
+        if done[name] is not None:
+            records[name] = done[name]
+            log_line(f"pipeline {elapsed} {name}: complete ({directory}/{STAGE_FILE}, {done[name]['seconds']:.1f} s "
+                     "when it ran), skipped")
+            if _settings(config, name) != {k: done[name].get(k) for k in ("seed", "stage_config")}:
+                log_line(f"pipeline: note: {name}'s settings differ from those it ran with; delete "
+                         f"{directory}/{STAGE_FILE} to rerun it")
+            continue
+        log_line(f"pipeline {elapsed} {name}: start ({_describe(config, name, workdir)})")
+        t0 = time.perf_counter()
+        try:
+            record = _RUNNERS[config.stages[name].kind](config, name, workdir, directory, plans[name])
+        except _Stopped:
+            raise
+        except Exception as e:
+            raise PipelineError(f"pipeline stage {name!r} ({_describe(config, name, workdir)}) failed: "
+                                f"{type(e).__name__}: {e}") from e
+        record = dict(stage=name, kind=config.stages[name].kind, seconds=time.perf_counter() - t0,
+                      **_settings(config, name), **record)
+        _write_json(os.path.join(directory, STAGE_FILE), record)
+        records[name], ran = record, ran + [name]
+        log_line(f"pipeline [{time.perf_counter() - start:7.1f} s] {name}: done in {record['seconds']:.1f} s")
+
+    total = sum(r["seconds"] for r in records.values())
+    table = format_table(config, records, total)
+    summary = dict(workdir=workdir, order=list(config.order), ran=ran, total_seconds=total,
+                   elapsed_seconds=time.perf_counter() - start, table=table,
+                   stages={name: dict(seconds=r["seconds"], metrics=r["metrics"], skipped=name not in ran)
+                           for name, r in records.items()})
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_text(os.path.join(workdir, "summary.md"), table)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+def _f(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _arrow(m: dict, key: str, spec: str = ".3f") -> str:
+    return f"{_f(m.get(f'before_{key}'), spec)} → {_f(m.get(f'after_{key}'), spec)}"
+
+
+def _gold(m: dict) -> str:
+    return f"gold greedy {_f(m.get('gold_greedy'))}, sampled {_f(m.get('gold_sampled'))}"
+
+
+def _pairs_row(m: dict) -> str:
+    decided, agreement = m.get("gold_decided"), m.get("gold_agreement")
+    agree = "n/a" if decided is None or agreement is None else f"{round(decided * agreement):,} of {decided:,}"
+    return (f"{m.get('pairs', 0):,} pairs from {m.get('prompts_with_pairs', 0):,} of {m.get('count', 0):,} prompts "
+            f"× {m.get('k')} samples; gold agrees on {agree} (the gold judge); {_f(m.get('samples_per_s'), '.1f')} "
+            "samples/s")
+
+
+_ROWS = {  # what the table shows of each kind of stage, from its stage.json metrics
+    "lm": lambda m: f"held-out perplexity {_f(m.get('eval_perplexity'), '.2f')}, loss {_f(m.get('eval_loss'))}",
+    "sft": lambda m: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
+    "pairs": _pairs_row,
+    "reward": lambda m: (f"held-out pair accuracy {_f(m.get('eval_accuracy'))}, margin "
+                         f"{_f(m.get('eval_margin'))}"),
+    "ppo": lambda m: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
+                      f"KL {_f(m.get('after_eval_kl'))} nats; reward-model score {_arrow(m, 'eval_score')}"),
+    "dpo": lambda m: f"{_gold(m)}; held-out pair accuracy {_f(m.get('eval_accuracy'))}",
+}
+
+
+def _row(record: dict) -> str:
+    m = record["metrics"]
+    show = _ROWS.get(record.get("objective") or record["kind"])
+    text = show(m) if show else ", ".join(f"{k} {_f(v, '.4g')}" for k, v in sorted(m.items()))
+    if "gold_greedy" in m and "gold" not in text:  # a stage that `evaluate`s without its own row format
+        text += f"; {_gold(m)}"
+    return text
+
+
+def format_table(config, records: dict, total: float) -> str:
+    """One markdown row a stage (its wall time, as recorded when it ran) and the total."""
+    prompts = config.eval.n_prompts or "all"
+    lines = ["| stage | seconds | result |", "|---|---:|---|"]
+    lines += [f"| {name} | {r['seconds']:.0f} | {_row(r)} |" for name, r in records.items()]
+    lines.append(f"| total | {total:.0f} | |")
+    lines.append("")
+    lines.append(f"Gold scores after the stages that evaluate: {prompts} held-out prompts, greedy and sampled "
+                 f"(temperature {config.eval.temperature}, seed {config.eval.seed}), {config.eval.max_new_tokens} "
+                 "new tokens. PPO's: its own evals (ppo.n_eval_prompts, ppo.max_new_tokens), before = the SFT policy.")
+    return "\n".join(lines) + "\n"

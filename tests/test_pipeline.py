@@ -1,0 +1,115 @@
+"""`llm-jax pipeline`: the stage list of configs/pipeline.py, and the whole chain at the `small` size run once
+(every stage, its stage.json and the table), then rerun: skipped when complete, one stage rerun when its
+stage.json goes, a failing stage named with the earlier stages kept."""
+import json
+import os
+
+import pytest
+
+from llm_jax import cli, config_lib
+from llm_jax.pipeline import PipelineError, check_config, run_pipeline, train_overrides
+
+STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
+
+
+def test_sizes_and_stage_overrides():
+    config = cli.load("configs/pipeline.py:tiny", ["seed=3", "stages.ppo.extra=ppo.kl_coef=0.1 train.steps=7"])
+    assert tuple(config.order) == STAGES
+    assert train_overrides(config, "ppo", "runs/p") == [
+        "seed=3", "train.init_from=runs/p/sft", "ppo.reward_run=runs/p/reward", "ppo.kl_coef=0.1", "train.steps=7"]
+    assert "data.train=default_task,runs/p/pairs/pairs.jsonl" in train_overrides(config, "reward", "runs/p")
+    with pytest.raises(config_lib.ConfigError, match=r"unknown pipeline size 'huge'; known: \['tiny', 'small'\]"):
+        cli.load("configs/pipeline.py:huge", [])
+
+
+def test_stage_list_checks():
+    config = cli.load("configs/pipeline.py:tiny", [])
+    config.order = ("pretrain", "rlhf")
+    with pytest.raises(PipelineError, match=r"stages \['rlhf'\] that config.stages does not define"):
+        check_config(config)
+    config.order = ("pretrain", "pretrain")
+    with pytest.raises(PipelineError, match="each stage once"):
+        check_config(config)
+
+
+def _mtimes(workdir):
+    return {name: os.path.getmtime(os.path.join(workdir, name, "stage.json")) for name in STAGES}
+
+
+def _small(small_tokenizer, *overrides):
+    """The small pipeline sharing the session's tokenizer (pretraining would otherwise train its own)."""
+    return cli.load("configs/pipeline.py:small", [f"stages.pretrain.extra=tokenizer.path={small_tokenizer}",
+                                                  *overrides])
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, small_tokenizer):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    assert cli.main(["pipeline", "--config", "configs/pipeline.py:small", "--workdir", workdir,
+                     f"--config.stages.pretrain.extra=tokenizer.path={small_tokenizer}"]) == 0
+    return workdir
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_the_table_has_every_row(pipeline_dir):
+    for name in STAGES:
+        record = json.load(open(os.path.join(pipeline_dir, name, "stage.json")))
+        assert record["stage"] == name and record["seconds"] > 0 and record["metrics"]
+    for name in ("sft", "dpo"):
+        assert os.path.exists(os.path.join(pipeline_dir, name, "generations", "greedy.jsonl"))
+        assert json.load(open(os.path.join(pipeline_dir, name, "stage.json")))["metrics"]["eval_prompts"] == 16
+    assert os.path.exists(os.path.join(pipeline_dir, "pairs", "pairs.jsonl"))
+
+    summary = json.load(open(os.path.join(pipeline_dir, "summary.json")))
+    assert summary["ran"] == list(STAGES)
+    assert summary["total_seconds"] == pytest.approx(sum(s["seconds"] for s in summary["stages"].values()))
+    table = open(os.path.join(pipeline_dir, "summary.md")).read()
+    assert table == summary["table"]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["stage", *STAGES, "total"]
+    for text in ("held-out perplexity", "answer-token eval loss", "pairs from", "held-out pair accuracy",
+                 "reward-model score", "gold greedy"):
+        assert text in table
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_complete_stage(pipeline_dir, small_tokenizer, capsys):
+    before = _mtimes(pipeline_dir)
+    assert cli.main(["pipeline", "--config", "configs/pipeline.py:small", "--workdir", pipeline_dir,
+                     f"--config.stages.pretrain.extra=tokenizer.path={small_tokenizer}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("| stage | seconds | result |") and err.count("skipped") == len(STAGES)
+    assert json.load(open(os.path.join(pipeline_dir, "summary.json")))["ran"] == []
+    assert _mtimes(pipeline_dir) == before
+
+
+@pytest.mark.slow
+def test_deleting_a_stage_json_reruns_that_stage_alone(pipeline_dir, small_tokenizer):
+    before = _mtimes(pipeline_dir)
+    os.remove(os.path.join(pipeline_dir, "dpo", "stage.json"))
+    summary = run_pipeline(_small(small_tokenizer), pipeline_dir)
+    assert summary["ran"] == ["dpo"] and not summary["stages"]["dpo"]["skipped"]
+    after = _mtimes(pipeline_dir)
+    assert after["dpo"] > before["dpo"]
+    assert {n: t for n, t in after.items() if n != "dpo"} == {n: t for n, t in before.items() if n != "dpo"}
+
+
+@pytest.mark.slow
+def test_a_failing_stage_is_named_and_the_earlier_stages_kept(pipeline_dir, small_tokenizer, capsys):
+    before = _mtimes(pipeline_dir)
+    os.remove(os.path.join(pipeline_dir, "ppo", "stage.json"))
+    # An unknown field fails before any stage runs; a bad value when the stage runs.
+    with pytest.raises(PipelineError, match=r"pipeline stage 'ppo' .*train.stepz"):
+        run_pipeline(_small(small_tokenizer, "stages.ppo.extra=train.stepz=3"), pipeline_dir)
+    assert cli.main(["pipeline", "--config", "configs/pipeline.py:small", "--workdir", pipeline_dir,
+                     f"--config.stages.pretrain.extra=tokenizer.path={small_tokenizer}",
+                     "--config.stages.ppo.extra=ppo.minibatch=3"]) == 1
+    err = capsys.readouterr().err
+    assert "llm-jax pipeline: pipeline stage 'ppo'" in err and "failed" in err and "minibatch" in err
+    assert not os.path.exists(os.path.join(pipeline_dir, "ppo", "stage.json"))
+    assert _mtimes_present(pipeline_dir) == {n: before[n] for n in STAGES if n != "ppo"}
+
+
+def _mtimes_present(workdir):
+    return {n: os.path.getmtime(os.path.join(workdir, n, "stage.json")) for n in STAGES
+            if os.path.exists(os.path.join(workdir, n, "stage.json"))}
