@@ -99,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
         reference_run="",      # the frozen reference; empty: train.init_from (LoRA: the policy's own base)
         value_from="reward",   # the value model starts from the reward run (trunk + head) | policy (zero head)
         prompts="default_task", eval_prompts="default_task", n_eval_prompts=256,
-        rollout_batch=64,      # prompts (one response each) per iteration
+        rollout_batch=64,      # responses per iteration: rollout_batch / samples_per_prompt prompts
+        samples_per_prompt=1,  # k responses to each prompt (a group)
+        baseline="value",      # value: GAE with the value model | group: the prompt's other samples (RLOO)
         minibatch=16, epochs=4,  # updates per iteration: epochs · rollout_batch / minibatch, each model
         max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
         kl_coef=0.05,          # β of the per-token KL penalty (the initial β when adaptive)

@@ -18,7 +18,10 @@ minibatch updates (`ppo.minibatch` rows each) of both models, with the losses of
     policy  = Σ_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)) − c_e·Σ_t entropy_t       ρ_t = π/π_old
     value   = Σ_t ½·max((V − G)², (clip(V, V_old ± c) − G)²)
 
-both averaged over the minibatch's response tokens. With `ppo.reward="gold"` the embedded task's scorer pays s
+both averaged over the minibatch's response tokens. With `ppo.baseline="group"` each prompt is sampled
+`ppo.samples_per_prompt` (k) times and the mean paid score of its other k − 1 samples replaces the value
+model as the baseline (RLOO; s − b is paid at the last token, GAE then runs with V = 0 and the value model is
+not trained). That baseline is per prompt by construction, where the value model must first learn it. With `ppo.reward="gold"` the embedded task's scorer pays s
 instead (gold_score − penalty·[did not stop]): PPO against a perfect reward model, the ceiling that separates
 the reward model's errors from the optimiser's (the reward model is still scored and logged). β is fixed or follows the adaptive controller toward
 `ppo.kl_target` (Ziegler et al. 2019). Standardising R with the reward model's own held-out statistics puts
@@ -37,6 +40,7 @@ from llm_jax.rl import losses, rollout
 
 VALUE_FROM = ("reward", "policy")
 REWARDS = ("reward_model", "gold")
+BASELINES = ("value", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,8 @@ class PPOSettings:
     eval_prompts: str
     n_eval_prompts: int
     rollout_batch: int
+    samples_per_prompt: int
+    baseline: str
     minibatch: int
     epochs: int
     max_new_tokens: int
@@ -86,6 +92,13 @@ def settings(config) -> PPOSettings:
         raise ValueError("PPO needs a reward model: set ppo.reward_run to a reward run directory")
     if s.reward not in REWARDS:
         raise ValueError(f"ppo.reward={s.reward!r} is not one of {REWARDS}")
+    if s.baseline not in BASELINES:
+        raise ValueError(f"ppo.baseline={s.baseline!r} is not one of {BASELINES}")
+    if s.samples_per_prompt < 1 or s.rollout_batch % s.samples_per_prompt:
+        raise ValueError(f"ppo.rollout_batch={s.rollout_batch} must be a multiple of ppo.samples_per_prompt="
+                         f"{s.samples_per_prompt} (>= 1)")
+    if s.baseline == "group" and s.samples_per_prompt < 2:
+        raise ValueError(f'ppo.baseline="group" needs ppo.samples_per_prompt >= 2, got {s.samples_per_prompt}')
     if s.value_from not in VALUE_FROM:
         raise ValueError(f"ppo.value_from={s.value_from!r} is not one of {VALUE_FROM}")
     if s.kl_estimator not in losses.KL_ESTIMATORS:

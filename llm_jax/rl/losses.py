@@ -87,6 +87,18 @@ def token_rewards(score_b, kl_bt, mask_bt, beta):
     return jnp.where(mask_bt > 0, rewards_bt, 0.0)
 
 
+def leave_one_out_mean(x_b, group: int):
+    """Each entry's baseline from its group's others: rows [g·k, (g+1)·k) are one prompt's k samples.
+
+        b_i = (Σ_{j in group} x_j − x_i) / (k − 1)        (RLOO, Kool et al. 2019; Ahmadian et al. 2024)
+    Unbiased: b_i does not depend on sample i. Needs k ≥ 2.
+    """
+    if group < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {group}")
+    x_gk = x_b.reshape(-1, group)
+    return ((jnp.sum(x_gk, axis=1, keepdims=True) - x_gk) / (group - 1)).reshape(x_b.shape)
+
+
 def gae(rewards_bt, values_bt, mask_bt, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016) -> (advantages_bt, returns_bt).
 

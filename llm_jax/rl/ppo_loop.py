@@ -2,8 +2,8 @@
 
     run(config, workdir) -> summary       (`llm-jax train` with objective "ppo"; see objectives/ppo.py)
 
-Iteration i (1-based; `train.steps` of them) takes the i-th block of `ppo.rollout_batch` prompts from a
-per-epoch permutation of the prompt file, samples a response to each (key fold_in(seed, i)), scores the
+Iteration i (1-based; `train.steps` of them) takes the i-th block of `ppo.rollout_batch / samples_per_prompt`
+prompts from a per-epoch permutation of the prompt file, samples `ppo.samples_per_prompt` responses to each (key fold_in(seed, i)), scores the
 rollout in one jitted program (policy and reference log-probs, values, reward-model scores, per-token
 rewards, GAE), then runs `ppo.epochs` shuffled passes of minibatch updates of the policy and of the value
 model. Everything is a pure function of (seed, i) and the checkpointed states, so a resumed run continues
@@ -259,6 +259,9 @@ class PPO:
         else:
             paid_b = (score_b - self.score_mean) / self.score_std - s.unfinished_penalty * (1.0 - stopped_b)
         kl_bn = losses.kl_estimate(old_logp, ref_logp, s.kl_estimator) * seqs.mask_bn
+        if s.baseline == "group":  # the other samples of the same prompt are the baseline; no value model
+            paid_b = paid_b - losses.leave_one_out_mean(paid_b, s.samples_per_prompt)
+            old_values = jnp.zeros_like(old_values)
         rewards_bn = losses.token_rewards(paid_b, kl_bn, seqs.mask_bn, beta)
         advantages_bn, returns_bn = losses.gae(rewards_bn, old_values, seqs.mask_bn, s.gamma, s.lam)
         if s.whiten_advantages:
@@ -296,7 +299,7 @@ class PPO:
         prompt_width = self.prompts.tokens.shape[1]
         return dict(generate=n_rows * (prompt_width + decode_steps) * fwd,
                     score=2 * policy_fwd + trunk + n_rows * length * flops.forward_flops_per_token(self.rm_cfg, length),
-                    train=self.s.epochs * 3 * (policy_fwd + trunk))
+                    train=self.s.epochs * 3 * (policy_fwd + (trunk if self.s.baseline == "value" else 0)))
 
 
 def run(config, workdir: str) -> dict:
@@ -328,7 +331,8 @@ def run(config, workdir: str) -> dict:
     start = resume_from or 0
     writer = MetricsWriter(workdir, resume_step=start)
     peak, peak_source = hardware.peak_flops(p.model_cfg.dtype)
-    log_line(f"PPO: {config.train.steps} iterations of {s.rollout_batch} prompts, {s.epochs} epochs of minibatches "
+    log_line(f"PPO: {config.train.steps} iterations of {s.rollout_batch} responses ({s.samples_per_prompt} a prompt, "
+             f"baseline {s.baseline}), {s.epochs} epochs of minibatches "
              f"of {s.minibatch}; {len(p.prompts.texts)} train prompts, {len(p.eval_prompts.texts)} eval prompts; "
              f"MFU against {peak_source}")
     key = jax.random.key(config.seed)
@@ -380,7 +384,9 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     s, mesh, rules = p.s, p.mesh, p.rules
     times = {}
     t0 = time.perf_counter()
-    prompts = p.prompts.take(iteration_prompts(len(p.prompts.texts), s.rollout_batch, p.config.seed, iteration))
+    k = s.samples_per_prompt  # each prompt k times in a row: a group
+    prompts = p.prompts.take(np.repeat(iteration_prompts(len(p.prompts.texts), s.rollout_batch // k, p.config.seed,
+                                                         iteration), k))
     gen = generate(p.policy, policy.params, prompts.tokens, prompts.lengths, jax.random.fold_in(key, iteration),
                    p.sampling)
     jax.block_until_ready(gen)
@@ -409,23 +415,27 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
             rows = order[start:start + s.minibatch]
             mb = _local_rows({k: v[rows] for k, v in batch.items()}, mesh, rules)
             policy, policy_metrics = p.policy_step(policy, mb)
-            value, value_metrics = p.value_step(value, mb)
-            for k, v in {**policy_metrics, **{f"value_{k}" if not k.startswith("value") else k: v
-                                              for k, v in value_metrics.items()}}.items():
-                sums.setdefault(k, []).append(v)
-    means = {k: float(np.mean(jax.device_get(v))) for k, v in sums.items()}
-    if not (np.isfinite(means["loss"]) and np.isfinite(means["value_loss"])):
+            if s.baseline == "value":
+                value, value_metrics = p.value_step(value, mb)
+                policy_metrics = {**policy_metrics, **{name if name.startswith("value") else f"value_{name}": v
+                                                       for name, v in value_metrics.items()}}
+            for name, v in policy_metrics.items():
+                sums.setdefault(name, []).append(v)
+    means = {name: float(np.mean(jax.device_get(v))) for name, v in sums.items()}
+    if not all(np.isfinite(means.get(name, 0.0)) for name in ("loss", "value_loss")):
         raise FloatingPointError(f"non-finite PPO loss at iteration {iteration}: policy {means['loss']}, value "
-                                 f"{means['value_loss']}; the last checkpoint is intact")
+                                 f"{means.get('value_loss')}; the last checkpoint is intact")
     times["train"] = time.perf_counter() - t0
     kl_control.update(stats["kl"], s.rollout_batch)
 
     decode_steps = int(batch["mask"].sum(axis=1).max())
     role_flops = p.role_flops(n, decode_steps)
     logged = dict(stats, kl_coef=beta, entropy=means["entropy"], clip_fraction=means["clip_fraction"],
-                  approx_kl=means["approx_kl"], policy_loss=means["policy_loss"], value_loss=means["value_loss"],
-                  value_clip_fraction=means["value_clip_fraction"], policy_grad_norm=means["grad_norm"],
-                  value_grad_norm=means["value_grad_norm"], lr=means["lr"])
+                  approx_kl=means["approx_kl"], policy_loss=means["policy_loss"], policy_grad_norm=means["grad_norm"],
+                  lr=means["lr"])
+    if s.baseline == "value":
+        logged.update(value_loss=means["value_loss"], value_clip_fraction=means["value_clip_fraction"],
+                      value_grad_norm=means["value_grad_norm"])
     if gold is not None:
         logged["gold"] = gold
     for role, seconds in times.items():

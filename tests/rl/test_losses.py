@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llm_jax.rl.losses import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, entropy_from_logits,
-                               explained_variance, gae, kl_estimate, make_kl_controller, masked_mean, masked_sum,
-                               masked_var, policy_loss, token_rewards, value_loss, whiten)
+                               explained_variance, gae, kl_estimate, leave_one_out_mean, make_kl_controller,
+                               masked_mean, masked_sum, masked_var, policy_loss, token_rewards, value_loss, whiten)
 
 
 def _mask(lengths, t):
@@ -232,3 +232,11 @@ def test_fixed_kl_controller_and_factory_errors():
         make_kl_controller("adaptive", 0.1, 0, 10_000)
     with pytest.raises(ValueError, match="horizon=-5"):
         make_kl_controller("adaptive", 0.1, 6.0, -5)
+
+
+def test_leave_one_out_mean_is_the_groups_other_samples():
+    x = jnp.array([1.0, 2.0, 6.0, 10.0, 20.0, 30.0])  # two prompts, 3 samples each
+    np.testing.assert_allclose(leave_one_out_mean(x, 3), [4.0, 3.5, 1.5, 25.0, 20.0, 15.0])
+    np.testing.assert_allclose(leave_one_out_mean(x, 2), [2.0, 1.0, 10.0, 6.0, 30.0, 20.0])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        leave_one_out_mean(x, 1)

@@ -166,6 +166,10 @@ def test_bad_ppo_settings_are_named(runs, tmp_path, monkeypatch):
         ppo.settings(_config(runs, "ppo.kl_estimator=k9"))
     with pytest.raises(ValueError, match="ppo.value_from='sft'"):
         ppo.settings(_config(runs, "ppo.value_from=sft"))
+    with pytest.raises(ValueError, match="needs ppo.samples_per_prompt >= 2"):
+        ppo.settings(_config(runs, "ppo.baseline=group"))
+    with pytest.raises(ValueError, match="multiple of ppo.samples_per_prompt=3"):
+        ppo.settings(_config(runs, "ppo.samples_per_prompt=3"))
     with pytest.raises(ValueError, match="temperature"):
         ppo.settings(_config(runs, "ppo.temperature=0"))
     policy, _, _ = runs
