@@ -179,6 +179,31 @@ def checkpoint_step(run_dir: str, step: int | None) -> int | None:
         manager.close()
 
 
+def prepare_sampling(run_dir: str, config, sampling: SamplingConfig, batch_size: int, mesh=None, rules=None):
+    """(rules, batch shards, tokenizer, chat template, sampling stopping at the template's end) for sampling
+    from a run in batches of `batch_size` on `mesh`; the batch must divide over the mesh's batch shards."""
+    if mesh is not None and rules is None:
+        rules = sharding.check_rules(config.mesh_rules)
+    shards = batch_shards(mesh, rules)
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} does not divide over the mesh's {shards} batch shards")
+    tokenizer = Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+    template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
+    sampling = dataclasses.replace(sampling, stop_ids=tuple(chat.stop_ids(tokenizer, template)))
+    return rules, shards, tokenizer, template, sampling
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """One JSON object a line, written whole and then renamed: an earlier file of the same name survives a
+    failed run."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, sampling: SamplingConfig, *,
                   batch_size: int = 32, seed: int = 0, step: int | None = None, use_cache: bool = True,
                   mesh=None, rules=None, format: str = "auto", progress: bool = True) -> dict:
@@ -189,16 +214,10 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
     config = runs.read_config(run_dir)
-    if mesh is not None and rules is None:
-        rules = sharding.check_rules(config.mesh_rules)
-    shards = batch_shards(mesh, rules)
-    if batch_size % shards:
-        raise ValueError(f"batch_size={batch_size} does not divide over the mesh's {shards} batch shards")
-    tokenizer = Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
-    template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
+    rules, shards, tokenizer, template, sampling = prepare_sampling(run_dir, config, sampling, batch_size, mesh,
+                                                                    rules)
     context = int(config.data.seq_len)
-    stops = chat.stop_ids(tokenizer, template)
-    sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))
+    stops = sampling.stop_ids
     scorer = gold_scorer()
     try:
         prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
@@ -232,13 +251,7 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
 
-    # Written whole, then renamed: an earlier file of the same name survives a failed run.
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+    write_jsonl(out_path, rows)
 
     scores = [r["gold_score"] for r in rows if "gold_score" in r]
     summary = dict(run=run_dir, step=step, prompts=prompts_spec, out=out_path, count=len(rows), context=context,

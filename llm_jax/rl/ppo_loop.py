@@ -25,7 +25,6 @@ every `train.eval_every`: on `ppo.n_eval_prompts` held-out prompts, greedy answe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 

@@ -73,7 +73,8 @@ import os
 from typing import Sequence
 
 from llm_jax.generate import SamplingConfig
-from llm_jax.rl.sampling import GoldJudge, RewardJudge, check_sizes, mean, sample_and_judge, write_jsonl
+from llm_jax.generation_io import write_jsonl
+from llm_jax.rl.sampling import GoldJudge, RewardJudge, check_sizes, mean, sample_and_judge
 
 PAIRINGS = ("best-worst", "all")
 GOLD_MIN_MARGIN = 0.2  # default_task.MARGIN (module docstring)

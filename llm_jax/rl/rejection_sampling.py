@@ -42,7 +42,8 @@ import math
 import numpy as np
 
 from llm_jax.generate import SamplingConfig
-from llm_jax.rl.sampling import RewardJudge, check_sizes, mean, sample_and_judge, write_jsonl
+from llm_jax.generation_io import write_jsonl
+from llm_jax.rl.sampling import RewardJudge, check_sizes, mean, sample_and_judge
 
 
 def check_options(k: int, threshold: float | None, batch_size: int) -> None:

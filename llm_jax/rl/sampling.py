@@ -37,7 +37,6 @@ its batch shards (as `generate_file`); the reward model (`reward.load_scorer`) r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -46,13 +45,13 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from llm_jax import runs, sharding
+from llm_jax import runs
 from llm_jax.data import chat, records
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (RenderedPrompt, batch_shards, batches, checkpoint_step, gold_scorer,
+from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, gold_scorer, prepare_sampling,
                                    read_prompts, response_row)
 from llm_jax.objectives import reward
 from llm_jax.train.checkpoint import CheckpointError
@@ -241,14 +240,8 @@ def sample_and_judge(command: str, policy_run: str, judge, prompts_spec: str, k:
     """Samples k answers to every prompt with the policy run and has `judge` score the candidates (module
     docstring); `step` picks the policy's checkpoint (default the latest), a reward judge is its run's latest."""
     policy_config = judge.check(policy_run)
-    if mesh is not None and rules is None:
-        rules = sharding.check_rules(policy_config.mesh_rules)
-    shards = batch_shards(mesh, rules)
-    if batch_size % shards:
-        raise ValueError(f"batch_size={batch_size} does not divide over the mesh's {shards} batch shards")
-    tokenizer = Tokenizer.load(os.path.join(policy_run, "tokenizer.model"))
-    template = policy_config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
-    sampling = dataclasses.replace(sampling, stop_ids=tuple(chat.stop_ids(tokenizer, template)))
+    rules, shards, tokenizer, template, sampling = prepare_sampling(policy_run, policy_config, sampling,
+                                                                    batch_size, mesh, rules)
     if progress and sampling.temperature == 0.0 and k > 1:
         print(f"{command}: note: temperature 0 (greedy) makes the {k} samples of a prompt identical",
               file=sys.stderr)
@@ -292,14 +285,3 @@ def sample_and_judge(command: str, policy_run: str, judge, prompts_spec: str, k:
         sampling=dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                       top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, batch_size=batch_size))
     return Sampled(prompts, summary)
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """One JSON object a line, written whole and then renamed: an earlier file of the same name survives a
-    failed run."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -157,21 +157,23 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
                  _final_params(sharded), _final_params(straight))
 
 
-def test_bad_ppo_settings_are_named(runs, tmp_path, monkeypatch):
-    _on_one_device(monkeypatch)
+@pytest.mark.parametrize("override,message", [
+    ("ppo.minibatch=3", "ppo.rollout_batch=8 is not a multiple of ppo.minibatch=3"),
+    ("ppo.kl_estimator=k9", "kl_estimator='k9'"),
+    ("ppo.value_from=sft", "ppo.value_from='sft'"),
+    ("ppo.baseline=group", "needs ppo.samples_per_prompt >= 2"),
+    ("ppo.samples_per_prompt=3", "multiple of ppo.samples_per_prompt=3"),
+    ("ppo.temperature=0", "temperature"),
+    ("ppo.reward=oracle", "ppo.reward='oracle'"),
+])
+def test_bad_ppo_settings_are_named(runs, override, message):
     from llm_jax.objectives import ppo
-    with pytest.raises(ValueError, match="ppo.rollout_batch=8 is not a multiple of ppo.minibatch=3"):
-        ppo.settings(_config(runs, "ppo.minibatch=3"))
-    with pytest.raises(ValueError, match="kl_estimator='k9'"):
-        ppo.settings(_config(runs, "ppo.kl_estimator=k9"))
-    with pytest.raises(ValueError, match="ppo.value_from='sft'"):
-        ppo.settings(_config(runs, "ppo.value_from=sft"))
-    with pytest.raises(ValueError, match="needs ppo.samples_per_prompt >= 2"):
-        ppo.settings(_config(runs, "ppo.baseline=group"))
-    with pytest.raises(ValueError, match="multiple of ppo.samples_per_prompt=3"):
-        ppo.settings(_config(runs, "ppo.samples_per_prompt=3"))
-    with pytest.raises(ValueError, match="temperature"):
-        ppo.settings(_config(runs, "ppo.temperature=0"))
+    with pytest.raises(ValueError, match=message):
+        ppo.settings(_config(runs, override))
+
+
+def test_a_reward_run_that_is_not_a_reward_model_is_named(runs, tmp_path, monkeypatch):
+    _on_one_device(monkeypatch)
     policy, _, _ = runs
     with pytest.raises(Exception, match="not a reward model"):
         ppo_loop.PPO(_config(runs, f"ppo.reward_run={policy}", "mesh.data=1"), str(tmp_path))
