@@ -32,17 +32,19 @@ from llm_jax.config_lib import ConfigError, parse_arg
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
 
-# The conftest's small model, with short runs: each stage learns nothing worth reading but runs every code path.
+# The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
+# so a test can see their metrics move the right way.
 _SMALL_MODEL = ("model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
                 "model.d_ff=128", "model.vocab_size=512", "tokenizer.vocab_size=512")
-_SMALL_RUN = ("data.batch_size=8", "optim.warmup_steps=2", "train.steps=6", "train.log_every=3",
-              "train.eval_every=6", "train.checkpoint_every=6", "train.eval_batches=2")
+_SMALL_RUN = ("data.batch_size=8", "optim.warmup_steps=2", "train.steps=24", "train.log_every=6",
+              "train.eval_every=12", "train.checkpoint_every=24", "train.eval_batches=2")
 _SMALL = {
     "stages": {
-        "pretrain": _SMALL_MODEL + _SMALL_RUN + ("data.seq_len=64",),
+        "pretrain": _SMALL_MODEL + _SMALL_RUN + ("data.seq_len=64", "train.steps=6", "train.eval_every=6",
+                                                 "train.checkpoint_every=6"),
         "sft": _SMALL_MODEL + _SMALL_RUN,
         "reward": _SMALL_MODEL + _SMALL_RUN,
-        "dpo": _SMALL_MODEL + _SMALL_RUN,
+        "dpo": _SMALL_MODEL + _SMALL_RUN + ("optim.lr=2e-3", "dpo.nll_coef=0.0"),
         "ppo": _SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
                                "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
                                "ppo.max_new_tokens=6"),

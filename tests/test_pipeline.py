@@ -1,5 +1,5 @@
 """`llm-jax pipeline`: the stage list of configs/pipeline.py, and the whole chain at the `small` size run once
-(every stage, its stage.json and the table), then rerun: skipped when complete, one stage rerun when its
+(every stage, its stage.json and the table; SFT, reward and DPO metrics moving the right way), then rerun: skipped when complete, one stage rerun when its
 stage.json goes, a failing stage named with the earlier stages kept."""
 import json
 import os
@@ -8,6 +8,7 @@ import pytest
 
 from llm_jax import cli, config_lib
 from llm_jax.pipeline import PipelineError, check_config, run_pipeline, train_overrides
+from llm_jax.train.metrics import read_metrics
 
 STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
 
@@ -30,6 +31,10 @@ def test_stage_list_checks():
     config.order = ("pretrain", "pretrain")
     with pytest.raises(PipelineError, match="each stage once"):
         check_config(config)
+
+
+def _evals(workdir, stage, key):
+    return [m[key] for m in read_metrics(os.path.join(workdir, stage)) if key in m]
 
 
 def _mtimes(workdir):
@@ -59,6 +64,12 @@ def test_every_stage_runs_and_the_table_has_every_row(pipeline_dir):
         assert os.path.exists(os.path.join(pipeline_dir, name, "generations", "greedy.jsonl"))
         assert json.load(open(os.path.join(pipeline_dir, name, "stage.json")))["metrics"]["eval_prompts"] == 16
     assert os.path.exists(os.path.join(pipeline_dir, "pairs", "pairs.jsonl"))
+    # each post-training objective moves its metrics the right way between its two evals
+    sft_loss, rm_loss, rm_margin, dpo_margin = (_evals(pipeline_dir, stage, key) for stage, key in (
+        ("sft", "eval_loss"), ("reward", "eval_loss"), ("reward", "eval_margin"), ("dpo", "eval_margin")))
+    assert sft_loss[-1] < sft_loss[0] and rm_loss[-1] < rm_loss[0] and rm_margin[-1] > 0, (sft_loss, rm_loss)
+    assert dpo_margin[-1] > dpo_margin[0] and dpo_margin[-1] > 0, dpo_margin
+    assert read_metrics(os.path.join(pipeline_dir, "sft"))[0]["train_response_token_fraction"] < 0.5
 
     summary = json.load(open(os.path.join(pipeline_dir, "summary.json")))
     assert summary["ran"] == list(STAGES)
