@@ -139,12 +139,17 @@ def batches(prompts: Sequence[RenderedPrompt], batch_size: int, pad_id: int = 0,
         yield n, tokens_bp, lengths_b
 
 
+def decode_response(tokenizer: Tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:
+    """(text, stopped) of emitted token ids: a final stop token ends the answer and is not part of its text."""
+    stopped = bool(ids) and ids[-1] in stop_ids
+    return tokenizer.decode(list(ids[:-1]) if stopped else list(ids)), stopped
+
+
 def response_row(prompt: RenderedPrompt, tokens: np.ndarray, log_probs: np.ndarray, length: int,
                  stop_ids: Sequence[int], tokenizer: Tokenizer, scorer=None) -> dict:
     """The output row of one prompt from its generated tokens (B=1 slices of a `Generation`)."""
     ids = [int(i) for i in tokens[:length]]
-    stopped = bool(ids) and ids[-1] in stop_ids
-    response = tokenizer.decode(ids[:-1] if stopped else ids)
+    response, stopped = decode_response(tokenizer, ids, stop_ids)
     messages = prompt.example.prompt
     row = dict(where=prompt.example.where)
     if len(messages) == 1:

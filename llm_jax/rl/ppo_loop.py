@@ -38,7 +38,8 @@ from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import batch_shards, gold_scorer, padded_length, prompt_text, read_prompts
+from llm_jax.generation_io import (batch_shards, decode_response, gold_scorer, padded_length, prompt_text,
+                                   read_prompts)
 from llm_jax.model import lora
 from llm_jax.model.transformer import Transformer
 from llm_jax.objectives import ppo, reward
@@ -77,17 +78,19 @@ class Prompts:
     scored: np.ndarray  # (n,) bool: the gold scorer applies
 
     @classmethod
-    def read(cls, spec: str, split: str, tokenizer, template: str, max_len: int, width: int | None, limit=None):
+    def read(cls, spec: str, split: str, tokenizer, template: str, max_len: int, limit=None):
         rendered = read_prompts(resolve_spec(spec, "prompts", split), tokenizer, template=template,
                                 max_len=max_len, scorer=gold_scorer())[:limit]
-        width = width or padded_length(max(len(p.tokens) for p in rendered))
-        tokens = np.full((len(rendered), width), tokenizer.pad_id, np.int32)
+        tokens = np.full((len(rendered), padded_length(max(len(p.tokens) for p in rendered))), tokenizer.pad_id,
+                         np.int32)
         for i, p in enumerate(rendered):
-            if len(p.tokens) > width:
-                raise ValueError(f"{p.example.where}: prompt of {len(p.tokens)} tokens is longer than {width}")
             tokens[i, :len(p.tokens)] = p.tokens
         return cls(tokens, np.array([len(p.tokens) for p in rendered], np.int32),
                    [prompt_text(p.example.prompt) for p in rendered], np.array([p.scored for p in rendered]))
+
+    def padded(self, width: int, pad_id: int) -> "Prompts":
+        return dataclasses.replace(self, tokens=np.pad(self.tokens, ((0, 0), (0, width - self.tokens.shape[1])),
+                                                       constant_values=pad_id))
 
     def take(self, index: np.ndarray) -> "Prompts":
         return Prompts(self.tokens[index], self.lengths[index], [self.texts[i] for i in index], self.scored[index])
@@ -105,14 +108,9 @@ def iteration_prompts(n: int, batch: int, seed: int, iteration: int) -> np.ndarr
     return np.asarray(out, np.int64)
 
 
-def _response_texts(tokenizer, tokens_bn, mask_bn, stop_ids) -> tuple[list[str], np.ndarray]:
-    texts, stopped = [], []
-    for row, m in zip(tokens_bn, mask_bn):
-        ids = [int(t) for t in row[:int(m.sum())]]
-        stop = bool(ids) and ids[-1] in stop_ids
-        texts.append(tokenizer.decode(ids[:-1] if stop else ids))
-        stopped.append(stop)
-    return texts, np.array(stopped)
+def _response_texts(tokenizer, tokens_bn, mask_bn, stop_ids) -> list[str]:
+    return [decode_response(tokenizer, [int(t) for t in row[:int(m.sum())]], stop_ids)[0]
+            for row, m in zip(tokens_bn, mask_bn)]
 
 
 def _gold_scores(prompts: Prompts, answers: list[str]) -> np.ndarray | None:
@@ -162,13 +160,10 @@ class PPO:
         self.sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                        top_p=s.top_p, stop_ids=self.stop_ids)
         max_prompt = int(config.data.seq_len) - s.max_new_tokens
-        self.prompts = Prompts.read(s.prompts, "train", self.tokenizer, self.template, max_prompt, None)
-        self.eval_prompts = Prompts.read(s.eval_prompts, "eval", self.tokenizer, self.template, max_prompt, None,
-                                         s.n_eval_prompts)
-        width = max(self.prompts.tokens.shape[1], self.eval_prompts.tokens.shape[1])
-        self.prompts, self.eval_prompts = (dataclasses.replace(p, tokens=np.pad(
-            p.tokens, ((0, 0), (0, width - p.tokens.shape[1])), constant_values=self.tokenizer.pad_id))
-            for p in (self.prompts, self.eval_prompts))
+        train = Prompts.read(s.prompts, "train", self.tokenizer, self.template, max_prompt)
+        evals = Prompts.read(s.eval_prompts, "eval", self.tokenizer, self.template, max_prompt, s.n_eval_prompts)
+        width = max(train.tokens.shape[1], evals.tokens.shape[1])  # one compiled shape for training and evals
+        self.prompts, self.eval_prompts = (p.padded(width, self.tokenizer.pad_id) for p in (train, evals))
         self.seq_len = width + s.max_new_tokens
         self._build_models()
         self._build_programs()
@@ -250,7 +245,10 @@ class PPO:
         seqs = self._sequences(prompt_tokens, prompt_lengths, gen)
         old_logp = rollout.response_log_probs(self.policy, policy_params, seqs)
         ref_logp = rollout.response_log_probs(self.ref_model, ref_params, seqs)
-        old_values = rollout.values(self.value_model, value_params, seqs)
+        if s.baseline == "value":
+            old_values = rollout.values(self.value_model, value_params, seqs)
+        else:  # the group baseline replaces the value model: V = 0, and no forward pass for it
+            old_values = jnp.zeros_like(old_logp)
         score_b = rollout.reward_scores(self.rm_model, rm_params, seqs, self.rm_readout)
         stopped_b = self._stopped(seqs)
         if s.reward == "gold":  # the programmatic scorer pays: the ceiling a perfect reward model would give
@@ -260,7 +258,6 @@ class PPO:
         kl_bn = losses.kl_estimate(old_logp, ref_logp, s.kl_estimator) * seqs.mask_bn
         if s.baseline == "group":  # the other samples of the same prompt are the baseline; no value model
             paid_b = paid_b - losses.leave_one_out_mean(paid_b, s.samples_per_prompt)
-            old_values = jnp.zeros_like(old_values)
         rewards_bn = losses.token_rewards(paid_b, kl_bn, seqs.mask_bn, beta)
         advantages_bn, returns_bn = losses.gae(rewards_bn, old_values, seqs.mask_bn, s.gamma, s.lam)
         if s.whiten_advantages:
@@ -289,16 +286,18 @@ class PPO:
         is a forward of the policy, the reference and the value model over whole sequences, with the LM head
         read at the N response positions only (and not at all for the value model), plus the reward model's
         full forward. Training is forward + backward (3×) of the policy and the value model, `ppo.epochs`
-        times."""
+        times. With the group baseline the value model runs in neither."""
         cfg, length, n_new = self.model_cfg, self.seq_len, self.s.max_new_tokens
         fwd = flops.forward_flops_per_token(cfg, length)
         head = 2 * cfg.d_model * cfg.vocab_size  # per position where the LM head runs
         trunk = n_rows * length * (fwd - head)
         policy_fwd = trunk + n_rows * n_new * head
+        value_fwd = trunk if self.s.baseline == "value" else 0  # the group baseline runs no value model
         prompt_width = self.prompts.tokens.shape[1]
         return dict(generate=n_rows * (prompt_width + decode_steps) * fwd,
-                    score=2 * policy_fwd + trunk + n_rows * length * flops.forward_flops_per_token(self.rm_cfg, length),
-                    train=self.s.epochs * 3 * (policy_fwd + (trunk if self.s.baseline == "value" else 0)))
+                    score=2 * policy_fwd + value_fwd + n_rows * length * flops.forward_flops_per_token(self.rm_cfg,
+                                                                                                       length),
+                    train=self.s.epochs * 3 * (policy_fwd + value_fwd))
 
 
 def run(config, workdir: str) -> dict:
@@ -392,7 +391,7 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     times["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     beta = kl_control.value
-    texts, _ = _response_texts(p.tokenizer, _host(gen.tokens), _host(gen.mask), p.stop_ids)
+    texts = _response_texts(p.tokenizer, _host(gen.tokens), _host(gen.mask), p.stop_ids)
     gold_scores = _gold_scores(prompts, texts)
     if s.reward == "gold" and gold_scores is None:
         raise ValueError('ppo.reward="gold" needs prompts the gold scorer can score (default-task prompts with '
@@ -459,7 +458,7 @@ def _evaluate(p: PPO, params, key) -> dict:
             k1_b, score_b = p.eval_kl(params, ref_params, p.rm_params, chunk.tokens, chunk.lengths, gen)
             keep = min(rows, n - begin)
             tokens, mask = _host(gen.tokens)[:keep], _host(gen.mask)[:keep]
-            answers += _response_texts(p.tokenizer, tokens, mask, p.stop_ids)[0]
+            answers += _response_texts(p.tokenizer, tokens, mask, p.stop_ids)
             scores.append(_host(score_b)[:keep])
             kls.append(_host(k1_b)[:keep])
             lengths.append(mask.sum(axis=1))
