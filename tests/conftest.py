@@ -43,8 +43,10 @@ RL_MODEL_OVERRIDES = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2",
 END_LOGIT_GAP = 0.6
 
 
-def _save_run(workdir, config_spec, tokenizer_path, edit):
-    """A run directory (config.json, tokenizer.model, one checkpoint) holding a fresh model edited by `edit`."""
+def _save_run(workdir, config_spec, tokenizer_path, edit, overrides=None, metrics=()):
+    """A run directory (config.json, tokenizer.model, one checkpoint, and metrics.jsonl holding `metrics`) of a
+    fresh model of `config_spec` (with `overrides`, the RL model by default) edited by `edit`."""
+    import json
     import shutil
 
     import jax
@@ -58,10 +60,14 @@ def _save_run(workdir, config_spec, tokenizer_path, edit):
     from llm_jax.objectives import get_objective
     from llm_jax.train.checkpoint import checkpoint_dir
 
-    config = load(config_spec, RL_MODEL_OVERRIDES + [f"tokenizer.path={tokenizer_path}"])
+    config = load(config_spec, list(RL_MODEL_OVERRIDES if overrides is None else overrides)
+                  + [f"tokenizer.path={tokenizer_path}"])
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
+    if metrics:
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
     shutil.copy(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
     model = getattr(get_objective(config.objective), "model_class", Transformer)(ModelConfig.from_config(config.model))
     params = nn.unbox(model.init(jax.random.key(len(config.objective)), jnp.zeros((1, 8), jnp.int32)))

@@ -5,22 +5,18 @@ The runs are freshly initialised small models saved as checkpoints (no training)
 plumbing, not learning (the bandit test, test_ppo_optimum.py, tests that the losses reach the optimum)."""
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import linen as nn
 
+from conftest import _save_run
 from llm_jax import sharding
 from llm_jax.cli import load
 from llm_jax.data import default_task
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.model.config import ModelConfig
-from llm_jax.model.transformer import Transformer
-from llm_jax.objectives import get_objective
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl import ppo_loop, rollout
 from llm_jax.train import loop
@@ -28,24 +24,6 @@ from llm_jax.train.checkpoint import checkpoint_dir
 
 SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=128",
                "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=48"]
-
-
-def _save_run(workdir, config_spec, tokenizer_path, edit=lambda p: p, metrics=None):
-    """A run directory (config.json, tokenizer.model, one checkpoint, metrics.jsonl) of a fresh model."""
-    config = load(config_spec, SMALL_MODEL + [f"tokenizer.path={tokenizer_path}"])
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    shutil.copy(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics or [])
-    model = getattr(get_objective(config.objective), "model_class", Transformer)(ModelConfig.from_config(config.model))
-    params = edit(nn.unbox(model.init(jax.random.key(len(config.objective)), jnp.zeros((1, 8), jnp.int32))))
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    manager.wait_until_finished()
-    manager.close()
-    return str(workdir)
 
 
 def _random_head(params):
@@ -56,8 +34,8 @@ def _random_head(params):
 @pytest.fixture(scope="module")
 def runs(small_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_runs")
-    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer)
-    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, _random_head,
+    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, lambda p: p, SMALL_MODEL)
+    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, _random_head, SMALL_MODEL,
                    metrics=[{"step": 1, "eval_reward_mean": -20.0, "eval_reward_std": 4.0}])
     prompts = {}
     for split, n in (("train", 24), ("eval", 8)):
