@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-3, schedule="cosine",  # cosine | wsd | constant
         warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,  # decay_fraction: the wsd cool-down share
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, grad_accum=1,
+        freeze="",             # comma-separated regexes; params whose path ("params/blocks/attn/wq",
+                               # "params/embedding") one of them matches do not train, e.g. "embedding"
     ))
 
     c.train = ml_collections.ConfigDict(dict(

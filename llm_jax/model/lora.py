@@ -193,10 +193,10 @@ def describe(counts: dict, memory: dict) -> str:
             f"{mib(memory['total_bytes'])} (full fine-tuning: {mib(memory['full_total_bytes'])})")
 
 
-def training_report(params, optimizer, cfg: ModelConfig, grad_accum: int = 1) -> tuple[dict, str | None]:
-    """What a training loop logs once: metrics (params that train, their fraction, `memory_*` bytes) and a
-    line for the log; ({}, None) without LoRA. `params` may be abstract."""
-    trainable = trainable_for(cfg)
+def training_report(params, optimizer, trainable: Trainable, grad_accum: int = 1) -> tuple[dict, str | None]:
+    """What a training loop logs once when part of the model trains (`trainable`, a rule or mask): metrics
+    (params that train, their fraction, `memory_*` bytes) and a line for the log; ({}, None) when `trainable`
+    is None (every param trains). `params` may be abstract."""
     if trainable is None:
         return {}, None
     counts = count(params, trainable)

@@ -50,7 +50,7 @@ from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from llm_jax.train.loop import _check_lineage, _check_resumable, _StopSignal, validate
 from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
-from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.optimizer import make_optimizer, trainable_rule
 from llm_jax.train.state import create_state, state_shardings
 
 
@@ -175,7 +175,7 @@ class PPO:
         self.policy = Transformer(cfg, mesh, rules)
         self.value_model = reward.RewardModel(cfg, mesh, rules)
         total = config.train.steps * s.updates_per_iteration
-        trainable = lora.trainable_for(cfg)
+        trainable = trainable_rule(cfg, config.optim)
         self.policy_opt, self.policy_schedule = make_optimizer(config.optim, total, trainable)
         value_optim = config.optim.copy_and_resolve_references()
         if s.value_lr > 0:

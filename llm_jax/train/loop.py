@@ -36,7 +36,7 @@ from llm_jax.scaling import flops
 from llm_jax.train import hardware
 from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
 from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
-from llm_jax.train.optimizer import make_optimizer
+from llm_jax.train.optimizer import make_optimizer, trainable_of, trainable_rule
 from llm_jax.train.state import TrainState, create_state, state_shardings
 
 # Fields that must agree between a checkpoint and the config resuming it.
@@ -161,9 +161,10 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
     def init_params(key):
         return model.init(key, dummy_tokens, method=Transformer.logits)
 
-    # With LoRA only the adapters (and task heads) train: the optimizer carries that rule, so its state, the
-    # state's shardings and the train step all cover those params alone.
-    optimizer, schedule = make_optimizer(config.optim, config.train.steps, trainable=lora.trainable_for(model_cfg))
+    # With LoRA only the adapters (and task heads) train, and `optim.freeze` holds more params still: the
+    # optimizer carries that rule, so its state, the state's shardings and the train step cover the rest alone.
+    optimizer, schedule = make_optimizer(config.optim, config.train.steps,
+                                         trainable=trainable_rule(model_cfg, config.optim))
     abstract_state, state_sh = state_shardings(init_params, optimizer, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
@@ -222,7 +223,7 @@ def run(config, workdir: str) -> dict:
     start_step, total = int(state.step), config.train.steps
     writer = MetricsWriter(workdir, resume_step=start_step)
     counts = flops.param_counts(model_cfg)
-    lora_metrics, lora_line = lora.training_report(t.abstract_state.params, t.optimizer, model_cfg,
+    lora_metrics, lora_line = lora.training_report(t.abstract_state.params, t.optimizer, trainable_of(t.optimizer),
                                                    config.optim.grad_accum)
     if start_step == 0:
         writer.write(0, {"n_params": counts["total"], "n_params_kaplan": counts["kaplan"],

@@ -1,15 +1,20 @@
 """AdamW with a weight-decay mask, gradient clipping and the learning-rate schedules of `config.optim`.
 
-An optimizer may train only part of the params (LoRA's adapters, `llm_jax/model/lora.py`): it then carries
-the rule that picks them (`trainable_of`), its state is built for those leaves alone (`train/state.py`), and the
-train step takes gradients w.r.t. those alone (`train/step.py`). Every other param is frozen.
+An optimizer may train only part of the params (LoRA's adapters, `llm_jax/model/lora.py`, and whatever
+`optim.freeze` names): it then carries the rule that picks them (`trainable_of`), its state is built for those
+leaves alone (`train/state.py`), and the train step takes gradients w.r.t. those alone (`train/step.py`). Every
+other param is frozen.
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import optax
+
+from llm_jax.model import lora
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -40,6 +45,39 @@ def decay_mask(params):
     def decays(path, leaf):
         return getattr(path[-1], "key", None) != "scale" and leaf.ndim >= 2
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def param_path(path) -> str:
+    """A param's path as `optim.freeze` matches it: its dict keys joined by "/" ("params/blocks/mlp/w_up")."""
+    return "/".join(lora._names(path))
+
+
+def freeze_patterns(freeze: str) -> tuple[re.Pattern, ...]:
+    """`optim.freeze` ("embedding, blocks/mlp") as compiled regexes; a clear error for a malformed one."""
+    patterns = []
+    for text in (part.strip() for part in freeze.split(",")):
+        if text:
+            try:
+                patterns.append(re.compile(text))
+            except re.error as e:
+                raise ValueError(f"optim.freeze: {text!r} is not a regular expression ({e})") from None
+    return tuple(patterns)
+
+
+def _trainable_mask(params, lora_rule, patterns):
+    base = lora.mask_of(lora_rule, params) if lora_rule is not None else jax.tree.map(lambda _: True, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, trains: bool(trains) and not any(p.search(param_path(path)) for p in patterns), base)
+
+
+def trainable_rule(model_cfg, optim_config):
+    """The rule `params -> bool mask` of what trains: LoRA's adapters (or everything), less the params whose
+    path matches `optim.freeze`; None when every param trains."""
+    lora_rule = lora.trainable_for(model_cfg)
+    patterns = freeze_patterns(optim_config.get("freeze", ""))
+    if not patterns:
+        return lora_rule
+    return functools.partial(_trainable_mask, lora_rule=lora_rule, patterns=patterns)
 
 
 class PartialOptimizer(NamedTuple):

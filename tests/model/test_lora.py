@@ -177,10 +177,10 @@ def test_counts_and_memory_of_the_tiny_model():
     assert memory["total_bytes"] == memory["params_bytes"] + memory["grads_bytes"] + memory["opt_state_bytes"]
     assert lora.memory_report(params, optimizer, grad_accum=4)["grads_bytes"] == 8 * adapters
     assert "training 28,672 of 1,078,400 params (2.66%)" in lora.describe(counts, memory)
-    metrics, line = lora.training_report(params, optimizer, cfg)
+    metrics, line = lora.training_report(params, optimizer, lora.trainable_for(cfg))
     assert metrics["n_params_trainable"] == adapters and metrics["memory_grads_bytes"] == 4 * adapters
     assert line == lora.describe(counts, memory)
-    assert lora.training_report(params, optimizer, lora.without_lora(cfg)) == ({}, None)
+    assert lora.training_report(params, optimizer, None) == ({}, None)
 
 
 def test_task_heads_train_beside_the_adapters():

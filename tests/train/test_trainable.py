@@ -106,3 +106,30 @@ def test_state_shardings_and_create_state_for_a_partial_optimizer():
                                   np.asarray(fresh.params["params"]["head"]))
     with pytest.raises(ValueError, match=r"entries the model lacks: \['nope'\]"):
         create_state(init_params, optimizer, shardings, seed=0, params={"params": {"nope": jnp.ones(2)}})
+
+
+def test_optim_freeze_holds_the_params_it_names_beside_lora():
+    import ml_collections
+    from llm_jax.model.config import ModelConfig
+    from llm_jax.model.transformer import Transformer
+    from llm_jax.train.optimizer import param_path, trainable_rule
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, vocab_size=64)
+    optim = ml_collections.ConfigDict(dict(freeze=""))
+    assert trainable_rule(cfg, optim) is None  # nothing frozen, no LoRA: every param trains
+
+    def mask_for(model_cfg, freeze):
+        params = jax.eval_shape(lambda k: nn.unbox(Transformer(model_cfg).init(
+            k, jnp.zeros((1, 4), jnp.int32), method=Transformer.logits)), jax.random.key(0))
+        mask = trainable_rule(model_cfg, ml_collections.ConfigDict(dict(freeze=freeze)))(params)
+        return {param_path(path): bool(m) for path, m in jax.tree_util.tree_leaves_with_path(mask)}
+
+    mask = mask_for(cfg, "embedding, mlp/w_")
+    frozen = {p for p, trains in mask.items() if not trains}
+    assert frozen == {p for p in mask if p == "params/embedding" or "/mlp/w_" in p}
+    assert len(frozen) >= 3 and mask["params/blocks/attn/wq"]
+    # with LoRA, freezing can only take away: the base stays frozen and a named adapter joins it
+    lora_cfg = ModelConfig(**{**cfg.__dict__, "lora_rank": 2})
+    with_lora = mask_for(lora_cfg, "wq_lora")
+    assert {p for p, trains in with_lora.items() if trains} == {p for p in with_lora if "_lora" in p and "wq_lora" not in p}
+    with pytest.raises(ValueError, match=r"optim.freeze: '\(' is not a regular expression"):
+        trainable_rule(cfg, ml_collections.ConfigDict(dict(freeze="embedding,(")))
