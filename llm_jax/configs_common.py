@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
         normalize_score=True,  # standardise scores with the reward run's last eval mean and std
         unfinished_penalty=1.0,  # subtracted from the (standardised) score of a response that never stopped
         value_lr=0.0,          # the value model's peak lr; 0: optim.lr
+        reward_shaping="final",  # final: the whole score at the last token | dense: the part each token earned,
+                                 # as it is emitted (likelihood reward models; the gold scorer over prefixes)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -18,7 +18,16 @@ minibatch updates (`ppo.minibatch` rows each) of both models, with the losses of
     policy  = Σ_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)) − c_e·Σ_t entropy_t       ρ_t = π/π_old
     value   = Σ_t ½·max((V − G)², (clip(V, V_old ± c) − G)²)
 
-both averaged over the minibatch's response tokens. With `ppo.baseline="group"` each prompt is sampled
+both averaged over the minibatch's response tokens. With `ppo.reward_shaping="dense"` the score is paid
+in the parts its tokens earned, as they are emitted, and the rest (the head, the penalty) at the end:
+
+    r_t     = −β·kl_t + d_t + (s − Σ_t d_t)·[t = last]
+    d_t     = log p_R(y_t | x, y_<t) / σ_R            a "likelihood" reward model's per-token terms
+    d_t     = Φ(y_≤t) − Φ(y_<t),  Φ = gold_score(x, ·)  the gold scorer over the response's prefixes
+
+The return of a whole response is unchanged (γ = 1); a token's return-to-go just no longer holds what the
+tokens before it earned, which the value model would otherwise have to read off the prefix (credit
+assignment: experiments/rlhf/README.md). With `ppo.baseline="group"` each prompt is sampled
 `ppo.samples_per_prompt` (k) times and the mean paid score of its other k − 1 samples replaces the value
 model as the baseline (RLOO; s − b is paid at the last token, GAE then runs with V = 0 and the value model is
 not trained). That baseline is per prompt by construction, where the value model must first learn it. With `ppo.reward="gold"` the embedded task's scorer pays s
@@ -41,6 +50,7 @@ from llm_jax.rl import losses, rollout
 VALUE_FROM = ("reward", "policy")
 REWARDS = ("reward_model", "gold")
 BASELINES = ("value", "group")
+REWARD_SHAPINGS = ("final", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,7 @@ class PPOSettings:
     normalize_score: bool
     unfinished_penalty: float
     value_lr: float
+    reward_shaping: str
 
     @property
     def updates_per_iteration(self) -> int:
@@ -99,6 +110,8 @@ def settings(config) -> PPOSettings:
                          f"{s.samples_per_prompt} (>= 1)")
     if s.baseline == "group" and s.samples_per_prompt < 2:
         raise ValueError(f'ppo.baseline="group" needs ppo.samples_per_prompt >= 2, got {s.samples_per_prompt}')
+    if s.reward_shaping not in REWARD_SHAPINGS:
+        raise ValueError(f"ppo.reward_shaping={s.reward_shaping!r} is not one of {REWARD_SHAPINGS}")
     if s.value_from not in VALUE_FROM:
         raise ValueError(f"ppo.value_from={s.value_from!r} is not one of {VALUE_FROM}")
     if s.kl_estimator not in losses.KL_ESTIMATORS:

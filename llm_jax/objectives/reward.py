@@ -59,17 +59,26 @@ class RewardModel(Transformer):
               readout: str = "last"):
         """(B,) f32 rewards read at each row's last real token (segment id > 0); with readout "likelihood"
         plus Σ answer_mask · log p(target), the answer's log-likelihood (module docstring)."""
+        head_b, terms_bt = self.score_terms(tokens_bt, positions_bt, segment_ids_bt, targets_bt, answer_mask_bt,
+                                            readout)
+        return head_b + jnp.sum(terms_bt, axis=1)
+
+    def score_terms(self, tokens_bt, positions_bt, segment_ids_bt, targets_bt=None, answer_mask_bt=None,
+                    readout: str = "last"):
+        """The score in its parts: (head_b, terms_bt) with score = head_b + Σ_t terms_bt. head_b is w · h_last + b;
+        terms_bt is answer_mask · log p(target) for readout "likelihood" (one term per answer token, which PPO
+        can pay token by token), zeros for "last"."""
         hidden_btd = self(tokens_bt, positions_bt, segment_ids_bt)
         last_b = jnp.maximum(jnp.sum(segment_ids_bt > 0, axis=1) - 1, 0)
         h_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        reward_b = h_bd @ self.reward_head.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
+        head_b = h_bd @ self.reward_head.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
         if readout == "last":
-            return reward_b
+            return head_b, jnp.zeros(tokens_bt.shape, jnp.float32)
         check_readout(readout)
         if targets_bt is None or answer_mask_bt is None:
             raise ValueError('reward readout "likelihood" needs the targets and the answer mask')
         log_probs_bt = token_log_probs(self.head(hidden_btd), targets_bt)
-        return reward_b + jnp.sum(log_probs_bt * answer_mask_bt, axis=1)
+        return head_b, log_probs_bt * answer_mask_bt
 
 
 model_class = RewardModel

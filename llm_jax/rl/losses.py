@@ -75,15 +75,21 @@ def kl_estimate(logp_bt, ref_logp_bt, estimator: str):
     raise ValueError(f"KL estimator {estimator!r} is not one of {KL_ESTIMATORS}")
 
 
-def token_rewards(score_b, kl_bt, mask_bt, beta):
+def token_rewards(score_b, kl_bt, mask_bt, beta, dense_bt=None):
     """Per-token rewards: the KL penalty on every response token and the reward model's score at the last one.
 
-        r_bt = m_bt · (−β·kl_bt + score_b·1[t = L_b − 1]),   L_b = Σ_t m_bt
+        r_bt = m_bt · (−β·kl_bt + d_bt + score_b·1[t = L_b − 1]),   L_b = Σ_t m_bt
+    `dense_bt` (default 0) is the part of the score paid as each token is emitted: with the score split as
+    score_b + Σ_t d_bt (e.g. a likelihood reward model's per-token log-probs, or the increments of a scorer over
+    the response's prefixes) the return of the whole response is the same, but a token's return-to-go no
+    longer carries what the tokens before it earned, which a value model would otherwise have to predict.
     A row with an empty mask is all zeros (its score is dropped).
     """
     length_b = jnp.sum(mask_bt, axis=1).astype(jnp.int32)
     last_bt = jnp.arange(mask_bt.shape[1])[None, :] == (length_b - 1)[:, None]  # never true when L_b = 0
     rewards_bt = -beta * kl_bt + jnp.where(last_bt, score_b[:, None], 0.0)
+    if dense_bt is not None:
+        rewards_bt = rewards_bt + dense_bt
     return jnp.where(mask_bt > 0, rewards_bt, 0.0)
 
 

@@ -121,6 +121,22 @@ def _gold_scores(prompts: Prompts, answers: list[str]) -> np.ndarray | None:
     return np.array([scorer(t, a) for t, a in zip(prompts.texts, answers)], np.float64)
 
 
+def gold_steps(prompts: Prompts, tokenizer, tokens_bn, mask_bn, stop_ids) -> np.ndarray:
+    """(B, N) the gold score's increments over each response's prefixes: entry i is Φ(tokens ≤ i) − Φ(tokens < i)
+    with Φ(prefix) = gold_score(prompt, decoded prefix), so a row sums to the whole response's gold score minus
+    that of the empty response (0 for the embedded task). A potential-based split (Ng et al. 1999) of the score
+    into what each token earned; 0 on padding."""
+    scorer = gold_scorer()
+    steps = np.zeros(tokens_bn.shape, np.float32)
+    for b, (prompt, row, m) in enumerate(zip(prompts.texts, tokens_bn, mask_bn)):
+        ids = [int(t) for t in row[:int(m.sum())]]
+        before = scorer(prompt, "")
+        for i in range(len(ids)):
+            now = scorer(prompt, decode_response(tokenizer, ids[:i + 1], stop_ids)[0])
+            steps[b, i], before = now - before, now
+    return steps
+
+
 def _gold(prompts: Prompts, answers: list[str]) -> float | None:
     scores = _gold_scores(prompts, answers)
     return None if scores is None else float(scores.mean())
@@ -198,6 +214,10 @@ class PPO:
         rm = runs.load_run(s.reward_run, mesh=mesh, rules=rules, model_cls=reward.RewardModel)
         self.rm_model, self.rm_params, self.rm_readout = rm.model, rm.params, reward.readout_of(rm.config)
         self.rm_cfg = rm.model_cfg
+        if s.reward_shaping == "dense" and s.reward == "reward_model" and self.rm_readout != "likelihood":
+            raise ValueError(f'ppo.reward_shaping="dense" pays each token its part of the score, which a reward '
+                             f'model with readout {self.rm_readout!r} ({s.reward_run}) does not have: use a '
+                             f'"likelihood" reward model, ppo.reward="gold", or ppo.reward_shaping="final"')
         self.score_mean, self.score_std = _reward_statistics(s.reward_run) if s.normalize_score else (0.0, 1.0)
 
     def fresh_states(self):
@@ -239,8 +259,9 @@ class PPO:
         return (n_b > 0) & jnp.isin(last_b, jnp.asarray(self.stop_ids))
 
     def _score_rollout(self, policy_params, ref_params, value_params, rm_params, prompt_tokens, prompt_lengths,
-                       gen, beta, gold_b):
-        """Everything one iteration's updates need, in one program (objectives/ppo.py's equations)."""
+                       gen, beta, gold_b, gold_steps_bn):
+        """Everything one iteration's updates need, in one program (objectives/ppo.py's equations).
+        `gold_steps_bn`: the gold score's increments over the response's prefixes (dense gold shaping)."""
         s = self.s
         seqs = self._sequences(prompt_tokens, prompt_lengths, gen)
         old_logp = rollout.response_log_probs(self.policy, policy_params, seqs)
@@ -249,16 +270,21 @@ class PPO:
             old_values = rollout.values(self.value_model, value_params, seqs)
         else:  # the group baseline replaces the value model: V = 0, and no forward pass for it
             old_values = jnp.zeros_like(old_logp)
-        score_b = rollout.reward_scores(self.rm_model, rm_params, seqs, self.rm_readout)
+        head_b, terms_bn = rollout.reward_terms(self.rm_model, rm_params, seqs, self.rm_readout)
+        score_b = head_b + jnp.sum(terms_bn, axis=1)
         stopped_b = self._stopped(seqs)
+        penalty_b = s.unfinished_penalty * (1.0 - stopped_b)
         if s.reward == "gold":  # the programmatic scorer pays: the ceiling a perfect reward model would give
-            paid_b = gold_b - s.unfinished_penalty * (1.0 - stopped_b)
+            paid_b, steps_bn = gold_b - penalty_b, gold_steps_bn * seqs.mask_bn
         else:
-            paid_b = (score_b - self.score_mean) / self.score_std - s.unfinished_penalty * (1.0 - stopped_b)
+            paid_b, steps_bn = (score_b - self.score_mean) / self.score_std - penalty_b, terms_bn / self.score_std
+        # Dense shaping pays each token its part as it is emitted and the rest at the end: the same total.
+        dense_bn = steps_bn if s.reward_shaping == "dense" else None
+        final_b = paid_b - jnp.sum(steps_bn, axis=1) if dense_bn is not None else paid_b
         kl_bn = losses.kl_estimate(old_logp, ref_logp, s.kl_estimator) * seqs.mask_bn
         if s.baseline == "group":  # the other samples of the same prompt are the baseline; no value model
-            paid_b = paid_b - losses.leave_one_out_mean(paid_b, s.samples_per_prompt)
-        rewards_bn = losses.token_rewards(paid_b, kl_bn, seqs.mask_bn, beta)
+            final_b = final_b - losses.leave_one_out_mean(paid_b, s.samples_per_prompt)
+        rewards_bn = losses.token_rewards(final_b, kl_bn, seqs.mask_bn, beta, dense_bn)
         advantages_bn, returns_bn = losses.gae(rewards_bn, old_values, seqs.mask_bn, s.gamma, s.lam)
         if s.whiten_advantages:
             advantages_bn = losses.whiten(advantages_bn, seqs.mask_bn)
@@ -391,14 +417,18 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     times["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     beta = kl_control.value
-    texts = _response_texts(p.tokenizer, _host(gen.tokens), _host(gen.mask), p.stop_ids)
+    tokens_bn, mask_bn = _host(gen.tokens), _host(gen.mask)
+    texts = _response_texts(p.tokenizer, tokens_bn, mask_bn, p.stop_ids)
     gold_scores = _gold_scores(prompts, texts)
     if s.reward == "gold" and gold_scores is None:
         raise ValueError('ppo.reward="gold" needs prompts the gold scorer can score (default-task prompts with '
                          'a "task" key)')
     gold_b = np.zeros(len(texts), np.float32) if gold_scores is None else gold_scores.astype(np.float32)
+    dense_gold = s.reward == "gold" and s.reward_shaping == "dense"
+    steps_bn = (gold_steps(prompts, p.tokenizer, tokens_bn, mask_bn, p.stop_ids) if dense_gold
+                else np.zeros(tokens_bn.shape, np.float32))
     batch, stats = p.score(policy.params, p.reference_params(policy.params), value.params, p.rm_params,
-                           prompts.tokens, prompts.lengths, gen, jnp.float32(beta), gold_b)
+                           prompts.tokens, prompts.lengths, gen, jnp.float32(beta), gold_b, steps_bn)
     batch = {k: _host(v) for k, v in batch.items()}
     stats = {k: float(v) for k, v in jax.device_get(stats).items()}
     times["score"] = time.perf_counter() - t0

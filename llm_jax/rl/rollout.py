@@ -79,9 +79,18 @@ def values(model: RewardModel, params, seqs: Sequences, rng=None):
 
 def reward_scores(model: RewardModel, params, seqs: Sequences, readout: str):
     """(B,) reward-model scores of the whole sequences, read as the reward model was trained to read them."""
+    head_b, terms_bn = reward_terms(model, params, seqs, readout)
+    return head_b + jnp.sum(terms_bn, axis=1)
+
+
+def reward_terms(model: RewardModel, params, seqs: Sequences, readout: str):
+    """The reward model's score in parts, (head_b, terms_bn) with score = head_b + Σ_i terms_bn: terms_bn[b, i]
+    is the part that response token i carries (its log-likelihood under the reward model's LM head for readout
+    "likelihood"; 0 for "last" and on padding)."""
     targets_bl = jnp.pad(seqs.tokens_bl[:, 1:], ((0, 0), (0, 1)))
     # The answer mask over targets: the response tokens, predicted from positions index_bn.
     answer_bl = jnp.zeros(seqs.tokens_bl.shape, jnp.float32)
     answer_bl = jax.vmap(lambda row, idx, m: row.at[idx].max(m))(answer_bl, seqs.index_bn, seqs.mask_bn)
-    return model.apply(params, seqs.tokens_bl, positions(seqs.segment_ids_bl), seqs.segment_ids_bl, targets_bl,
-                       answer_bl, readout=readout, method=RewardModel.score)
+    head_b, terms_bl = model.apply(params, seqs.tokens_bl, positions(seqs.segment_ids_bl), seqs.segment_ids_bl,
+                                   targets_bl, answer_bl, readout=readout, method=RewardModel.score_terms)
+    return head_b, jnp.take_along_axis(terms_bl, seqs.index_bn, axis=1) * seqs.mask_bn

@@ -67,6 +67,10 @@ def test_token_rewards_placement_with_uneven_lengths_and_an_empty_row():
     expected[3, 3] += 40.0  # row 2 is empty: its score is dropped
     np.testing.assert_allclose(rewards, expected, rtol=1e-6)
     assert np.all(rewards[2] == 0.0)
+    # dense shaping adds each token's own part where it is emitted, and nothing on padding
+    dense = np.full((4, 4), 0.25, np.float32)
+    shaped = np.asarray(token_rewards(score, jnp.asarray(kl), jnp.asarray(mask), beta=0.5, dense_bt=jnp.asarray(dense)))
+    np.testing.assert_allclose(shaped, expected + 0.25 * mask, rtol=1e-6)
 
 
 def test_gae_hand_computed_three_tokens():

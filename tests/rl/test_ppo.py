@@ -86,6 +86,35 @@ def test_rollout_reads_the_samplers_log_probs_and_the_reward_models_scores(runs,
         sequences.append(np.concatenate([np.asarray(seqs.tokens_bl[b, :n_p + n_r]), [p.tokenizer.eos_id]]))
         starts.append(n_p)
     np.testing.assert_allclose(scores, scorer.score_tokens(sequences, starts), rtol=1e-5, atol=1e-4)
+    # in parts: the likelihood readout's terms are the reward model's own log-probs of the response tokens
+    head, terms = rollout.reward_terms(p.rm_model, p.rm_params, seqs, "likelihood")
+    np.testing.assert_allclose(terms, rollout.response_log_probs(p.rm_model, p.rm_params, seqs), atol=1e-5)
+    np.testing.assert_allclose(head + terms.sum(1), rollout.reward_scores(p.rm_model, p.rm_params, seqs, "likelihood"),
+                               rtol=1e-5)
+    head_last, terms_last = rollout.reward_terms(p.rm_model, p.rm_params, seqs, "last")
+    assert not np.asarray(terms_last).any()
+    np.testing.assert_allclose(head_last, head, rtol=1e-6)
+
+
+def test_gold_steps_split_the_gold_score_over_the_prefixes(runs, tmp_path, monkeypatch):
+    _on_one_device(monkeypatch)
+    p = ppo_loop.PPO(_config(runs, "mesh.data=1"), str(tmp_path))
+    words = default_task.TASK_WORDS[:3]
+    prompt = f"reverse, {' '.join(words)}"  # gold: words[2] words[1] words[0]
+    answers = [[words[2], words[0], words[1]],             # one right word of three
+               [words[2], words[1], words[0], words[0]]]   # all right, then an extra word: 3/4
+    rows = [p.tokenizer.encode(" ".join(a)) + [p.stop_ids[0]] for a in answers]
+    width = max(map(len, rows))
+    tokens = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), np.float32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)], mask[b, :len(row)] = row, 1.0
+    prompts = ppo_loop.Prompts(tokens[:, :1], np.ones(2, np.int32), [prompt, prompt], np.ones(2, bool))
+    steps = ppo_loop.gold_steps(prompts, p.tokenizer, tokens, mask, p.stop_ids)
+    np.testing.assert_allclose(steps.sum(1), [default_task.gold_score(prompt, " ".join(a)) for a in answers], atol=1e-6)
+    np.testing.assert_allclose(steps[0][steps[0] != 0], [1 / 3], atol=1e-6)
+    np.testing.assert_allclose(steps[1][steps[1] != 0], [1 / 3, 1 / 3, 1 / 3, -1 / 4], atol=1e-6)
+    assert not steps[mask == 0].any()
 
 
 def _final_params(workdir):
