@@ -22,6 +22,9 @@ every train stage and seeds the pairs' sampling. `evaluate` adds the gold-scored
 
 Sizes: `tiny` (the README's run) and `small` (every stage shrunk to a two-layer model and a few steps: the
 test suite's whole chain in a few minutes; its numbers mean nothing).
+
+configs/rounds.py builds on this file's stages and builders (`train_stage`, `pairs_stage`, `eval_settings`, the
+SMALL settings), so both pipelines run the same base chain.
 """
 import os
 
@@ -34,18 +37,18 @@ ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
 
 # The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
 # so a test can see their metrics move the right way.
-_SMALL_MODEL = ("model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
+SMALL_MODEL = ("model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
                 "model.d_ff=128", "model.vocab_size=512", "tokenizer.vocab_size=512")
-_SMALL_RUN = ("data.batch_size=8", "optim.warmup_steps=2", "train.steps=24", "train.log_every=6",
+SMALL_RUN = ("data.batch_size=8", "optim.warmup_steps=2", "train.steps=24", "train.log_every=6",
               "train.eval_every=12", "train.checkpoint_every=24", "train.eval_batches=2")
-_SMALL = {
+SMALL = {
     "stages": {
-        "pretrain": _SMALL_MODEL + _SMALL_RUN + ("data.seq_len=64", "train.steps=6", "train.eval_every=6",
+        "pretrain": SMALL_MODEL + SMALL_RUN + ("data.seq_len=64", "train.steps=6", "train.eval_every=6",
                                                  "train.checkpoint_every=6"),
-        "sft": _SMALL_MODEL + _SMALL_RUN,
-        "reward": _SMALL_MODEL + _SMALL_RUN,
-        "dpo": _SMALL_MODEL + _SMALL_RUN + ("optim.lr=2e-3", "dpo.nll_coef=0.0"),
-        "ppo": _SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+        "sft": SMALL_MODEL + SMALL_RUN,
+        "reward": SMALL_MODEL + SMALL_RUN,
+        "dpo": SMALL_MODEL + SMALL_RUN + ("optim.lr=2e-3", "dpo.nll_coef=0.0"),
+        "ppo": SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
                                "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
                                "ppo.max_new_tokens=6"),
     },
@@ -55,9 +58,32 @@ _SMALL = {
 SIZES = ("tiny", "small")
 
 
-def _train(spec: str, *overrides: str, evaluate: bool = False) -> dict:
+def train_stage(spec: str, *overrides: str, evaluate: bool = False) -> dict:
+    """`llm-jax train` of `spec` (a file in configs/) with `overrides`; `evaluate`: then the gold-scored evals."""
     return dict(kind="train", config=os.path.join(_HERE, spec), overrides=tuple(overrides), extra="",
                 evaluate=evaluate)
+
+
+def pairs_stage(run: str, **changes) -> dict:
+    """On-policy preference pairs from `run`, judged by `judge`: `gold`, or `reward` (the reward model of the run
+    `reward_run`); the first n prompts of `prompts` (0: all, the task's 4,096 train prompts), sampled with the
+    pipeline's seed + `seed_offset`; `changes` set fields."""
+    stage = dict(kind="pairs", run=run, judge="gold", reward_run="", prompts="default_task", n_prompts=0,
+                 k=8, pairs="all", min_margin=0.2, temperature=1.0, max_new_tokens=16, batch_size=32, seed_offset=0)
+    unknown = sorted(set(changes) - set(stage))
+    if unknown:
+        raise ConfigError(f"pairs stage fields {unknown} do not exist; known: {sorted(stage)}")
+    return {**stage, **changes}
+
+
+def eval_settings(size: str) -> ml_collections.ConfigDict:
+    """Gold-scored answers to held-out prompts after the stages that set `evaluate`: greedy, and sampled at
+    `temperature` with `seed`, which is what PPO's own evals report (eval_gold_greedy, eval_gold)."""
+    settings = ml_collections.ConfigDict(dict(prompts="default_task", n_prompts=0, max_new_tokens=16,
+                                              temperature=1.0, seed=0, batch_size=64))
+    if size == "small":
+        settings.update(SMALL["eval"])
+    return settings
 
 
 def get_config(arg=None):
@@ -68,24 +94,18 @@ def get_config(arg=None):
     c.seed = arg.seed
     c.order = ORDER
     c.stages = ml_collections.ConfigDict(dict(
-        pretrain=_train("pretrain.py:tiny"),
-        sft=_train("sft.py:tiny", "train.init_from={workdir}/pretrain", evaluate=True),
-        pairs=dict(kind="pairs", run="{workdir}/sft", judge="gold", prompts="default_task",
-                   n_prompts=0,          # the first n prompts of the file; 0: all (the task's 4,096 train prompts)
-                   k=8, pairs="all", min_margin=0.2, temperature=1.0, max_new_tokens=16, batch_size=32),
-        reward=_train("reward.py:tiny", "train.init_from={workdir}/sft",
+        pretrain=train_stage("pretrain.py:tiny"),
+        sft=train_stage("sft.py:tiny", "train.init_from={workdir}/pretrain", evaluate=True),
+        pairs=pairs_stage("{workdir}/sft"),
+        reward=train_stage("reward.py:tiny", "train.init_from={workdir}/sft",
                       "data.train=default_task,{workdir}/pairs/pairs.jsonl",
                       "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
-        ppo=_train("ppo.py:tiny", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
-        dpo=_train("dpo.py:tiny", "train.init_from={workdir}/sft", evaluate=True),
+        ppo=train_stage("ppo.py:tiny", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
+        dpo=train_stage("dpo.py:tiny", "train.init_from={workdir}/sft", evaluate=True),
     ))
-    # Gold-scored answers to held-out prompts after the stages that set `evaluate`: greedy, and sampled at
-    # `temperature` with `seed`, which is what PPO's own evals report (eval_gold_greedy, eval_gold).
-    c.eval = ml_collections.ConfigDict(dict(prompts="default_task", n_prompts=0, max_new_tokens=16,
-                                            temperature=1.0, seed=0, batch_size=64))
+    c.eval = eval_settings(arg.size)
     if arg.size == "small":
-        for name, overrides in _SMALL["stages"].items():
+        for name, overrides in SMALL["stages"].items():
             c.stages[name].overrides = c.stages[name].overrides + overrides
-        c.stages.pairs.update(_SMALL["pairs"])
-        c.eval.update(_SMALL["eval"])
+        c.stages.pairs.update(SMALL["pairs"])
     return c

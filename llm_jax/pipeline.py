@@ -7,8 +7,20 @@
 The config (configs/pipeline.py) lists the stages in `order`. A `train` stage is `llm_jax.train.loop.run` of its
 config spec plus overrides, in process, in `<workdir>/<stage>/`; with `evaluate` its model then answers the
 held-out prompts of `config.eval` greedily and sampled, and the gold scorer grades the answers
-(`<stage>/generations/{greedy,sampled}.jsonl`). A `pairs` stage writes on-policy preference pairs judged by the
-gold scorer to `<workdir>/pairs/pairs.jsonl` (llm_jax/rl/preference_pairs.py).
+(`<stage>/generations/{greedy,sampled}.jsonl`). Two kinds of stage sample K answers to each of the task's train
+prompts (the first `n_prompts`; 0: all) from the run `run` and have a judge score them: `judge` is `gold` (the
+embedded task's scorer) or `reward` (the reward model of the run `reward_run`):
+
+    pairs       on-policy preference pairs, `<stage>/pairs.jsonl` (llm_jax/rl/preference_pairs.py)
+    rejection   each prompt's best answer (at least `threshold`, when not None) as SFT records,
+                `<stage>/sft.jsonl` (llm_jax/rl/rejection_sampling.py): the data of the next SFT round
+
+They sample with key `seed + seed_offset`: stages that sample one model with different offsets draw different
+answers.
+
+Rounds. `config.rounds`, when the config has it (configs/rounds.py), groups stages: round 0 the model the
+rounds start from, then each round's stages. The summary then adds a table of the gold scores of every round's
+evaluated stages and its rejection stages' kept answers (`rounds` in summary.json).
 
 Resuming. A stage that finished, its evaluation included, leaves `<stage>/stage.json` (written whole, then
 renamed): its summary, the metrics of the table and its wall time. A stage with one is skipped, so rerunning the
@@ -31,7 +43,10 @@ import time
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
-KINDS = ("train", "pairs")
+KINDS = ("train", "pairs", "rejection")
+JUDGES = ("gold", "reward")
+PAIRS_FILE = "pairs.jsonl"
+REJECTION_FILE = "sft.jsonl"
 
 
 class PipelineError(RuntimeError):
@@ -61,6 +76,9 @@ def check_config(config) -> None:
     for name in order:
         if config.stages[name].kind not in KINDS:
             raise PipelineError(f"stage {name!r} has kind {config.stages[name].kind!r}; known: {list(KINDS)}")
+    in_rounds = [n for names in config.get("rounds") or () for n in names]
+    if any(n not in order for n in in_rounds) or len(set(in_rounds)) != len(in_rounds):
+        raise PipelineError(f"config.rounds must name stages of the order, each once; got {in_rounds}, order {order}")
 
 
 def read_stage(directory: str) -> dict | None:
@@ -150,15 +168,57 @@ def _run_train(config, name: str, workdir: str, directory: str, train_config) ->
     return dict(objective=train_config.objective, summary=summary, metrics=metrics)
 
 
-def _run_pairs(config, name: str, workdir: str, directory: str, _) -> dict:
+def _judge(config, name: str, workdir: str) -> str:
+    """What scores a sampling stage's answers: "gold", or for `reward` the directory of `reward_run`."""
+    stage = config.stages[name]
+    if stage.judge == "gold":
+        return "gold"
+    if stage.judge != "reward":
+        raise PipelineError(f"stage {name!r} has judge {stage.judge!r}; known: {list(JUDGES)}")
+    if not stage.get("reward_run"):
+        raise PipelineError(f"stage {name!r} has judge 'reward' but no reward_run (the reward model's run)")
+    return _substitute(stage.reward_run, workdir)
+
+
+def _threshold(config, name: str) -> float | None:
+    """A rejection stage's threshold: None (keep every prompt's best) or a number (an override gives text)."""
+    value = config.stages[name].threshold
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"stage {name!r} has threshold {value!r}; expected a number or None") from None
+
+
+def _sampling(stage):
     from llm_jax.generate import SamplingConfig
-    from llm_jax.rl.preference_pairs import preference_pairs
+    return SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature)
+
+
+def _sampling_inputs(config, name: str, workdir: str, directory: str) -> dict:
+    """What the two sampling kinds share: policy run, judge, prompts file, k, sampling and its seed."""
     stage = config.stages[name]
     prompts = prompts_file(stage.prompts, "train", stage.n_prompts, os.path.join(directory, "prompts.jsonl"))
-    summary = preference_pairs(
-        _substitute(stage.run, workdir), stage.judge, prompts, os.path.join(directory, "pairs.jsonl"), stage.k,
-        SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature), pairing=stage.pairs,
-        min_margin=stage.min_margin, batch_size=stage.batch_size, seed=config.seed, progress=False)
+    return dict(policy_run=_substitute(stage.run, workdir), judge=_judge(config, name, workdir),
+                prompts_spec=prompts, k=stage.k, sampling=_sampling(stage), batch_size=stage.batch_size,
+                seed=config.seed + stage.get("seed_offset", 0), progress=False)
+
+
+def _run_pairs(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.rl.preference_pairs import preference_pairs
+    stage = config.stages[name]
+    summary = preference_pairs(**_sampling_inputs(config, name, workdir, directory),
+                               out_path=os.path.join(directory, PAIRS_FILE), pairing=stage.pairs,
+                               min_margin=stage.min_margin)
+    return dict(summary=summary, metrics=_numbers(summary))
+
+
+def _run_rejection(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.rl.rejection_sampling import rejection_sample
+    inputs = _sampling_inputs(config, name, workdir, directory)
+    summary = rejection_sample(reward_run=inputs.pop("judge"), **inputs,
+                               out_path=os.path.join(directory, REJECTION_FILE), threshold=_threshold(config, name))
     return dict(summary=summary, metrics=_numbers(summary))
 
 
@@ -168,10 +228,14 @@ def _plan(config, name: str, workdir: str):
     if stage.kind == "train":
         from llm_jax.cli import load
         return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
-    from llm_jax.generate import SamplingConfig
-    from llm_jax.rl.preference_pairs import check_options
-    check_options(stage.k, stage.min_margin, stage.pairs, stage.batch_size)
-    SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature)
+    _judge(config, name, workdir)
+    _sampling(stage)
+    if stage.kind == "pairs":
+        from llm_jax.rl.preference_pairs import check_options
+        check_options(stage.k, stage.min_margin, stage.pairs, stage.batch_size)
+    else:
+        from llm_jax.rl.rejection_sampling import check_options
+        check_options(stage.k, _threshold(config, name), stage.batch_size)
     return None
 
 
@@ -179,10 +243,14 @@ def _describe(config, name: str, workdir: str) -> str:
     stage = config.stages[name]
     if stage.kind == "train":
         return f"train {os.path.relpath(_substitute(stage.config, workdir))}"
-    return f"pairs from {_substitute(stage.run, workdir)}, judge {stage.judge}, k={stage.k}"
+    judge = stage.judge
+    if judge == "reward":
+        judge = f"reward model {_substitute(stage.get('reward_run') or '', workdir)}"
+    what = "pairs" if stage.kind == "pairs" else "rejection sampling"
+    return f"{what} from {_substitute(stage.run, workdir)}, judge {judge}, k={stage.k}"
 
 
-_RUNNERS = {"train": _run_train, "pairs": _run_pairs}
+_RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection}
 
 
 def _settings(config, name: str) -> dict:
@@ -233,7 +301,7 @@ def run_pipeline(config, workdir: str) -> dict:
     total = sum(r["seconds"] for r in records.values())
     table = format_table(config, records, total)
     summary = dict(workdir=workdir, order=list(config.order), ran=ran, total_seconds=total,
-                   elapsed_seconds=time.perf_counter() - start, table=table,
+                   elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds_summary(config, records),
                    stages={name: dict(seconds=r["seconds"], metrics=r["metrics"], skipped=name not in ran)
                            for name, r in records.items()})
     _write_json(os.path.join(workdir, "summary.json"), summary)
@@ -255,41 +323,86 @@ def _gold(m: dict) -> str:
     return f"gold greedy {_f(m.get('gold_greedy'))}, sampled {_f(m.get('gold_sampled'))}"
 
 
-def _pairs_row(m: dict) -> str:
+def _judged_by(s: dict) -> str:
+    return "the gold judge" if s.get("judge") == "gold" else f"judge {s.get('judge')}"
+
+
+def _pairs_row(m: dict, s: dict) -> str:
     decided, agreement = m.get("gold_decided"), m.get("gold_agreement")
     agree = "n/a" if decided is None or agreement is None else f"{round(decided * agreement):,} of {decided:,}"
     return (f"{m.get('pairs', 0):,} pairs from {m.get('prompts_with_pairs', 0):,} of {m.get('count', 0):,} prompts "
-            f"× {m.get('k')} samples; gold agrees on {agree} (the gold judge); {_f(m.get('samples_per_s'), '.1f')} "
+            f"× {m.get('k')} samples; gold agrees on {agree} ({_judged_by(s)}); {_f(m.get('samples_per_s'), '.1f')} "
             "samples/s")
 
 
-_ROWS = {  # what the table shows of each kind of stage, from its stage.json metrics
-    "lm": lambda m: f"held-out perplexity {_f(m.get('eval_perplexity'), '.2f')}, loss {_f(m.get('eval_loss'))}",
-    "sft": lambda m: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
+def _rejection_row(m: dict, s: dict) -> str:
+    return (f"kept {m.get('kept', 0):,} of {m.get('count', 0):,} prompts × {m.get('k')} samples ({_judged_by(s)}); "
+            f"judge's score kept {_f(m.get('reward_kept'))}, all {_f(m.get('reward_mean'))}; gold kept "
+            f"{_f(m.get('gold_score_kept'))}, all {_f(m.get('gold_score'))}, best possible "
+            f"{_f(m.get('gold_score_oracle'))}; {_f(m.get('samples_per_s'), '.1f')} samples/s")
+
+
+_ROWS = {  # what the table shows of each kind of stage, from its stage.json metrics and summary
+    "lm": lambda m, s: f"held-out perplexity {_f(m.get('eval_perplexity'), '.2f')}, loss {_f(m.get('eval_loss'))}",
+    "sft": lambda m, s: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
     "pairs": _pairs_row,
-    "reward": lambda m: (f"held-out pair accuracy {_f(m.get('eval_accuracy'))}, margin "
-                         f"{_f(m.get('eval_margin'))}"),
-    "ppo": lambda m: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
-                      f"KL {_f(m.get('after_eval_kl'))} nats; reward-model score {_arrow(m, 'eval_score')}"),
-    "dpo": lambda m: f"{_gold(m)}; held-out pair accuracy {_f(m.get('eval_accuracy'))}",
+    "rejection": _rejection_row,
+    "reward": lambda m, s: (f"held-out pair accuracy {_f(m.get('eval_accuracy'))}, margin "
+                            f"{_f(m.get('eval_margin'))}"),
+    "ppo": lambda m, s: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
+                         f"KL {_f(m.get('after_eval_kl'))} nats; reward-model score {_arrow(m, 'eval_score')}"),
+    "dpo": lambda m, s: f"{_gold(m)}; held-out pair accuracy {_f(m.get('eval_accuracy'))}",
 }
 
 
 def _row(record: dict) -> str:
     m = record["metrics"]
     show = _ROWS.get(record.get("objective") or record["kind"])
-    text = show(m) if show else ", ".join(f"{k} {_f(v, '.4g')}" for k, v in sorted(m.items()))
+    if show:
+        text = show(m, record.get("summary") or {})
+    else:
+        text = ", ".join(f"{k} {_f(v, '.4g')}" for k, v in sorted(m.items()))
     if "gold_greedy" in m and "gold" not in text:  # a stage that `evaluate`s without its own row format
         text += f"; {_gold(m)}"
     return text
 
 
+def rounds_summary(config, records: dict) -> list[dict]:
+    """Per round of `config.rounds` (none without it): its stages, the greedy and sampled gold scores of those
+    that evaluate, and its rejection stages' kept count and gold scores of the kept answers and of all samples."""
+    rounds = []
+    for number, names in enumerate(config.get("rounds") or ()):
+        metrics = {n: records[n]["metrics"] for n in names}
+        gold = {n: dict(greedy=m["gold_greedy"], sampled=m.get("gold_sampled")) for n, m in metrics.items()
+                if "gold_greedy" in m}
+        rejection = {n: {k: metrics[n].get(k) for k in ("kept", "count", "gold_score_kept", "gold_score")}
+                     for n in names if records[n]["kind"] == "rejection"}
+        rounds.append(dict(round=number, stages=list(names), gold=gold, rejection=rejection))
+    return rounds
+
+
+def format_rounds(rounds: list[dict]) -> list[str]:
+    """The rounds table's lines (none without rounds)."""
+    if not rounds:
+        return []
+    lines = ["", "| round | rejection sampling: kept of prompts; gold of kept / of all samples "
+             "| gold greedy (sampled) |", "|---:|---|---|"]
+    for r in rounds:
+        kept = "; ".join(f"{n} {_f(v['kept'], ',')} of {_f(v['count'], ',')}; {_f(v['gold_score_kept'])} / "
+                         f"{_f(v['gold_score'])}" for n, v in r["rejection"].items())
+        gold = " → ".join(f"{n} {_f(g['greedy'])} ({_f(g['sampled'])})" for n, g in r["gold"].items())
+        lines.append(f"| {r['round']} | {kept} | {gold} |")
+    return lines
+
+
 def format_table(config, records: dict, total: float) -> str:
-    """One markdown row a stage (its wall time, as recorded when it ran) and the total."""
+    """One markdown row a stage (its wall time, as recorded when it ran) and the total; then, with rounds, one
+    row a round."""
     prompts = config.eval.n_prompts or "all"
     lines = ["| stage | seconds | result |", "|---|---:|---|"]
     lines += [f"| {name} | {r['seconds']:.0f} | {_row(r)} |" for name, r in records.items()]
     lines.append(f"| total | {total:.0f} | |")
+    lines += format_rounds(rounds_summary(config, records))
     lines.append("")
     lines.append(f"Gold scores after the stages that evaluate: {prompts} held-out prompts, greedy and sampled "
                  f"(temperature {config.eval.temperature}, seed {config.eval.seed}), {config.eval.max_new_tokens} "

@@ -9,7 +9,9 @@ round. Nothing is trained here; this is generation, scoring and selection.
 
 Prompts, sampling and candidates are those of llm_jax/rl/sampling.py (shared with `llm-jax preference-pairs`):
 K samples per prompt, the stopped ones that load back as SFT data and fit the reward model's context are the
-candidates, each scored as the reward model reads the record as written (`RewardJudge`).
+candidates, each scored as the reward model reads the record as written (`RewardJudge`). A reward run
+given as `gold` (GOLD_JUDGE) has the embedded task's scorer judge instead (`GoldJudge`: the oracle's choice,
+the ceiling of the reward model's); "reward" below is then the gold score. A run directory named gold is ./gold.
 
 Selection. Per prompt the highest-reward candidate (the first on ties); with `threshold` it is kept only if
 its reward is ≥ threshold. A prompt without candidates contributes nothing.
@@ -26,7 +28,8 @@ failed run); records.iter_sft_examples reads it (keys other than prompt, system 
     where, metadata  the prompt's file:line and its other keys
 
 Summary (returned; printed as JSON by the command): counts (`count` prompts, samples, stopped, candidates, the
-stopped samples left out, kept, dropped_by_threshold, no_candidate: count = kept + dropped + no_candidate), rewards
+stopped samples left out, kept, dropped_by_threshold, no_candidate, and unjudged_prompts, those the gold judge
+cannot judge (without a "task" key): count = kept + dropped + no_candidate + unjudged_prompts), rewards
 (mean over all candidates, over the kept answers, and over one candidate drawn at random for each kept
 prompt), with gold scores the same three means (the mean over all samples, stopped or not) plus the best
 candidate by gold score (`gold_score_oracle`, the ceiling of any selection), and seconds (generation and
@@ -43,7 +46,9 @@ import numpy as np
 
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import write_jsonl
-from llm_jax.rl.sampling import RewardJudge, check_sizes, mean, sample_and_judge
+from llm_jax.rl.sampling import GoldJudge, RewardJudge, check_sizes, mean, sample_and_judge
+
+GOLD_JUDGE = "gold"  # as reward_run: the embedded task's scorer judges (module docstring)
 
 
 def check_options(k: int, threshold: float | None, batch_size: int) -> None:
@@ -59,17 +64,22 @@ def rejection_sample(policy_run: str, reward_run: str, prompts_spec: str, out_pa
     """Samples k answers to every prompt with the policy run, keeps the reward run's best of each (at least
     `threshold` when given) and writes them to `out_path` as SFT records; returns the summary (module docstring).
 
-    `step` picks the policy's checkpoint (default the latest); the reward model is its run's latest."""
+    `step` picks the policy's checkpoint (default the latest); the reward model is its run's latest.
+    `reward_run` GOLD_JUDGE: the gold scorer judges (module docstring)."""
     check_options(k, threshold, batch_size)
-    sampled = sample_and_judge("rejection-sample", policy_run, RewardJudge(reward_run), prompts_spec, k, sampling,
+    judge = GoldJudge() if reward_run == GOLD_JUDGE else RewardJudge(reward_run)
+    sampled = sample_and_judge("rejection-sample", policy_run, judge, prompts_spec, k, sampling,
                                batch_size=batch_size, seed=seed, step=step, mesh=mesh, rules=rules,
                                progress=progress)
 
     # One draw per prompt with candidates, whatever the threshold: runs that differ only in it compare.
     rng = np.random.default_rng(seed)
     kept, chosen = [], []  # chosen: (prompt, best, random draw) of each kept prompt
-    dropped = no_candidate = 0
+    dropped = no_candidate = unjudged = 0
     for p in sampled.prompts:
+        if not p.judged:  # the gold judge, on a prompt without a "task" key
+            unjudged += 1
+            continue
         if not p.candidates:
             no_candidate += 1
             continue
@@ -87,8 +97,9 @@ def rejection_sample(policy_run: str, reward_run: str, prompts_spec: str, out_pa
     write_jsonl(out_path, kept)
 
     summary = dict(
-        sampled.summary, reward_run=reward_run, out=out_path, threshold=threshold, kept=len(kept),
-        dropped_by_threshold=dropped, no_candidate=no_candidate, reward_mean=mean(sampled.scores()),
+        sampled.summary, reward_run=reward_run, judge=judge.name, out=out_path, threshold=threshold,
+        kept=len(kept), dropped_by_threshold=dropped, no_candidate=no_candidate, unjudged_prompts=unjudged,
+        reward_mean=mean(sampled.scores()),
         reward_kept=mean(r["reward"] for r in kept),
         reward_random=mean(p.scores[drawn] for p, _, drawn in chosen))
     scored = [(p, best, drawn) for p, best, drawn in chosen if p.rendered.scored]
