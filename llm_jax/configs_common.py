@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
         normalize_score=True,  # standardise scores with the reward run's last eval mean and std
         unfinished_penalty=1.0,  # subtracted from the (standardised) score of a response that never stopped
         value_lr=0.0,          # the value model's peak lr; 0: optim.lr
+        ptx_coef=0.0,          # PPO-ptx: + ptx_coef · the LM loss on pretraining rows at every policy update
+        ptx_data="default",    # those rows: a data.train spec ("default": the embedded corpus), packed at data.seq_len
+        ptx_batch=8,           # pretraining rows per policy update
         reward_shaping="final",  # final: the whole score at the last token | dense: the part each token earned,
                                  # as it is emitted (likelihood reward models; the gold scorer over prefixes)
     ))

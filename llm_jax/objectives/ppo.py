@@ -36,14 +36,20 @@ the reward model's errors from the optimiser's (the reward model is still scored
 `ppo.kl_target` (Ziegler et al. 2019). Standardising R with the reward model's own held-out statistics puts
 rewards on a unit scale, so β and the value loss mean the same thing whatever offset R learned.
 
+With `ppo.ptx_coef` > 0 every policy update also takes `ppo.ptx_batch` packed rows of pretraining text
+(`ppo.ptx_data`) and adds ptx_coef · their mean LM loss (InstructGPT's PPO-ptx: the pretraining distribution
+holds on while the policy chases the reward).
+
 This module holds the settings and the two loss functions; the loop lives in `llm_jax/rl/ppo_loop.py`.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
+from llm_jax.objectives import lm
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.rl import losses, rollout
 
@@ -86,6 +92,9 @@ class PPOSettings:
     unfinished_penalty: float
     value_lr: float
     reward_shaping: str
+    ptx_coef: float
+    ptx_data: str
+    ptx_batch: int
 
     @property
     def updates_per_iteration(self) -> int:
@@ -110,6 +119,9 @@ def settings(config) -> PPOSettings:
                          f"{s.samples_per_prompt} (>= 1)")
     if s.baseline == "group" and s.samples_per_prompt < 2:
         raise ValueError(f'ppo.baseline="group" needs ppo.samples_per_prompt >= 2, got {s.samples_per_prompt}')
+    if s.ptx_coef < 0 or (s.ptx_coef > 0 and (s.ptx_batch < 1 or not s.ptx_data)):
+        raise ValueError(f"ppo.ptx_coef={s.ptx_coef} must be >= 0, and > 0 needs ppo.ptx_data (got "
+                         f"{s.ptx_data!r}) and ppo.ptx_batch >= 1 (got {s.ptx_batch})")
     if s.reward_shaping not in REWARD_SHAPINGS:
         raise ValueError(f"ppo.reward_shaping={s.reward_shaping!r} is not one of {REWARD_SHAPINGS}")
     if s.value_from not in VALUE_FROM:
@@ -137,8 +149,16 @@ def _sequences(batch: dict) -> rollout.Sequences:
                              batch["mask"])
 
 
+PTX_PREFIX = "ptx_"  # a policy minibatch's pretraining rows: ptx_inputs, ptx_targets, ... (packed LM rows)
+
+
 def make_policy_loss_fn(model, s: PPOSettings):
-    """loss_fn(params, batch, rng) -> (Σ clipped policy loss − c_e·Σ entropy, stats) over response tokens."""
+    """loss_fn(params, batch, rng) -> (Σ clipped policy loss − c_e·Σ entropy, stats) over response tokens; with
+    `ppo.ptx_coef` > 0, plus ptx_coef · (the mean LM loss of the batch's `ptx_` rows) · Σ response tokens, so that
+    the step's mean over response tokens is the PPO loss + ptx_coef · the pretraining loss (InstructGPT's
+    PPO-ptx)."""
+    lm_loss_fn = lm.make_loss_fn(model)
+
     def loss_fn(params, batch, rng):
         seqs = _sequences(batch)
         logits_bnv = rollout.response_logits(model, params, seqs, rng)
@@ -146,8 +166,16 @@ def make_policy_loss_fn(model, s: PPOSettings):
         pg_sum, stats = losses.policy_loss(logp_bn, batch["old_logp"], batch["advantages"], seqs.mask_bn,
                                            s.clip_eps)
         entropy_sum = losses.masked_sum(losses.entropy_from_logits(logits_bnv), seqs.mask_bn)
-        stats = dict(stats, weight=jnp.sum(seqs.mask_bn), policy_loss=pg_sum, entropy=entropy_sum)
-        return pg_sum - s.entropy_coef * entropy_sum, stats
+        weight = jnp.sum(seqs.mask_bn)
+        stats = dict(stats, weight=weight, policy_loss=pg_sum, entropy=entropy_sum)
+        loss = pg_sum - s.entropy_coef * entropy_sum
+        if s.ptx_coef > 0:
+            ptx = {k[len(PTX_PREFIX):]: v for k, v in batch.items() if k.startswith(PTX_PREFIX)}
+            ptx_sum, ptx_stats = lm_loss_fn(params, ptx, None if rng is None else jax.random.fold_in(rng, 1))
+            ptx_mean = ptx_sum / jnp.maximum(ptx_stats["weight"], 1.0)
+            loss = loss + s.ptx_coef * ptx_mean * weight
+            stats["ptx_loss"] = ptx_mean * weight  # a sum over response tokens, like every stat: the step's mean
+        return loss, stats
     return loss_fn
 
 

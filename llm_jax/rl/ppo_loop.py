@@ -11,14 +11,15 @@ bit for bit.
 
 Checkpoints are labelled by iteration: the policy's under `<workdir>/checkpoints/` (so `llm-jax generate
 --run <workdir>` and a later stage's `train.init_from` read the policy), the value model's under
-`<workdir>/value/checkpoints/`, and the KL coefficient beside the policy's.
+`<workdir>/value/checkpoints/`, and the KL coefficient (and with PPO-ptx the pretraining stream's position)
+beside the policy's.
 
 Metrics each iteration: `score` (reward model, raw) and `score_norm` (what the policy is paid), `gold` (the
 embedded task's `gold_score` of the samples, when the prompts carry a task), `kl` (Σ_t k1 per response:
 log π_old − log π_ref, an unbiased estimate of KL(π‖π_ref) on samples of π), `kl_coef` (β), `entropy`,
-`clip_fraction`, `approx_kl`, `policy_loss`, `value_loss`, `value_clip_fraction`, `explained_variance`
-(of the returns by the values before the update), `response_length`, `stopped` (fraction ending with the
-end marker), and per role (generate, score, train) the seconds and the MFU. Evaluation, at iteration 0 and
+`clip_fraction`, `approx_kl`, `policy_loss`, `ptx_loss` (PPO-ptx's pretraining loss), `value_loss`,
+`value_clip_fraction`, `explained_variance` (of the returns by the values before the update),
+`response_length`, `stopped` (fraction ending with the end marker), and per role (generate, score, train) the seconds and the MFU. Evaluation, at iteration 0 and
 every `train.eval_every`: on `ppo.n_eval_prompts` held-out prompts, greedy answers (`eval_gold_greedy`,
 `eval_score_greedy`) and one sampled answer each (`eval_gold`, `eval_score`, `eval_kl`).
 """
@@ -35,6 +36,7 @@ import numpy as np
 from llm_jax import runs, sharding
 from llm_jax.data import chat
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.pipeline import build_lm_data
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.generate import SamplingConfig, generate
@@ -161,9 +163,10 @@ class PPO:
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.check_rules(config.mesh_rules)
         shards = batch_shards(self.mesh, self.rules)
-        if s.minibatch % shards or s.rollout_batch % shards:
-            raise sharding.ShardingError(f"ppo.minibatch={s.minibatch} and ppo.rollout_batch={s.rollout_batch} "
-                                         f"must divide over the mesh's {shards} batch shards")
+        if s.minibatch % shards or s.rollout_batch % shards or (s.ptx_coef > 0 and s.ptx_batch % shards):
+            raise sharding.ShardingError(f"ppo.minibatch={s.minibatch}, ppo.rollout_batch={s.rollout_batch} and "
+                                         f"(with ptx) ppo.ptx_batch={s.ptx_batch} must divide over the mesh's "
+                                         f"{shards} batch shards")
         self.tokenizer = prepare_tokenizer(config, workdir)
         tokenizer_lib.check_vocab(self.tokenizer, self.model_cfg.vocab_size)
         for name, run_dir in (("ppo.reward_run", s.reward_run), ("ppo.reference_run", s.reference_run)):
@@ -181,8 +184,24 @@ class PPO:
         width = max(train.tokens.shape[1], evals.tokens.shape[1])  # one compiled shape for training and evals
         self.prompts, self.eval_prompts = (p.padded(width, self.tokenizer.pad_id) for p in (train, evals))
         self.seq_len = width + s.max_new_tokens
+        self.ptx_data = self._ptx_data() if s.ptx_coef > 0 else None
         self._build_models()
         self._build_programs()
+
+    def _ptx_data(self):
+        """PPO-ptx's pretraining rows: `ppo.ptx_data` packed at data.seq_len, ptx_batch rows per update, as a
+        checkpointed grain stream (saved with the policy, so a resumed run reads the same rows)."""
+        data = self.config.data.copy_and_resolve_references()
+        data.update(train=self.s.ptx_data, eval="", batch_size=self.s.ptx_batch)
+        return build_lm_data(data, self.tokenizer, cache_dir=data.cache_dir or os.path.join(self.workdir, "data"),
+                             seed=self.config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+    def ptx_rows(self, iterator) -> dict[str, jax.Array]:
+        """The next pretraining rows, `ptx_`-prefixed and sharded over the batch axes."""
+        local = next(iterator)
+        rows = sharding.global_batch_from_local(local, self.mesh, self.rules)
+        return {ppo.PTX_PREFIX + k: v for k, v in rows.items()}
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -312,7 +331,8 @@ class PPO:
         is a forward of the policy, the reference and the value model over whole sequences, with the LM head
         read at the N response positions only (and not at all for the value model), plus the reward model's
         full forward. Training is forward + backward (3×) of the policy and the value model, `ppo.epochs`
-        times. With the group baseline the value model runs in neither."""
+        times, plus with PPO-ptx forward + backward of the policy over `ppo.ptx_batch` pretraining rows per update.
+        With the group baseline the value model runs in neither."""
         cfg, length, n_new = self.model_cfg, self.seq_len, self.s.max_new_tokens
         fwd = flops.forward_flops_per_token(cfg, length)
         head = 2 * cfg.d_model * cfg.vocab_size  # per position where the LM head runs
@@ -320,15 +340,18 @@ class PPO:
         policy_fwd = trunk + n_rows * n_new * head
         value_fwd = trunk if self.s.baseline == "value" else 0  # the group baseline runs no value model
         prompt_width = self.prompts.tokens.shape[1]
+        ptx_len = int(self.config.data.seq_len)
+        ptx = 0 if self.ptx_data is None else (self.s.updates_per_iteration * self.s.ptx_batch * ptx_len
+                                               * flops.forward_flops_per_token(cfg, ptx_len))
         return dict(generate=n_rows * (prompt_width + decode_steps) * fwd,
                     score=2 * policy_fwd + value_fwd + n_rows * length * flops.forward_flops_per_token(self.rm_cfg,
                                                                                                        length),
-                    train=self.s.epochs * 3 * (policy_fwd + value_fwd))
+                    train=self.s.epochs * 3 * (policy_fwd + value_fwd) + 3 * ptx)
 
 
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
-    policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=False)
+    policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=config.ppo.ptx_coef > 0)
     value_ckpt = Checkpointer(os.path.join(workdir, "value"), config.train.keep_checkpoints, save_data_iterator=False)
     resume_from = policy_ckpt.latest_step()
     if resume_from is not None:
@@ -339,8 +362,9 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     kl_control = losses.make_kl_controller(s.kl_control, s.kl_coef, s.kl_target, s.kl_horizon)
+    ptx_iterator = p.ptx_data.train_iterator() if p.ptx_data is not None else None
     if resume_from is not None:
-        policy = policy_ckpt.restore(p.policy_abstract, step=resume_from)
+        policy = policy_ckpt.restore(p.policy_abstract, ptx_iterator, step=resume_from)
         try:
             value = value_ckpt.restore(p.value_abstract, step=resume_from)
         except FileNotFoundError as e:
@@ -371,14 +395,14 @@ def run(config, workdir: str) -> dict:
     def save(iteration: int):
         value_ckpt.save(value, label=iteration)
         value_ckpt.wait()  # the value model first: a policy checkpoint always has its value model
-        policy_ckpt.save(policy, label=iteration, extra=dict(kl_control=kl_control.state_dict()))
+        policy_ckpt.save(policy, ptx_iterator, label=iteration, extra=dict(kl_control=kl_control.state_dict()))
 
     with _StopSignal() as stop:
         try:
             if start == 0:
                 evaluate(0)
             for iteration in range(start + 1, config.train.steps + 1):
-                policy, value, logged = _iteration(p, policy, value, kl_control, key, iteration, peak)
+                policy, value, logged = _iteration(p, policy, value, kl_control, key, iteration, peak, ptx_iterator)
                 if iteration % config.train.log_every == 0 or iteration == config.train.steps:
                     writer.write(iteration, logged)
                     log_line(format_line(iteration, config.train.steps, logged))
@@ -404,7 +428,7 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: float):
+def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: float, ptx_iterator=None):
     s, mesh, rules = p.s, p.mesh, p.rules
     times = {}
     t0 = time.perf_counter()
@@ -442,7 +466,8 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
         for start in range(0, n, s.minibatch):
             rows = order[start:start + s.minibatch]
             mb = _local_rows({k: v[rows] for k, v in batch.items()}, mesh, rules)
-            policy, policy_metrics = p.policy_step(policy, mb)
+            ptx = p.ptx_rows(ptx_iterator) if ptx_iterator is not None else {}
+            policy, policy_metrics = p.policy_step(policy, {**mb, **ptx})
             if s.baseline == "value":
                 value, value_metrics = p.value_step(value, mb)
                 policy_metrics = {**policy_metrics, **{name if name.startswith("value") else f"value_{name}": v
@@ -461,6 +486,8 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     logged = dict(stats, kl_coef=beta, entropy=means["entropy"], clip_fraction=means["clip_fraction"],
                   approx_kl=means["approx_kl"], policy_loss=means["policy_loss"], policy_grad_norm=means["grad_norm"],
                   lr=means["lr"])
+    if "ptx_loss" in means:
+        logged["ptx_loss"] = means["ptx_loss"]
     if s.baseline == "value":
         logged.update(value_loss=means["value_loss"], value_clip_fraction=means["value_clip_fraction"],
                       value_grad_norm=means["value_grad_norm"])

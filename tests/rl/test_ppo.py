@@ -3,6 +3,7 @@ run logs every metric, resumes bit for bit after SIGTERM, and on an 8-device mes
 
 The runs are freshly initialised small models saved as checkpoints (no training): what is tested is the
 plumbing, not learning (the bandit test, test_ppo_optimum.py, tests that the losses reach the optimum)."""
+import dataclasses
 import json
 import os
 
@@ -130,16 +131,40 @@ def _metrics(workdir):
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+def test_ptx_adds_the_pretraining_loss_to_the_policy_loss(runs, tmp_path, monkeypatch):
+    from llm_jax.objectives import lm, ppo
+    _on_one_device(monkeypatch)
+    p = ppo_loop.PPO(_config(runs, "mesh.data=1", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4"), str(tmp_path))
+    policy, _ = p.fresh_states()
+    prompts = p.prompts.take(np.arange(4))
+    gen = generate(p.policy, policy.params, prompts.tokens, prompts.lengths, jax.random.key(0), p.sampling)
+    seqs = rollout.assemble(jnp.asarray(prompts.tokens), jnp.asarray(prompts.lengths), gen.tokens, gen.mask)
+    old_logp = rollout.response_log_probs(p.policy, policy.params, seqs)
+    batch = dict(tokens=seqs.tokens_bl, segment_ids=seqs.segment_ids_bl, index=seqs.index_bn,
+                 response=seqs.response_bn, mask=seqs.mask_bn, old_logp=old_logp,
+                 advantages=jnp.linspace(-1.0, 1.0, seqs.mask_bn.size).reshape(seqs.mask_bn.shape))
+    ptx = p.ptx_rows(p.ptx_data.train_iterator())
+    assert ptx["ptx_inputs"].shape == (4, 48)
+    with_ptx, stats = ppo.make_policy_loss_fn(p.policy, p.s)(policy.params, {**batch, **ptx}, None)
+    without, _ = ppo.make_policy_loss_fn(p.policy, dataclasses.replace(p.s, ptx_coef=0.0))(policy.params, batch, None)
+    lm_sum, lm_stats = lm.make_loss_fn(p.policy)(policy.params, {k[4:]: v for k, v in ptx.items()}, None)
+    weight = float(seqs.mask_bn.sum())
+    np.testing.assert_allclose(with_ptx - without, 0.5 * lm_sum / lm_stats["weight"] * weight, rtol=1e-5)
+    assert float(lm_sum / lm_stats["weight"]) > 1.0  # an untrained model's LM loss: the rows are real text
+
+
 @pytest.mark.slow
 def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_path, monkeypatch):
-    one_device = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+    # with PPO-ptx (its pretraining stream resumes too) and dense shaping of the likelihood reward model
+    one_device = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "ppo.ptx_coef=0.5", "ppo.ptx_batch=4",
+                  "ppo.reward_shaping=dense"]
     _on_one_device(monkeypatch)
     straight = str(tmp_path / "straight")
     summary = loop.run(_config(runs, *one_device), straight)
     logged = _metrics(straight)
     iteration = [m for m in logged if m["step"] == 1 and "score" in m][0]
     for key in ("score", "score_norm", "gold", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
-                "policy_loss", "value_loss", "explained_variance", "response_length", "stopped",
+                "policy_loss", "ptx_loss", "value_loss", "explained_variance", "response_length", "stopped",
                 "seconds_generate", "seconds_score", "seconds_train", "mfu_generate", "mfu_score", "mfu_train"):
         assert np.isfinite(iteration[key]), key
     assert {"eval_gold_greedy", "eval_gold", "eval_score", "eval_kl"} <= set(summary["before"])
@@ -159,7 +184,7 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
 
     monkeypatch.undo()
     sharded = str(tmp_path / "sharded")
-    loop.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), sharded)
+    loop.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *one_device[3:]), sharded)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                  _final_params(sharded), _final_params(straight))
 
@@ -172,11 +197,24 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
     ("ppo.samples_per_prompt=3", "multiple of ppo.samples_per_prompt=3"),
     ("ppo.temperature=0", "temperature"),
     ("ppo.reward=oracle", "ppo.reward='oracle'"),
+    ("ppo.ptx_coef=-1", "ppo.ptx_coef=-1"),
+    ("ppo.ptx_coef=0.1 ppo.ptx_data=", "needs ppo.ptx_data"),
+    ("ppo.reward_shaping=sparse", "ppo.reward_shaping='sparse'"),
 ])
 def test_bad_ppo_settings_are_named(runs, override, message):
     from llm_jax.objectives import ppo
     with pytest.raises(ValueError, match=message):
-        ppo.settings(_config(runs, override))
+        ppo.settings(_config(runs, *override.split(" ")))
+
+
+def test_dense_shaping_needs_a_reward_model_with_per_token_terms(runs, small_tokenizer, tmp_path, monkeypatch):
+    _on_one_device(monkeypatch)
+    last = _save_run(tmp_path / "rm_last", "configs/reward.py:tiny", small_tokenizer, _random_head,
+                     SMALL_MODEL + ["reward.readout=last"],
+                     metrics=[{"step": 1, "eval_reward_mean": 0.0, "eval_reward_std": 1.0}])
+    with pytest.raises(ValueError, match="readout 'last'"):
+        ppo_loop.PPO(_config(runs, f"ppo.reward_run={last}", "ppo.reward_shaping=dense", "mesh.data=1"),
+                     str(tmp_path))
 
 
 def test_a_reward_run_that_is_not_a_reward_model_is_named(runs, tmp_path, monkeypatch):
