@@ -26,8 +26,11 @@ stands in for them, as it does for the base pipeline's pairs. `pairs_judge=rewar
 reward model instead: the fully automatic loop, with no labels after the reward stage, at the price of
 training DPO on the reward model's mistakes (it agrees with gold on the SFT model's samples 0.88 of the time,
 experiments/post_training/README.md). `rs_judge=gold` picks with the oracle: the ceiling of rejection sampling.
-With the reward judge pairs keep every strict preference (min_margin 0: its scores are logits on a scale of
-its own); with gold, the base pipeline's 0.2.
+Measured at `tiny` (experiments/post_training/README.md): the reward model's picks score 0.71 against gold's 0.91,
+below the SFT model's own greedy answers (0.87), so each round's SFT lowers the greedy score and its DPO on gold
+pairs raises it again, while the sampled score rises every round; with gold picking one round lifts greedy to
+0.91. With the reward judge, pairs keep every strict preference (min_margin 0: its scores are logits on a scale
+of its own); with gold, the base pipeline's 0.2.
 
 Pairs are best-against-worst (one per prompt), not every two answers as for the reward model: DPO then sees
 each prompt once per epoch, as in iterative DPO (Dong et al. 2024), rather than its correlated pairs as
@@ -35,11 +38,11 @@ independent rows. Every sampling stage of round r draws with seed + r, so rs1 do
 that the base pairs stage drew from the same SFT model and the reward model was trained on.
 
 Reusing a base chain: every stage with a stage.json is skipped, so the base stages of an earlier
-configs/pipeline.py run can be copied or linked into the workdir (`ln -s runs/pipeline/sft runs/rounds/sft`,
+configs/pipeline.py run can be copied or linked into the workdir (`ln -s ../pipeline/sft runs/rounds/sft`,
 the same for pretrain, pairs and reward) and only the rounds run.
 
 Arguments: `size` (`tiny`; `small`: two-layer models, a few steps each, the test suite's; its numbers mean
-nothing), `rounds` (N ≥ 1, default 2: about 5 minutes a round at `tiny` on a 2-core CPU), `seed`,
+nothing), `rounds` (N ≥ 1, default 2: about 8 minutes a round at `tiny` on a shared 2-core CPU), `seed`,
 `rs_judge` and `pairs_judge` (`reward` | `gold`).
 """
 import importlib.util

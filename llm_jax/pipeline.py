@@ -7,13 +7,15 @@
 The config (configs/pipeline.py) lists the stages in `order`. A `train` stage is `llm_jax.train.loop.run` of its
 config spec plus overrides, in process, in `<workdir>/<stage>/`; with `evaluate` its model then answers the
 held-out prompts of `config.eval` greedily and sampled, and the gold scorer grades the answers
-(`<stage>/generations/{greedy,sampled}.jsonl`). Two kinds of stage sample K answers to each of the task's train
-prompts (the first `n_prompts`; 0: all) from the run `run` and have a judge score them: `judge` is `gold` (the
-embedded task's scorer) or `reward` (the reward model of the run `reward_run`):
+(`<stage>/generations/{greedy,sampled}.jsonl`). Two kinds of stage sample K answers to each prompt of `prompts`
+(`default_task`: the task's train prompts; the first `n_prompts`, 0: all) from the run `run` and have a judge
+score them: `judge` is `gold` (the embedded task's scorer) or `reward` (the reward model of the run `reward_run`):
 
     pairs       on-policy preference pairs, `<stage>/pairs.jsonl` (llm_jax/rl/preference_pairs.py)
     rejection   each prompt's best answer (at least `threshold`, when not None) as SFT records,
-                `<stage>/sft.jsonl` (llm_jax/rl/rejection_sampling.py): the data of the next SFT round
+                `<stage>/sft.jsonl` (llm_jax/rl/rejection_sampling.py): the data of the next SFT round. Its
+                stage.json keeps the figures of the table: kept prompts, the judge's and gold's mean scores of
+                the kept answers against all samples (and gold's best possible pick), samples/s.
 
 They sample with key `seed + seed_offset`: stages that sample one model with different offsets draw different
 answers.
@@ -27,7 +29,8 @@ renamed): its summary, the metrics of the table and its wall time. A stage with 
 command after an interruption continues where it stopped; a train stage stopped midway resumes from its last
 checkpoint (`llm-jax train`'s resume), and its recorded time is then that of the rerun. Deleting a stage's
 stage.json reruns that stage alone (a finished train run only re-evaluates); the stages after it are not
-rerun unless their stage.json files go too.
+rerun unless their stage.json files go too. A stage directory may be a link to a finished stage of another
+pipeline run: its stage.json makes it skipped, so a longer pipeline reuses a shorter one's stages.
 
 Failure. Every stage still to run has its config loaded and overridden before anything runs, so a bad override
 fails at once; a stage that fails raises PipelineError naming it, and the stage.json files already written stay.
