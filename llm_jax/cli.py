@@ -6,6 +6,7 @@
     llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
     llm-jax preference-pairs --run runs/sft --judge runs/rm --prompts default_task --k 8 --out pairs.jsonl
     llm-jax pipeline  --config configs/pipeline.py:tiny --workdir runs/pipeline [--config.seed=1 ...]
+    llm-jax scaling-fit results.csv --n-col N --d-col D --loss-col loss --approach 3 [--bootstrap 1000]
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
@@ -14,6 +15,8 @@
 against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
 `pipeline` runs every stage of a pipeline config, skipping those already complete, and prints a table of
 their results (see llm_jax/pipeline.py); its overrides apply to the pipeline config.
+`scaling-fit` fits a scaling law (Kaplan's, or Chinchilla's Approach 1, 2 or 3) to a CSV of runs, prints the
+coefficients with bootstrap intervals as JSON and writes plots (see llm_jax/scaling/fit.py and report.py).
 """
 from __future__ import annotations
 
@@ -68,7 +71,38 @@ def _parser() -> argparse.ArgumentParser:
                      help="best-worst: one pair per prompt; all: every two answers whose scores differ")
     sub.add_argument("--min-margin", type=float, help="least score difference of a pair (default 0.2 for gold, "
                                                       "0 for a reward model; equal scores never pair)")
+    _scaling_fit_arguments(commands)
     return parser
+
+
+def _scaling_fit_arguments(commands) -> None:
+    sub = commands.add_parser("scaling-fit", help="fit a scaling law to a CSV of runs; JSON coefficients with "
+                                                  "bootstrap intervals, and plots (see llm_jax/scaling/fit.py)")
+    sub.add_argument("results", help="CSV with a header row and one row per run")
+    sub.add_argument("--approach", default="3", choices=("kaplan", "1", "2", "3"),
+                     help="kaplan: L(N), L(D), L(C), L(N, D); Chinchilla 1: frontier, 2: IsoFLOP parabolas, "
+                          "3: L = E + A/N^alpha + B/D^beta (default)")
+    sub.add_argument("--n-col", default="N", help="parameter column (N: Kaplan's non-embedding; N_total)")
+    sub.add_argument("--d-col", default="D", help="training-token column")
+    sub.add_argument("--loss-col", default="loss", help="loss column (loss, best_loss)")
+    sub.add_argument("--flops-col", help="compute column (default: flops when present, else 6·N·D)")
+    sub.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals (0: none)")
+    sub.add_argument("--confidence", type=float, default=0.95, help="interval coverage")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    sub.add_argument("--holdout-fraction", type=float, default=0.2,
+                     help="extrapolation check (3, kaplan): refit without the runs in this top fraction of "
+                          "compute and predict them (0: skip)")
+    sub.add_argument("--outlier-z", type=float,
+                     help="Approach 3: drop runs whose log residual is over this many robust deviations, refit")
+    sub.add_argument("--isoflop-tolerance", type=float, default=0.1,
+                     help="Approach 2: runs whose compute agrees within this fraction form one budget")
+    sub.add_argument("--compute", type=float, action="append", default=[],
+                     help="Approach 3: report N_opt, D_opt and the loss at this budget (repeatable; default: "
+                          "the largest run's compute)")
+    sub.add_argument("--predict", action="append", default=[], metavar="N,D",
+                     help="Approach 3: report the loss at N,D with its interval (repeatable)")
+    sub.add_argument("--plots-dir", help="where the PNGs go (default: <results name>_plots beside the CSV)")
+    sub.add_argument("--no-plots", action="store_true", help="print the JSON only (no matplotlib needed)")
 
 
 def _best_of_k_arguments(sub, records: str) -> None:
@@ -173,6 +207,32 @@ def _pipeline(config, workdir: str) -> int:
     return 0
 
 
+def _scaling_fit(args, overrides: list[str]) -> int:
+    """Usage errors exit 2; data the fit cannot use, or a missing matplotlib, 1."""
+    from llm_jax.scaling.report import default_plots_dir, parse_point, scaling_fit
+    from llm_jax.scaling.results import FitError
+
+    if overrides:
+        raise config_lib.ConfigError(f"scaling-fit takes no config overrides (got --config.{overrides[0]})")
+    try:
+        predict = [parse_point(text) for text in args.predict]
+    except FitError as e:
+        print(f"llm-jax scaling-fit: {e}", file=sys.stderr)
+        return 2
+    plots_dir = None if args.no_plots else (args.plots_dir or default_plots_dir(args.results))
+    try:
+        result = scaling_fit(args.results, approach=args.approach, n_col=args.n_col, d_col=args.d_col,
+                             loss_col=args.loss_col, flops_col=args.flops_col, bootstrap=args.bootstrap,
+                             confidence=args.confidence, seed=args.seed, holdout_fraction=args.holdout_fraction,
+                             outlier_z=args.outlier_z, isoflop_tolerance=args.isoflop_tolerance,
+                             compute=args.compute, predict=predict, plots_dir=plots_dir)
+    except (FitError, ImportError) as e:
+        print(f"llm-jax scaling-fit: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 _SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample,
                       "preference-pairs": _preference_pairs}
 
@@ -184,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if args.command in _SAMPLING_COMMANDS:
             return _SAMPLING_COMMANDS[args.command](args, overrides)
+        if args.command == "scaling-fit":
+            return _scaling_fit(args, overrides)
         config = load(args.config, overrides)
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)
