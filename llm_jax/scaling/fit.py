@@ -421,6 +421,7 @@ def _approach3_minimum(runs: Runs, starts, gtol, ftol, max_evals):
     solver = {"starts": int(len(starts)), "stopped_by": stopped, "iterations": int(found.iterations_S[best]),
               "evaluations": int(found.evaluations_S[best]), "grad_max": float(found.grad_max_S[best]),
               "starts_at_minimum": int(np.sum(values <= values[best] + 1e-6 * abs(values[best]) + 1e-15)),
+              "evaluations_all_starts": int(found.evaluations_S.sum()),
               "gtol": gtol, "ftol": ftol}
     return z, found.x_SP[best], float(values[best]), solver
 

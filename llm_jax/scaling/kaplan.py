@@ -28,12 +28,13 @@ class KaplanLaw:
     x_c: Estimate
     alpha: Estimate
     law: PowerLaw
+    points: int
 
     def __call__(self, x):
         return self.law(x)
 
     def to_json(self) -> dict:
-        return {"x_c": self.x_c.to_json(), "alpha": self.alpha.to_json()}
+        return {"x_c": self.x_c.to_json(), "alpha": self.alpha.to_json(), "points": self.points}
 
 
 def fit_kaplan_law(x, loss, *, bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE,
@@ -45,7 +46,8 @@ def fit_kaplan_law(x, loss, *, bootstrap: int = 0, seed: int = 0, confidence: fl
     log_xc = lambda ln_k, p: ln_k / -p
     xc_samples = np.exp(log_xc(law.samples[:, 0], law.samples[:, 1])) if len(law.samples) else None
     return KaplanLaw(_estimate(np.exp(log_xc(np.log(law.k.value), law.p.value)), xc_samples, confidence),
-                     _estimate(alpha, -law.samples[:, 1] if len(law.samples) else None, confidence), law)
+                     _estimate(alpha, -law.samples[:, 1] if len(law.samples) else None, confidence), law,
+                     int(np.size(x)))
 
 
 def _lowest_per_value(values, loss):

@@ -61,10 +61,14 @@ def _size_colours(n):
 
 
 def _size_groups(runs: Runs):
-    """Run indices by model size: each distinct N, or at most MAX_CURVES bins of ln N, with the group's N."""
-    sizes = np.unique(runs.n)
+    """(run indices, N) per curve: every size when there are few; else MAX_CURVES sizes spread over the range
+    (a sweep: several runs per size), or bins of ln N at their median N (sizes that rarely repeat)."""
+    sizes, counts = np.unique(runs.n, return_counts=True)
     if sizes.size <= MAX_CURVES:
         return [(np.flatnonzero(runs.n == s), s) for s in sizes]
+    if np.median(counts) >= 2:
+        chosen = sizes[np.round(np.linspace(0, sizes.size - 1, MAX_CURVES)).astype(int)]
+        return [(np.flatnonzero(runs.n == s), s) for s in chosen]
     edges = np.quantile(np.log(runs.n), np.linspace(0, 1, MAX_CURVES + 1))
     bins = np.clip(np.searchsorted(edges, np.log(runs.n), side="right") - 1, 0, MAX_CURVES - 1)
     return [(np.flatnonzero(bins == b), float(np.median(runs.n[bins == b]))) for b in range(MAX_CURVES)
@@ -108,6 +112,10 @@ def fitted_law(runs: Runs, law, path: Path, title: str, confidence: float = CONF
     """The runs' loss against D by model size, with `law.predict(N, D)` and `law.band(N, D)` per size."""
     figure, (ax,) = _figure()
     groups = _size_groups(runs)
+    shown = np.concatenate([members for members, _ in groups])
+    others = np.setdiff1d(np.arange(len(runs)), shown)
+    if others.size:
+        ax.scatter(runs.d[others], runs.loss[others], color="0.8", s=8, label="other sizes")
     colours = _size_colours([size for _, size in groups])
     for (members, size), colour in zip(groups, colours):
         ax.scatter(runs.d[members], runs.loss[members], color=colour, s=14)
