@@ -438,12 +438,12 @@ def fit_approach3(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: 
     """Hoffmann et al.'s Approach 3 (see the module docstring); `starts` are rows (a, b, e, α, β)."""
     runs.require(6, "Approach 3 (5 coefficients)")
     _check_bootstrap(bootstrap, confidence)
+    if outlier_z is not None and not outlier_z > 0:
+        raise FitError(f"the outlier threshold is {outlier_z}: it must be a positive number of deviations")
     starts = approach3_starts() if starts is None else np.asarray(starts, np.float64).reshape(-1, 5)
     z, u, objective, solver = _approach3_minimum(runs, starts, gtol, ftol, max_evals)
     removed = ()
     if outlier_z is not None:
-        if not outlier_z > 0:
-            raise FitError(f"the outlier threshold is {outlier_z}: it must be a positive number of deviations")
         residual = np.log(Approach3._loss(_to_natural(z, u[None]), runs.n, runs.d)[0]) - np.log(runs.loss)
         deviation = np.abs(residual - np.median(residual))
         scale = 1.4826 * np.median(deviation)

@@ -113,7 +113,7 @@ def minimize(value_and_grad: Callable, x0_SP, per_problem_args=(), shared_args=(
     """Minimises S problems: problem i is `x ↦ value_and_grad(x, *[a[i] for a in per_problem_args], *shared_args)`.
 
     `value_and_grad(x_BP, *per_problem_args, *shared_args) -> (f_B, g_BP)` must treat rows independently; it is
-    jitted once per function (define it at module level) and compiled once per padded batch size. Everything runs
+    jitted once per function (define it at module level) and compiled for the two chunk sizes. Everything runs
     in float64. A start whose objective is not finite stays where it is, marked stalled.
     """
     # non-finite trial points are expected (an overflowing step) and handled: no warnings for them

@@ -12,6 +12,7 @@ extrapolation check (fit below the compute cutoff, predict the runs above it). P
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from llm_jax.scaling import fit as fits
@@ -43,9 +44,18 @@ def scaling_fit(csv_path, *, approach: str = "3", n_col: str = "N", d_col: str =
     """Fits `approach` to the CSV; returns the JSON-ready result. `plots_dir=None` draws nothing."""
     if approach not in APPROACHES:
         raise FitError(f"approach {approach!r} is not one of {', '.join(APPROACHES)}")
+    for c in compute:
+        if not (math.isfinite(c) and c > 0):
+            raise FitError(f"the compute budget is {c}: it must be finite and positive")
+    for n, d in predict:
+        if not (math.isfinite(n) and math.isfinite(d) and n > 0 and d > 0):
+            raise FitError(f"cannot predict the loss at N = {n}, D = {d}: both must be finite and positive")
+    if not 0 <= holdout_fraction < 1:
+        raise FitError(f"the holdout fraction is {holdout_fraction}: use 0 (no extrapolation check) or a "
+                       f"fraction below 1")
     if plots_dir is not None:
         from llm_jax.scaling.plots import require_matplotlib
-        require_matplotlib()                    # before minutes of fitting, not after
+        require_matplotlib()                    # before the fit, not after it
     runs = read_runs(csv_path, n_col, d_col, loss_col, flops_col)
     result = {"source": str(csv_path), "runs": len(runs), "approach": approach,
               "columns": {"N": n_col, "D": d_col, "loss": loss_col, "flops": runs.flops_from},

@@ -222,6 +222,9 @@ def test_command_other_approaches(tmp_path, capsys, approach, plots):
     ((), (2, "loss", "-1.5"), (), "row 2: column 'loss' is -1.5"),
     ((), (5, "N", "big"), (), "row 5: column 'N' is 'big', not a number"),
     ((), None, ("--bootstrap", "1"), "bootstrap is 1"),
+    ((), None, ("--holdout-fraction", "1.5"), "the holdout fraction is 1.5"),
+    ((), None, ("--compute", "0"), "the compute budget is 0.0"),
+    ((), None, ("--predict", "1e9,-5"), "cannot predict the loss at N = 1000000000.0, D = -5.0"),
 ])
 def test_command_names_bad_input(tmp_path, capsys, drop, edit, argv, message):
     csv = write_csv(tmp_path / "bad.csv", grid_runs(sizes=3), drop, edit)
