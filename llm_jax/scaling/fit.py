@@ -21,8 +21,9 @@ Hoffmann et al. 2022 (Chinchilla), section 3:
                 with δ = 1e-3, A = eᵃ, B = eᵇ, E = eᵉ, by L-BFGS from every point of the grid α, β ∈ {0, 0.5, …, 2},
                 e ∈ {−1, −0.5, …, 1}, a, b ∈ {0, 5, …, 25} (4,500 starts), keeping the lowest objective. The
                 solver works in standardised coordinates (ln N and ln D centred and scaled), where the grid's
-                (a, α) pairs are no longer nearly collinear; its tolerances are tight, since the Huber objective
-                is small (a loose gradient tolerance is met at the starting point). Optional outlier removal:
+                (a, α) pairs are no longer nearly collinear. Its tolerances are tight (max |∇| ≤ 1e-10, or a step
+                gaining at most 1e-9 of the objective; `lbfgs.py`), since the Huber objective is small: a
+                tolerance sized for objectives of order one is met at the starting point. Optional outlier removal:
                 runs whose log residual lies more than z robust standard deviations (1.4826·MAD) from the median
                 are dropped and the fit repeated. Bootstrap refits start from the full-data optimum.
     Compute-optimal allocation (Approach 3, with C = 6ND):
