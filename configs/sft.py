@@ -11,7 +11,7 @@ from llm_jax.configs_common import stage_config
 
 _STAGE = {  # size: data/optim/train settings of this stage
     "tiny": dict(data=dict(seq_len=64, batch_size=32), optim=dict(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1),
-                 train=dict(steps=900, log_every=10, eval_every=300, checkpoint_every=300, eval_batches=8)),
+                 train=dict(steps=1800, log_every=10, eval_every=600, checkpoint_every=600, eval_batches=8)),
 }
 
 

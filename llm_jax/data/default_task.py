@@ -26,6 +26,14 @@ so a wrong word costs 1/|g|, a missing or extra word costs as much, and a shifte
 after the shift. E.g. for "reverse, a b c d" (gold "d c b a"): "c d b a" 0.5, "d c b" 0.75,
 "d c b a a" 0.8, "a b c d" 0.0. A prompt not of the form above raises ValueError naming it.
 
+Demonstrations (SFT records). A train demonstration is the gold answer, except with probability
+SFT_NOISE a corruption of it (the operators below): demonstrations are imperfect, as human-written ones
+are, and preferences then carry what the demonstrations lack, which is the premise of RLHF (Ouyang et al.
+2022). A policy that imitates them well answers right at temperature 0 (the gold answer is every prompt's
+mode) but reproduces the corruptions when it samples; the reward model, trained on pairs that rank gold
+above corruptions, is what can teach it not to. Eval demonstrations are always the gold answer, so the SFT
+eval loss measures the right answers.
+
 Preference pairs (HH-RLHF shape). Two candidate responses are made from the gold answer: the first is the
 gold answer itself with probability GOLD_CHOSEN_FRACTION, otherwise a corruption of it; the second is
 always a corruption. A corruption applies 1-3 operators in turn (more operators, lower score: graded
@@ -75,6 +83,7 @@ TASK_WORDS = build_source().words["N"][:N_TASK_WORDS]
 MIN_WORDS, MAX_WORDS = 2, 5
 MARGIN = 0.2
 GOLD_CHOSEN_FRACTION = 0.5
+SFT_NOISE = 0.3  # the fraction of train demonstrations that are corruptions (module docstring)
 MAX_CORRUPTIONS = 3
 EVAL_PERCENT = 10
 DEFAULT_SIZES = {
@@ -85,7 +94,7 @@ DEFAULT_SIZES = {
 TASK_DIR = "default_task"
 STATS_FILE = "default_task_stats.json"
 # Bump when the generated records change, so that caches written by an older version are regenerated.
-VERSION = 1
+VERSION = 2
 
 _STREAMS = {"sft": 0, "preferences": 1, "prompts": 2}
 _SPLITS = {"train": 0, "eval": 1}
@@ -213,8 +222,10 @@ def _corrupt(rng: np.random.Generator, task: str, words: list[str]) -> list[str]
 
 
 def sft_example(index: int, split: str = "train", seed: int = 0) -> dict:
-    prompt, task, words = _draw_prompt(_rng(seed, "sft", split, index), split)
-    return {"prompt": prompt, "response": " ".join(_answer(task, words))}
+    rng = _rng(seed, "sft", split, index)
+    prompt, task, words = _draw_prompt(rng, split)
+    noisy = split == "train" and rng.random() < SFT_NOISE
+    return {"prompt": prompt, "response": " ".join(_corrupt(rng, task, words) if noisy else _answer(task, words))}
 
 
 def preference_pair(index: int, split: str = "train", seed: int = 0) -> dict:
@@ -291,7 +302,8 @@ def write_default_task(directory: str | None = None, seed: int = 0,
     os.makedirs(task_dir, exist_ok=True)
     paths = {name: os.path.join(task_dir, f"{name}.jsonl") for name in DEFAULT_SIZES}
     paths["stats"] = os.path.join(task_dir, STATS_FILE)
-    wanted = dict(version=VERSION, seed=seed, sizes=sizes, words=list(TASK_WORDS), margin=MARGIN)
+    wanted = dict(version=VERSION, seed=seed, sizes=sizes, words=list(TASK_WORDS), margin=MARGIN,
+                  sft_noise=SFT_NOISE)
     if all(os.path.exists(p) for p in paths.values()):
         try:
             with open(paths["stats"], encoding="utf-8") as f:

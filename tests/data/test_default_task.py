@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from llm_jax.data import default_corpus, default_task as dt
@@ -59,15 +60,21 @@ def test_unknown_task_and_bad_types():
 
 
 def test_records_follow_the_task_definition():
-    tasks, lengths = set(), set()
-    for r in dt.iter_records("sft_train", 400):
+    tasks, lengths, gold = set(), set(), []
+    for r in dt.iter_records("sft_train", 1000):
         task, words = dt.parse_prompt(r["prompt"])
         tasks.add(task)
         lengths.add(len(words))
         assert set(r) == {"prompt", "response"}
         assert len(set(words)) == len(words) and set(words) <= set(dt.TASK_WORDS)
-        assert r["response"] == dt.gold_answer(r["prompt"]) and dt.gold_score(r["prompt"], r["response"]) == 1.0
+        gold.append(r["response"] == dt.gold_answer(r["prompt"]))
+        if not gold[-1]:  # an imperfect demonstration: a corruption of the gold answer, scored below 1
+            assert dt.gold_score(r["prompt"], r["response"]) < 1.0
     assert tasks == set(dt.TASKS) and lengths == set(range(dt.MIN_WORDS, dt.MAX_WORDS + 1))
+    # SFT_NOISE of the train demonstrations are corrupted (binomial: 4 standard deviations of 1000 draws)
+    assert abs((1 - np.mean(gold)) - dt.SFT_NOISE) < 4 * np.sqrt(dt.SFT_NOISE * (1 - dt.SFT_NOISE) / 1000)
+    for r in dt.iter_records("sft_eval", 200):  # eval demonstrations are the gold answers
+        assert r["response"] == dt.gold_answer(r["prompt"])
     for r in dt.iter_records("prompts_eval", 100):
         assert set(r) == {"prompt", "task"} and dt.parse_prompt(r["prompt"])[0] == r["task"]
 
