@@ -353,8 +353,23 @@ def _huber_value_and_grad(u_BP, w_N, zn_N, zd_N, log_loss_N):
     return (w_N * huber).sum(1), grad
 
 
+class JointLaw:
+    """What a fitted L(N, D) offers, given `params()` (its coefficients), `_loss(params_K, n, d)` (the law for K
+    coefficient vectors at once) and `samples` (the bootstrap refits' coefficients, one row each)."""
+
+    def predict(self, n, d):
+        return self._loss(self.params()[None], n, d)[0]
+
+    def band(self, n, d, confidence: float = CONFIDENCE):
+        """The bootstrap interval of L(N, D) (None without a bootstrap)."""
+        if not len(self.samples):
+            return None
+        tail = (1.0 - confidence) / 2.0
+        return np.nanquantile(self._loss(self.samples, n, d), [tail, 1.0 - tail], axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
-class Approach3:
+class Approach3(JointLaw):
     """L(N, D) = E + A/N^α + B/D^β."""
     E: Estimate
     A: Estimate
@@ -375,16 +390,6 @@ class Approach3:
         E, A, B, alpha, beta = (params_K5[:, i:i + 1] for i in range(5))
         n, d = np.asarray(n, np.float64).reshape(1, -1), np.asarray(d, np.float64).reshape(1, -1)
         return E + A / n ** alpha + B / d ** beta
-
-    def predict(self, n, d):
-        return self._loss(self.params()[None], n, d)[0]
-
-    def band(self, n, d, confidence: float = CONFIDENCE):
-        """The bootstrap interval of L(N, D) (None without a bootstrap)."""
-        if not len(self.samples):
-            return None
-        tail = (1.0 - confidence) / 2.0
-        return np.nanquantile(self._loss(self.samples, n, d), [tail, 1.0 - tail], axis=0)
 
     def allocation(self, compute):
         """N_opt(C) and D_opt(C) of the fitted law."""

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.scaling import lbfgs
-from llm_jax.scaling.fit import (CONFIDENCE, FTOL, GTOL, MAX_EVALS, Estimate, PowerLaw, _check_bootstrap,
-                                 _estimate, _Standardised, compute_frontier, fit_power_law)
+from llm_jax.scaling.fit import (CONFIDENCE, FTOL, GTOL, MAX_EVALS, Estimate, JointLaw, PowerLaw,
+                                 _check_bootstrap, _estimate, _Standardised, compute_frontier, fit_power_law)
 from llm_jax.scaling.results import FitError, Runs
 
 
@@ -72,7 +72,7 @@ def _kaplan_value_and_grad(u_BP, w_N, zn_N, zd_N, log_loss_N, sd):
 
 
 @dataclasses.dataclass(frozen=True)
-class KaplanJoint:
+class KaplanJoint(JointLaw):
     """L(N, D) = [(N_c/N)^(α_N/α_D) + D_c/D]^α_D."""
     N_c: Estimate
     D_c: Estimate
@@ -89,15 +89,6 @@ class KaplanJoint:
         ln_nc, ln_dc, a_n, a_d = (params_K4[:, i:i + 1] for i in range(4))
         ln_n, ln_d = np.log(np.asarray(n, np.float64)).reshape(1, -1), np.log(np.asarray(d, np.float64)).reshape(1, -1)
         return np.exp(a_d * np.logaddexp(a_n / a_d * (ln_nc - ln_n), ln_dc - ln_d))
-
-    def predict(self, n, d):
-        return self._loss(self.params()[None], n, d)[0]
-
-    def band(self, n, d, confidence: float = CONFIDENCE):
-        if not len(self.samples):
-            return None
-        tail = (1.0 - confidence) / 2.0
-        return np.nanquantile(self._loss(self.samples, n, d), [tail, 1.0 - tail], axis=0)
 
     def to_json(self) -> dict:
         return {"N_c": self.N_c.to_json(), "D_c": self.D_c.to_json(), "alpha_N": self.alpha_N.to_json(),
