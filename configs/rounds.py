@@ -24,13 +24,14 @@ The preference pairs are judged by gold by default (`pairs_judge=gold`): Llama 3
 samples of its latest models each round, and on this task the gold scorer, the program that defines it,
 stands in for them, as it does for the base pipeline's pairs. `pairs_judge=reward` labels the pairs with the
 reward model instead: the fully automatic loop, with no labels after the reward stage, at the price of
-training DPO on the reward model's mistakes (it agrees with gold on the SFT model's samples 0.88 of the time,
-experiments/post_training/README.md). `rs_judge=gold` picks with the oracle: the ceiling of rejection sampling.
-Measured at `tiny` (experiments/post_training/README.md): the reward model's picks score 0.71 against gold's 0.91,
-below the SFT model's own greedy answers (0.87), so each round's SFT lowers the greedy score and its DPO on gold
-pairs raises it again, while the sampled score rises every round; with gold picking one round lifts greedy to
-0.91. With the reward judge, pairs keep every strict preference (min_margin 0: its scores are logits on a scale
-of its own); with gold, the base pipeline's 0.2.
+training DPO on the reward model's mistakes (at data version 1 it agreed with gold on the SFT model's samples
+0.88 of the time, experiments/post_training/README.md). `rs_judge=gold` picks with the oracle: the ceiling of
+rejection sampling. Measured at `tiny` at data version 1 (clean demonstrations;
+experiments/post_training/README.md): the reward model's picks score 0.71 against gold's 0.91, below the SFT
+model's own greedy answers (0.87), so each round's SFT lowers the greedy score and its DPO on gold pairs
+raises it again, while the sampled score rises every round; with gold picking one round lifts greedy to 0.91.
+With the reward judge, pairs keep every strict preference (min_margin 0: its scores are logits on a scale of
+its own); with gold, the base pipeline's 0.2.
 
 Pairs are best-against-worst (one per prompt), not every two answers as for the reward model: DPO then sees
 each prompt once per epoch, as in iterative DPO (Dong et al. 2024), rather than its correlated pairs as
