@@ -38,19 +38,19 @@ ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
 # The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
 # so a test can see their metrics move the right way.
 SMALL_MODEL = ("model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
-                "model.d_ff=128", "model.vocab_size=512", "tokenizer.vocab_size=512")
+               "model.d_ff=128", "model.vocab_size=512", "tokenizer.vocab_size=512")
 SMALL_RUN = ("data.batch_size=8", "optim.warmup_steps=2", "train.steps=24", "train.log_every=6",
-              "train.eval_every=12", "train.checkpoint_every=24", "train.eval_batches=2")
+             "train.eval_every=12", "train.checkpoint_every=24", "train.eval_batches=2")
 SMALL = {
     "stages": {
         "pretrain": SMALL_MODEL + SMALL_RUN + ("data.seq_len=64", "train.steps=6", "train.eval_every=6",
-                                                 "train.checkpoint_every=6"),
+                                               "train.checkpoint_every=6"),
         "sft": SMALL_MODEL + SMALL_RUN,
         "reward": SMALL_MODEL + SMALL_RUN,
         "dpo": SMALL_MODEL + SMALL_RUN + ("optim.lr=2e-3", "dpo.nll_coef=0.0"),
         "ppo": SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                               "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
-                               "ppo.max_new_tokens=6"),
+                              "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
+                              "ppo.max_new_tokens=6"),
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),

@@ -302,9 +302,10 @@ def run_pipeline(config, workdir: str) -> dict:
         log_line(f"pipeline [{time.perf_counter() - start:7.1f} s] {name}: done in {record['seconds']:.1f} s")
 
     total = sum(r["seconds"] for r in records.values())
-    table = format_table(config, records, total)
+    rounds = rounds_summary(config, records)
+    table = format_table(config, records, total, rounds)
     summary = dict(workdir=workdir, order=list(config.order), ran=ran, total_seconds=total,
-                   elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds_summary(config, records),
+                   elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds,
                    stages={name: dict(seconds=r["seconds"], metrics=r["metrics"], skipped=name not in ran)
                            for name, r in records.items()})
     _write_json(os.path.join(workdir, "summary.json"), summary)
@@ -398,14 +399,14 @@ def format_rounds(rounds: list[dict]) -> list[str]:
     return lines
 
 
-def format_table(config, records: dict, total: float) -> str:
-    """One markdown row a stage (its wall time, as recorded when it ran) and the total; then, with rounds, one
-    row a round."""
+def format_table(config, records: dict, total: float, rounds: list[dict]) -> str:
+    """One markdown row a stage (its wall time, as recorded when it ran) and the total; then one row a round of
+    `rounds` (`rounds_summary`; none without rounds)."""
     prompts = config.eval.n_prompts or "all"
     lines = ["| stage | seconds | result |", "|---|---:|---|"]
     lines += [f"| {name} | {r['seconds']:.0f} | {_row(r)} |" for name, r in records.items()]
     lines.append(f"| total | {total:.0f} | |")
-    lines += format_rounds(rounds_summary(config, records))
+    lines += format_rounds(rounds)
     lines.append("")
     lines.append(f"Gold scores after the stages that evaluate: {prompts} held-out prompts, greedy and sampled "
                  f"(temperature {config.eval.temperature}, seed {config.eval.seed}), {config.eval.max_new_tokens} "
