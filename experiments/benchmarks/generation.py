@@ -13,10 +13,8 @@ same tokens. Each path is compiled once (timed apart), run `--warmup` times, the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -33,7 +31,7 @@ from llm_jax.runs import abstract_params
 from llm_jax.train import hardware
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import compile_and_time  # noqa: E402
+from timing import compile_and_time, run_facts  # noqa: E402
 
 PATHS = (("KV cache", make_generate_fn), ("full forward", make_full_forward_generate_fn))
 
@@ -112,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         speedup=paths["KV cache"]["speedup"], n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         vocab_size=model.cfg.vocab_size, dtype=model.cfg.dtype, attention_impl=model.cfg.attention_impl,
         host_allocator_tuned=allocator_tuned,
-        device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
-        cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0],
-        jax_version=jax.__version__, python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_avg_1m=os.getloadavg()[0], **run_facts(devices),
         wall_s=time.perf_counter() - wall_start,
     )
     print(f"{' '.join([args.config, *overrides])}: batch {b}, prompt {p}, {n} new tokens per row, greedy; "

@@ -20,11 +20,9 @@ measured just before and just after the timed iterations (their median). Prints 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +34,9 @@ from llm_jax import cli, runs
 from llm_jax.rl import losses, ppo_loop
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import run_facts  # noqa: E402
 
 BASE_CONFIG = "configs/ppo.py:tiny"
 ROLES = ("generate", "score", "train")
@@ -142,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         reward_n_params=flops.param_counts(p.rm_cfg)["total"],
         n_layers=p.model_cfg.n_layers, d_model=p.model_cfg.d_model, vocab_size=p.model_cfg.vocab_size,
         dtype=dtype, host_allocator_tuned=allocator_tuned,
-        device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
-        cpu_count=os.cpu_count(), load_avg_1m_before_after=[load_before, load_after],
-        jax_version=jax.__version__, python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_avg_1m_before_after=[load_before, load_after], **run_facts(devices),
     )
     print(json.dumps(result))
     return result

@@ -1,9 +1,20 @@
-"""The benchmarks' one timing discipline: compile once (timed apart), warm up, then time each call to completion."""
+"""The benchmarks' one timing discipline: compile once (timed apart), warm up, then time each call to completion;
+and the facts every benchmark records about the machine it ran on."""
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import time
 
 import jax
+
+
+def run_facts(devices) -> dict:
+    """The machine and software a figure was measured on, and when (UTC)."""
+    return dict(device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
+                cpu_count=os.cpu_count(), jax_version=jax.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def compile_and_time(fn, args, warmup: int, iters: int):

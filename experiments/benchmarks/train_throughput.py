@@ -13,10 +13,8 @@ allocator is tuned first (`hardware.tune_host_allocator`, which `--host_allocato
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -27,6 +25,9 @@ import numpy as np
 from llm_jax import cli, sharding
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import run_facts  # noqa: E402
 from llm_jax.train.loop import build_training, validate
 
 
@@ -131,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         page_faults_per_step=faults / args.steps,
         cpu_s_per_step=dict(user=user_s / args.steps, system=system_s / args.steps),
         batch_size=b, seq_len=t, dtype=model_cfg.dtype,
-        device_kind=devices[0].device_kind, device_count=len(devices), platform=devices[0].platform,
-        cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0],
-        jax_version=jax.__version__, python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_avg_1m=os.getloadavg()[0], **run_facts(devices),
     )
     print(json.dumps(result))
     return result
