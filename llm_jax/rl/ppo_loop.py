@@ -3,11 +3,11 @@
     run(config, workdir) -> summary       (`llm-jax train` with objective "ppo"; see objectives/ppo.py)
 
 Iteration i (1-based; `train.steps` of them) takes the i-th block of `ppo.rollout_batch / samples_per_prompt`
-prompts from a per-epoch permutation of the prompt file, samples `ppo.samples_per_prompt` responses to each (key fold_in(seed, i)), scores the
-rollout in one jitted program (policy and reference log-probs, values, reward-model scores, per-token
-rewards, GAE), then runs `ppo.epochs` shuffled passes of minibatch updates of the policy and of the value
-model. Everything is a pure function of (seed, i) and the checkpointed states, so a resumed run continues
-bit for bit.
+prompts from a per-epoch permutation of the prompt file, samples `ppo.samples_per_prompt` responses to each
+(key fold_in(seed, i)), scores the rollout in one jitted program (policy and reference log-probs, values,
+reward-model scores, per-token rewards, GAE), then runs `ppo.epochs` shuffled passes of minibatch updates of
+the policy and of the value model. Everything is a pure function of (seed, i) and the checkpointed states,
+so a resumed run continues bit for bit.
 
 Checkpoints are labelled by iteration: the policy's under `<workdir>/checkpoints/` (so `llm-jax generate
 --run <workdir>` and a later stage's `train.init_from` read the policy), the value model's under
@@ -19,9 +19,10 @@ embedded task's `gold_score` of the samples, when the prompts carry a task), `kl
 log π_old − log π_ref, an unbiased estimate of KL(π‖π_ref) on samples of π), `kl_coef` (β), `entropy`,
 `clip_fraction`, `approx_kl`, `policy_loss`, `ptx_loss` (PPO-ptx's pretraining loss), `value_loss`,
 `value_clip_fraction`, `explained_variance` (of the returns by the values before the update),
-`response_length`, `stopped` (fraction ending with the end marker), and per role (generate, score, train) the seconds and the MFU. Evaluation, at iteration 0 and
-every `train.eval_every`: on `ppo.n_eval_prompts` held-out prompts, greedy answers (`eval_gold_greedy`,
-`eval_score_greedy`) and one sampled answer each (`eval_gold`, `eval_score`, `eval_kl`).
+`response_length`, `stopped` (fraction ending with the end marker), and per role (generate, score, train)
+the seconds and the MFU. Evaluation, at iteration 0 and every `train.eval_every`: on `ppo.n_eval_prompts`
+held-out prompts, greedy answers (`eval_gold_greedy`, `eval_score_greedy`) and one sampled answer each
+(`eval_gold`, `eval_score`, `eval_kl`).
 """
 from __future__ import annotations
 
