@@ -1,0 +1,10 @@
+"""Document-level building blocks of data preparation: each takes one document (or one at a time, in stream order)
+and returns a decision a report can count, histogram and quote.
+
+    heuristics.py  Gopher quality and repetition rules, C4's terminal-punctuation rule, a keyword blocklist
+    langid.py      a small character n-gram language identifier for coarse filtering (seven European languages)
+    dedup.py       exact duplicates (hash of normalised text) and near duplicates (MinHash + LSH, incremental)
+    privacy.py     e-mail addresses, phone numbers and IP addresses: scrubbed to placeholders, or the document dropped
+
+Everything is deterministic and holds no global state besides read-only caches of derived tables.
+"""
