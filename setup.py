@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Pretraining, post-training (SFT, reward, PPO, DPO) and scaling laws in one JAX codebase.",
     packages=find_packages(include=["llm_jax", "llm_jax.*"]),
+    # the training text of the language identifier, read at run time
+    package_data={"llm_jax.data.prepare": ["langid_text.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
