@@ -12,8 +12,10 @@ Near duplicates: MinHash (Broder 1997) over the set of word shingles (n consecut
 a text shorter than n words is one shingle). Each shingle is hashed to 64 bits with blake2b, then permuted by
 `num_perm` multiply-shift hashes h(x) = (a·x + b mod 2^64) >> 32 (Dietzfelbinger et al. 1997; a odd), whose
 coefficients come from blake2b of the seed, so signatures are the same in every process, platform and numpy
-version. A signature is the (num_perm,) uint32 minimum of each permutation; the share of equal entries between
-two signatures estimates the Jaccard similarity of their shingle sets.
+version. (Multiply-shift is only pairwise independent: it stands in for random permutations because its inputs
+are already uniform hash values; on runs of small integers its minima are biased.) A signature is the (num_perm,)
+uint32 minimum of each permutation; the share of equal entries between two signatures estimates the Jaccard
+similarity of their shingle sets.
 
 LSH banding (Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3): the signature is cut into `bands`
 bands of rows = num_perm / bands entries; two documents are candidates when any band is identical, which happens
