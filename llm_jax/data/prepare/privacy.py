@@ -10,7 +10,8 @@ read again as a phone number.
 
 Phone numbers are the loose part. A match is a run of digit groups joined by single separators (space, "-", ".",
 parentheses) that either starts with "+" and has 8 to 15 digits (E.164), or has 7 to 11 digits in at least two
-groups of two or more digits (a leading trunk "1" allowed) and is none of these look-alikes: a date (2024-03-15,
+groups of two or more digits (a leading trunk "1" allowed) and is none of these look-alikes: a list of two-digit
+numbers not starting with 0 (12 15 18 21 24; French numbers, 01 23 45 67 89, start with 0), a date (2024-03-15,
 15.03.2024), a range of years (1999-2004), a dotted number with groups of three (12.345.678), a round number in
 groups of three (100 000 000), an IPv4 address, or part of a longer token (a version such as v10.2.33.41, an
 identifier). Single digit runs without "+" (order numbers, timestamps, card numbers) are never phone numbers.
@@ -31,8 +32,9 @@ _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@"
                     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}(?![\w-]|\.\w)")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w]|\.\d)")
-# Anything made of hex digits, colons and dots with at least two colons; ipaddress decides.
-_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?![\w:])")
+# A whole token of hex digits, colons and dots with a colon in it; `find_ipv6` checks the rest and ipaddress decides.
+# One unbounded repeat after a colon-free prefix, so a long hex run costs linear time, never a backtracking blow-up.
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
 _PHONE_CANDIDATE = re.compile(r"(?<![\w+.\-/])(?:\+\s?)?\(?\d[\d ().\-]{5,24}\d(?!\w|[.\-/:]\d)")
 _DIGITS = re.compile(r"\d+")
 _SEPARATOR = re.compile(r"[ .\-]|\) ?|[ \-]?\(|\) ?[\-.]")
@@ -60,9 +62,11 @@ def find_ipv6(text: str) -> list[tuple[int, int]]:
     spans = []
     for m in _IPV6_CANDIDATE.finditer(text):
         start, end = m.span()
+        if end < len(text) and (text[end].isalnum() or text[end] == "_"):
+            continue                                    # part of a longer word
         while end > start and text[end - 1] == ".":   # a full stop after the address
             end -= 1
-        if _is_ipv6(text[start:end]):
+        if text.count(":", start, end) >= 2 and _is_ipv6(text[start:end]):
             spans.append((start, end))
     return spans
 
@@ -99,6 +103,8 @@ def is_phone_number(candidate: str) -> bool:
         return False
     if any(len(g) < 2 for g in groups[1:]) or (len(groups[0]) < 2 and groups[0] != "1"):
         return False
+    if all(len(g) == 2 for g in groups) and not groups[0].startswith("0"):
+        return False                                             # 12 15 18 21 24; French numbers start with 0
     if _looks_like_date(groups):
         return False
     if len(groups) == 2 and all(len(g) == 4 and 1000 <= int(g) <= 2999 for g in groups):
@@ -112,7 +118,14 @@ def is_phone_number(candidate: str) -> bool:
 
 
 def find_phones(text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _PHONE_CANDIDATE.finditer(text) if is_phone_number(m.group(0).strip())]
+    spans = []
+    for m in _PHONE_CANDIDATE.finditer(text):
+        start, end = m.span()
+        if text[start] == "(" and m.group(0).count("(") > m.group(0).count(")"):
+            start += 1                                   # "(555-123-4567)": the bracket encloses the number
+        if is_phone_number(text[start:end]):
+            spans.append((start, end))
+    return spans
 
 
 FINDERS = {"email": find_emails, "ipv6": find_ipv6, "ipv4": find_ipv4, "phone": find_phones}

@@ -10,7 +10,7 @@ NOT_PHONES = ["in 2023", "on 2024-03-15 at noon", "15.03.2024", "03/15/2024", "t
               "1999 - 2004", "version 10.0.19041.1234", "v2.14.1", "order 12345678901234", "pi is 3.14159265",
               "population 12.345.678", "cost 100 000 000 euro", "ISBN 978-3-16-148410-0",
               "card 4111 1111 1111 1111", "at 10:30:45", "2023-01-15 10:30", "pages 12-15", "won 3-2",
-              "1 000 000 people", "id 1234567", "release v10.20.30.40"]
+              "1 000 000 people", "id 1234567", "release v10.20.30.40", "scores 12 15 18 21 24"]
 
 
 def _found(finder, text):
@@ -27,6 +27,11 @@ def test_phone_look_alikes_do_not_match(text):
     assert _found(privacy.find_phones, text) == []
 
 
+def test_phone_numbers_in_brackets():
+    text = "Office (555-123-4567), home (+44 20 7946 0958) or (555) 123-4567."
+    assert _found(privacy.find_phones, text) == ["555-123-4567", "+44 20 7946 0958", "(555) 123-4567"]
+
+
 def test_emails():
     text = "Write to john.doe+news@example.co.uk. Or me@mail.example.com, not @handle, a@b or user@localhost."
     assert _found(privacy.find_emails, text) == ["john.doe+news@example.co.uk", "me@mail.example.com"]
@@ -39,12 +44,20 @@ def test_ipv4_accepts_valid_octets_only():
 
 def test_ipv6_is_validated_and_skips_look_alikes():
     text = ("Use fe80::1, ::1 and 2001:db8::8a2e:370:7334 or 2001:0db8:85a3:0000:0000:8a2e:0370:7334. Mapped: "
-            "::ffff:192.0.2.128. Not std::vector, a::b, 12:30:45 or the MAC 00:1A:2B:3C:4D:5E.")
+            "::ffff:192.0.2.128. Not std::vector, a::b, 12:30:45, fe80::1abz or the MAC 00:1A:2B:3C:4D:5E.")
     assert _found(privacy.find_ipv6, text) == ["fe80::1", "::1", "2001:db8::8a2e:370:7334",
                                                "2001:0db8:85a3:0000:0000:8a2e:0370:7334", "::ffff:192.0.2.128"]
 
 
 TEXT = "Mail jo@example.com or call +44 20 7946 0958 from 10.0.0.1 or fe80::1 before 2024-03-15."
+
+
+def test_long_hex_and_digit_runs_are_fast():
+    import time
+    blob = "de:ad:" + "be" * 200_000 + "g " + "1:" * 50_000 + "x " + "12 " * 50_000
+    start = time.perf_counter()
+    assert privacy.scrub_pii(blob).counts == {"email": 0, "ipv6": 0, "ipv4": 0, "phone": 0}
+    assert time.perf_counter() - start < 2.0
 
 
 def test_scrub_replaces_every_kind_and_counts():
