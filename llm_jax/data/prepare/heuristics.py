@@ -197,14 +197,23 @@ def _duplicate_fractions(pieces: tuple[str, ...]) -> tuple[float, float]:
     return _ratio(n_dup, len(pieces)), _ratio(dup_chars, sum(len(p) for p in pieces))
 
 
-class _NgramTable:
-    """The distinct word n-grams of a document, found with one sort (np.unique over the n-word windows)."""
+def ngram_tables(word_ids: np.ndarray, max_n: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{n: (ids_g, first_i)} for n = 1..max_n (while the text has n words): the dense id of every n-word window
+    and the window where each id first occurs.
 
-    def __init__(self, word_ids: np.ndarray, n: int):
-        windows_gn = np.lib.stride_tricks.sliding_window_view(word_ids, n)    # (G, n), G = n_words - n + 1
-        _, self.first_g, inverse, self.counts = np.unique(windows_gn, axis=0, return_index=True,
-                                                          return_inverse=True, return_counts=True)
-        self.inverse_g = inverse.reshape(-1)
+    Each n extends the (n-1)-gram ids by one word and re-densifies them with a 1-D np.unique, so all n cost one
+    sort each. The key id·n_vocab + word stays below n_windows·n_vocab, far inside int64.
+    """
+    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    word_ids = np.asarray(word_ids, np.int64)
+    n_vocab = int(word_ids.max()) + 1 if len(word_ids) else 0
+    ids_g = word_ids
+    for n in range(1, min(max_n, len(word_ids)) + 1):
+        keys_g = word_ids if n == 1 else ids_g[:-1] * n_vocab + word_ids[n - 1:]
+        _, first_i, inverse = np.unique(keys_g, return_index=True, return_inverse=True)
+        ids_g = inverse.reshape(-1)
+        tables[n] = (ids_g, first_i)
+    return tables
 
 
 def _covered_char_frac(starts: np.ndarray, n: int, lengths_w: np.ndarray) -> float:
@@ -216,24 +225,33 @@ def _covered_char_frac(starts: np.ndarray, n: int, lengths_w: np.ndarray) -> flo
     return _ratio(float(lengths_w[covered_w].sum()), float(lengths_w.sum()))
 
 
+def _top_frac(tables, lengths_w: np.ndarray, n: int) -> float:
+    if n not in tables:
+        return 0.0
+    ids_g, _ = tables[n]
+    counts = np.bincount(ids_g)
+    top = int(np.argmax(counts))
+    if counts[top] < 2:
+        return 0.0
+    return _covered_char_frac(np.flatnonzero(ids_g == top), n, lengths_w)
+
+
+def _dup_frac(tables, lengths_w: np.ndarray, n: int) -> float:
+    if n not in tables:
+        return 0.0
+    ids_g, first_i = tables[n]
+    repeats = first_i[ids_g] != np.arange(len(ids_g))
+    return _covered_char_frac(np.flatnonzero(repeats), n, lengths_w)
+
+
 def top_ngram_char_frac(word_ids: np.ndarray, lengths_w: np.ndarray, n: int) -> float:
     """Share of characters inside the occurrences of the most frequent n-gram; 0 if no n-gram occurs twice."""
-    if len(word_ids) < n:
-        return 0.0
-    table = _NgramTable(word_ids, n)
-    top = int(np.argmax(table.counts))
-    if table.counts[top] < 2:
-        return 0.0
-    return _covered_char_frac(np.flatnonzero(table.inverse_g == top), n, lengths_w)
+    return _top_frac(ngram_tables(word_ids, n), lengths_w, n)
 
 
 def dup_ngram_char_frac(word_ids: np.ndarray, lengths_w: np.ndarray, n: int) -> float:
     """Share of characters inside occurrences of n-grams that already occurred earlier in the document."""
-    if len(word_ids) < n:
-        return 0.0
-    table = _NgramTable(word_ids, n)
-    repeats = table.first_g[table.inverse_g] != np.arange(len(table.inverse_g))
-    return _covered_char_frac(np.flatnonzero(repeats), n, lengths_w)
+    return _dup_frac(ngram_tables(word_ids, n), lengths_w, n)
 
 
 def gopher_repetition(doc: Document, config: GopherRepetitionConfig = GopherRepetitionConfig()) -> list[Verdict]:
@@ -250,10 +268,12 @@ def gopher_repetition(doc: Document, config: GopherRepetitionConfig = GopherRepe
     vocabulary: dict[str, int] = {}
     word_ids = np.array([vocabulary.setdefault(w, len(vocabulary)) for w in doc.words], np.int64)
     lengths_w = np.array([len(w) for w in doc.words], np.int64)
+    tables = ngram_tables(word_ids, max((n for n, _ in c.top_ngram_max_char_frac + c.dup_ngram_max_char_frac),
+                                        default=0))
     for n, maximum in c.top_ngram_max_char_frac:
-        verdicts.append(_in_range(f"top_{n}gram_char_frac", top_ngram_char_frac(word_ids, lengths_w, n), None, maximum))
+        verdicts.append(_in_range(f"top_{n}gram_char_frac", _top_frac(tables, lengths_w, n), None, maximum))
     for n, maximum in c.dup_ngram_max_char_frac:
-        verdicts.append(_in_range(f"dup_{n}gram_char_frac", dup_ngram_char_frac(word_ids, lengths_w, n), None, maximum))
+        verdicts.append(_in_range(f"dup_{n}gram_char_frac", _dup_frac(tables, lengths_w, n), None, maximum))
     return verdicts
 
 
