@@ -97,7 +97,7 @@ def _ratio(count: float, total: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class GopherQualityConfig:
-    """Gopher's quality thresholds (appendix A.1.1) plus C4's punctuation rule; None switches a rule off."""
+    """Gopher's quality thresholds (appendix A) plus C4's punctuation rule; None switches a rule off."""
     min_words: int | None = 50
     max_words: int | None = 100_000
     min_chars: int | None = None                   # Gopher bounds words only; characters are here for other recipes
@@ -166,7 +166,7 @@ def gopher_quality(doc: Document, config: GopherQualityConfig = GopherQualityCon
 
 @dataclasses.dataclass(frozen=True)
 class GopherRepetitionConfig:
-    """Gopher's repetition thresholds (appendix A.1.1, table A1); a threshold of None switches a rule off."""
+    """Gopher's repetition thresholds (appendix A, table A1); a threshold of None switches a rule off."""
     max_dup_line_frac: float | None = 0.30
     max_dup_para_frac: float | None = 0.30
     max_dup_line_char_frac: float | None = 0.20
@@ -201,8 +201,8 @@ def ngram_tables(word_ids: np.ndarray, max_n: int) -> dict[int, tuple[np.ndarray
     """{n: (ids_g, first_i)} for n = 1..max_n (while the text has n words): the dense id of every n-word window
     and the window where each id first occurs.
 
-    Each n extends the (n-1)-gram ids by one word and re-densifies them with a 1-D np.unique, so all n cost one
-    sort each. The key id·n_vocab + word stays below n_windows·n_vocab, far inside int64.
+    Each n extends the (n-1)-gram ids by one word and re-densifies them with a 1-D np.unique, so each n costs one
+    1-D sort instead of a row-wise unique over n-column windows. The key id·n_vocab + word stays below n_windows·n_vocab, far inside int64.
     """
     tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     word_ids = np.asarray(word_ids, np.int64)
