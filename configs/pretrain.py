@@ -5,7 +5,8 @@ r"""Pretraining (next-token language modelling) on the embedded default corpus o
     llm-jax train --config configs/pretrain.py:1b --workdir gs://bucket/runs/1b --config.mesh.fsdp=-1
 
 Sizes: `tiny` (a complete run on a laptop CPU in under 3 minutes), `bench` (the CPU throughput benchmark's
-fixed shape), `depth<N>` (the one-dial family used by scaling sweeps: width 64·N, N heads of 64), and the
+fixed shape), `depth<N>` (the one-dial family used by scaling sweeps: N layers of width aspect·N in heads of
+head_dim, default 64 and 64; `size=depth4,aspect=32,head_dim=32`), and the
 accelerator sizes `125m`, `1b`, `7b`. Continued pretraining is the same config with `train.init_from` naming an
 earlier run directory and `data` naming the new corpus.
 """
@@ -44,11 +45,11 @@ _SIZES = {
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", steps=-1, seed=0)
+    arg = parse_arg(arg, size="tiny", steps=-1, seed=0, aspect=64, head_dim=64)
     config = base_config()
     config.seed = arg.seed
     if arg.size.startswith("depth"):
-        config.model.update(model_from_depth(int(arg.size[len("depth"):])))
+        config.model.update(model_from_depth(int(arg.size[len("depth"):]), arg.aspect, arg.head_dim))
     elif arg.size in _SIZES:
         for section, fields in _SIZES[arg.size].items():
             config[section].update(fields)

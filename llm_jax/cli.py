@@ -6,6 +6,7 @@
     llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
     llm-jax preference-pairs --run runs/sft --judge runs/rm --prompts default_task --k 8 --out pairs.jsonl
     llm-jax pipeline  --config configs/pipeline.py:tiny --workdir runs/pipeline [--config.seed=1 ...]
+    llm-jax sweep     --config configs/sweep.py:isoflop --workdir runs/sweep [--processes 2 --dry-run]
     llm-jax scaling-fit results.csv --n-col N --d-col D --loss-col loss --approach 3 [--bootstrap 1000]
 
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
@@ -15,6 +16,8 @@
 against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
 `pipeline` runs every stage of a pipeline config, skipping those already complete, and prints a table of
 their results (see llm_jax/pipeline.py); its overrides apply to the pipeline config.
+`sweep` trains the runs of a scaling sweep (sizes × token or FLOP budgets) that are not finished and writes their
+results table, `<workdir>/results.csv` (see llm_jax/scaling/sweep.py); its overrides apply to the sweep config.
 `scaling-fit` fits a scaling law (Kaplan's, or Chinchilla's Approach 1, 2 or 3) to a CSV of runs, prints the
 coefficients with bootstrap intervals as JSON and writes plots (see llm_jax/scaling/fit.py and report.py).
 """
@@ -47,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
                                                "skipping complete ones; prints a table (see llm_jax/pipeline.py)")
     sub.add_argument("--config", required=True, help="path/to/pipeline.py[:arg]")
     sub.add_argument("--workdir", required=True, help="the pipeline directory")
+    sub = commands.add_parser("sweep", help="train a scaling sweep's unfinished runs and write their results CSV "
+                                            "(see llm_jax/scaling/sweep.py)")
+    sub.add_argument("--config", required=True, help="path/to/sweep.py[:arg]")
+    sub.add_argument("--workdir", required=True, help="the sweep directory (one subdirectory per run)")
+    sub.add_argument("--processes", type=int, help="train this many runs at once, each in its own process "
+                                                   "(default: the config's processes)")
+    sub.add_argument("--dry-run", action="store_true", help="print the runs (steps, tokens, FLOPs) and stop")
     sub = commands.add_parser("generate", help="answer every prompt of a file with a run's model; one jsonl row "
                                                "per prompt (see llm_jax/generation_io.py)")
     sub.add_argument("--run", required=True, help="the run directory (config.json, tokenizer.model, checkpoints)")
@@ -207,6 +217,23 @@ def _pipeline(config, workdir: str) -> int:
     return 0
 
 
+def _sweep(config, args) -> int:
+    """A bad sweep config exits 2; failed runs 1 (after the finished ones are in the results table)."""
+    from llm_jax.scaling.sweep import SweepError, run_sweep
+    try:
+        summary = run_sweep(config, args.workdir, processes=args.processes, dry_run=args.dry_run)
+    except (SweepError, FileNotFoundError) as e:
+        print(f"llm-jax sweep: {e}", file=sys.stderr)
+        return 2
+    print(summary["table"], end="")
+    if args.dry_run:
+        return 0
+    print(f"results: {summary['results']} ({len(summary['rows'])} runs)")
+    for name, error in summary["failed"].items():
+        print(f"llm-jax sweep: run {name} failed: {error}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def _scaling_fit(args, overrides: list[str]) -> int:
     """Usage errors exit 2; data the fit cannot use, or a missing matplotlib, 1."""
     from llm_jax.scaling.report import default_plots_dir, parse_point, scaling_fit
@@ -252,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "pipeline":
         return _pipeline(config, args.workdir)
+    if args.command == "sweep":
+        return _sweep(config, args)
     if args.distributed:
         import jax
         # CPU hosts exchange collectives over gloo; accelerators keep their own (ICI, NCCL).

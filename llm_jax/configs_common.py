@@ -27,13 +27,18 @@ DEFAULT_RULES = (
 )
 
 
-def model_from_depth(depth: int) -> dict:
-    """The one-dial model family: width 64·depth, depth heads of 64, SwiGLU hidden 8/3·width (rounded to 64)."""
+def model_from_depth(depth: int, aspect: int = 64, head_dim: int = 64) -> dict:
+    """The one-dial model family: `depth` layers of width aspect·depth in heads of `head_dim`, SwiGLU hidden
+    8/3·width (rounded to a multiple of 32). Non-embedding parameters grow as 12·aspect²·depth³."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    d_model = 64 * depth
-    return dict(n_layers=depth, d_model=d_model, n_heads=depth, n_kv_heads=depth, head_dim=64,
-                d_ff=64 * round(8 * d_model / 3 / 64))
+    d_model = aspect * depth
+    if aspect < 1 or head_dim < 1 or d_model % head_dim:
+        raise ValueError(f"width {d_model} (aspect {aspect} × depth {depth}) must be a positive multiple of "
+                         f"head_dim {head_dim}")
+    heads = d_model // head_dim
+    return dict(n_layers=depth, d_model=d_model, n_heads=heads, n_kv_heads=heads, head_dim=head_dim,
+                d_ff=32 * round(8 * d_model / 3 / 32))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -43,6 +43,7 @@ import json
 import os
 import time
 
+from llm_jax.files import write_json_atomic, write_text_atomic
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
@@ -92,19 +93,6 @@ def read_stage(directory: str) -> dict | None:
         return json.load(f)
 
 
-def _write_text(path: str, text: str) -> None:
-    """Written whole, then renamed: a reader never sees half a file, and an interruption leaves none."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, value) -> None:
-    _write_text(path, json.dumps(value, indent=1, default=str) + "\n")
-
-
 def prompts_file(spec: str, split: str, n: int, path: str) -> str:
     """The prompts spec (`default_task`: the task's `split` prompts), or its first n records written to `path`."""
     from llm_jax.data import records
@@ -117,7 +105,7 @@ def prompts_file(spec: str, split: str, n: int, path: str) -> str:
         rows.append(json.dumps(record, ensure_ascii=False) + "\n")
         if len(rows) == n:
             break
-    _write_text(path, "".join(rows))
+    write_text_atomic(path, "".join(rows))
     return path
 
 
@@ -297,7 +285,7 @@ def run_pipeline(config, workdir: str) -> dict:
                                 f"{type(e).__name__}: {e}") from e
         record = dict(stage=name, kind=config.stages[name].kind, seconds=time.perf_counter() - t0,
                       **_settings(config, name), **record)
-        _write_json(os.path.join(directory, STAGE_FILE), record)
+        write_json_atomic(os.path.join(directory, STAGE_FILE), record)
         records[name], ran = record, ran + [name]
         log_line(f"pipeline [{time.perf_counter() - start:7.1f} s] {name}: done in {record['seconds']:.1f} s")
 
@@ -308,8 +296,8 @@ def run_pipeline(config, workdir: str) -> dict:
                    elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds,
                    stages={name: dict(seconds=r["seconds"], metrics=r["metrics"], skipped=name not in ran)
                            for name, r in records.items()})
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-    _write_text(os.path.join(workdir, "summary.md"), table)
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    write_text_atomic(os.path.join(workdir, "summary.md"), table)
     return summary
 
 

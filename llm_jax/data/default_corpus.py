@@ -30,6 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
+from llm_jax.files import write_text_atomic
+
 DEFAULT_N_DOCS = 7200  # about 4 MB of text
 END_MARKS = (".", "?", "!")
 END_MARK_PROBS = (0.82, 0.12, 0.06)
@@ -307,13 +309,6 @@ def default_corpus_dir() -> str:
     return os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 CORPUS_FILE = "default_corpus.jsonl"
 STATS_FILE = "default_corpus_stats.json"
 
@@ -345,8 +340,8 @@ def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 
                  nats_per_char=total_nats / max(n_chars, 1),
                  n_topics=DEFAULT_SPEC.n_topics, lexicon_size=src.lexicon_size)
     # The corpus first, the stats last: stats present means the corpus beside it is complete.
-    _atomic_write_text(corpus_path, lines)
-    _atomic_write_text(stats_path, json.dumps(stats, indent=1) + "\n")
+    write_text_atomic(corpus_path, lines)
+    write_text_atomic(stats_path, json.dumps(stats, indent=1) + "\n")
     return corpus_path
 
 

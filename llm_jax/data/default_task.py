@@ -74,7 +74,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llm_jax.data.default_corpus import _atomic_write_text, build_source, default_corpus_dir
+from llm_jax.data.default_corpus import build_source, default_corpus_dir
+from llm_jax.files import write_text_atomic
 
 TASKS = ("copy", "reverse", "first", "last")
 N_TASK_WORDS = 48
@@ -313,8 +314,8 @@ def write_default_task(directory: str | None = None, seed: int = 0,
         except (OSError, json.JSONDecodeError):
             pass  # a damaged stats file: regenerate
     for name in DEFAULT_SIZES:
-        _atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in iter_records(name, sizes[name], seed)))
+        write_text_atomic(paths[name], "".join(json.dumps(r) + "\n" for r in iter_records(name, sizes[name], seed)))
     # The stats last: present and matching means the files beside them are complete.
     stats = dict(wanted, baselines=baseline_scores(sizes["prompts_eval"], seed))
-    _atomic_write_text(paths["stats"], json.dumps(stats, indent=1) + "\n")
+    write_text_atomic(paths["stats"], json.dumps(stats, indent=1) + "\n")
     return paths
