@@ -7,7 +7,7 @@ r"""Scaling sweeps of pretraining runs on the embedded corpus (llm_jax/scaling/s
 Presets:
     isoflop   the CPU sweep of experiments/scaling_laws/: compute budgets 1, 2, 4, 8 · 10¹² FLOPs × the depth dial
               1–6 (depth L: L layers of width 32·L, heads of 32; 13 k to 2.7 M non-embedding parameters), each run
-              D = C / (exact FLOPs per token) tokens; runs outside 50–8,000 steps are left out (23 runs)
+              D = C / (exact FLOPs per token) tokens (24 runs; runs outside 50–16,000 steps would be left out)
     grid      the same sizes (depth 1–5) × 0.25, 0.5, 1, 2 M training tokens (for Kaplan's L(N, D))
     smoke     two toy sizes × two token budgets of a few steps each (the tests' sweep)
 
@@ -18,7 +18,7 @@ import ml_collections
 from llm_jax.config_lib import parse_arg
 
 _PRESETS = {
-    "isoflop": dict(mode="isoflop", sizes=(1, 2, 3, 4, 5, 6), budgets=(1e12, 2e12, 4e12, 8e12), max_steps=8000),
+    "isoflop": dict(mode="isoflop", sizes=(1, 2, 3, 4, 5, 6), budgets=(1e12, 2e12, 4e12, 8e12), max_steps=16000),
     "grid": dict(mode="tokens", sizes=(1, 2, 3, 4, 5), budgets=(2.5e5, 5e5, 1e6, 2e6)),
     "smoke": dict(mode="tokens", sizes=(1, 2), budgets=(1536, 3072), min_steps=4, evals=2, checkpoints=1,
                   size_arg="size=depth{size},aspect=16,head_dim=16",
@@ -46,6 +46,7 @@ def get_config(arg=None):
         checkpoints=2,                # checkpoints per run (where a stopped run resumes)
         overrides=("data.batch_size=8", "optim.lr=2e-3", "train.log_every=50", "train.progress_bar=False"),
         tokenizer="",                 # a sentencepiece model every run uses; empty: train one into the workdir
+        cache_dir="",                 # the tokenized corpus every run reads; empty: <workdir>/data
         seed=0,
         processes=1,                  # runs trained at once, each in its own process (1: one after another, here)
     ))

@@ -104,8 +104,14 @@ def _scaling_fit_arguments(commands) -> None:
                           "compute and predict them (0: skip)")
     sub.add_argument("--outlier-z", type=float,
                      help="Approach 3: drop runs whose log residual is over this many robust deviations, refit")
+    sub.add_argument("--fixed-E", type=float, dest="fixed_E",
+                     help="Approach 3: hold E at this known irreducible loss (e.g. a corpus's entropy floor) and fit "
+                          "A, B, alpha, beta")
     sub.add_argument("--isoflop-tolerance", type=float, default=0.1,
                      help="Approach 2: runs whose compute agrees within this fraction form one budget")
+    sub.add_argument("--isoflop-window", type=int, default=0,
+                     help="Approach 2: fit each budget's parabola to this many sizes around its lowest loss "
+                          "(0: all; a lopsided range of sizes biases the vertex)")
     sub.add_argument("--compute", type=float, action="append", default=[],
                      help="Approach 3: report N_opt, D_opt and the loss at this budget (repeatable; default: "
                           "the largest run's compute)")
@@ -251,7 +257,8 @@ def _scaling_fit(args, overrides: list[str]) -> int:
         result = scaling_fit(args.results, approach=args.approach, n_col=args.n_col, d_col=args.d_col,
                              loss_col=args.loss_col, flops_col=args.flops_col, bootstrap=args.bootstrap,
                              confidence=args.confidence, seed=args.seed, holdout_fraction=args.holdout_fraction,
-                             outlier_z=args.outlier_z, isoflop_tolerance=args.isoflop_tolerance,
+                             outlier_z=args.outlier_z, fixed_E=args.fixed_E,
+                             isoflop_tolerance=args.isoflop_tolerance, isoflop_window=args.isoflop_window,
                              compute=args.compute, predict=predict, plots_dir=plots_dir)
     except (FitError, ImportError) as e:
         print(f"llm-jax scaling-fit: {e}", file=sys.stderr)

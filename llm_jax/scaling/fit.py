@@ -259,14 +259,30 @@ class Approach2:
                 "skipped": self.skipped}
 
 
+def _around_the_lowest(members: np.ndarray, ln_n: np.ndarray, loss: np.ndarray, window: int) -> np.ndarray:
+    """The `window` sizes of a budget centred (in ln N order) on its lowest loss; all of them when window is 0."""
+    if not window or members.size <= window:
+        return members
+    ordered = members[np.argsort(ln_n[members], kind="stable")]
+    lowest = int(np.argmin(loss[ordered]))
+    start = min(max(lowest - window // 2, 0), ordered.size - window)
+    return ordered[start:start + window]
+
+
 def fit_approach2(runs: Runs, *, tolerance: float = 0.1, bootstrap: int = 0, seed: int = 0,
-                  confidence: float = CONFIDENCE) -> Approach2:
+                  confidence: float = CONFIDENCE, window: int = 0) -> Approach2:
+    """`window` (≥ 3, or 0 for all) fits each budget's parabola to that many sizes around its lowest loss: a
+    profile far from its minimum is not a parabola in ln N (an undertrained arm rises steeply), and its far
+    points would pull the vertex."""
     _check_bootstrap(bootstrap, confidence)
+    if window and window < 3:
+        raise FitError(f"the IsoFLOP window is {window}: a parabola needs 3 or more sizes (0: every size)")
     rng = np.random.default_rng(seed)
     ln_n, ln_d = np.log(runs.n), np.log(runs.d)
     profiles, skipped, boot_n, boot_d = [], [], [], []
     for members in isoflop_groups(runs.flops, tolerance):
         budget = float(np.exp(np.log(runs.flops[members]).mean()))
+        members = _around_the_lowest(members, ln_n, runs.loss, window)
         if np.unique(runs.n[members]).size < 3:
             skipped.append(f"C={budget:.4g}: {np.unique(runs.n[members]).size} model sizes (a parabola needs 3)")
             continue
@@ -353,6 +369,12 @@ def _huber_value_and_grad(u_BP, w_N, zn_N, zd_N, log_loss_N):
     return (w_N * huber).sum(1), grad
 
 
+def _huber_fixed_e_value_and_grad(u_BP, w_N, zn_N, zd_N, log_loss_N):
+    """The same objective with e held where it starts: a zero gradient in e keeps every L-BFGS step off it."""
+    value, grad = _huber_value_and_grad(u_BP, w_N, zn_N, zd_N, log_loss_N)
+    return value, grad.at[:, 2].set(0.0)
+
+
 class JointLaw:
     """What a fitted L(N, D) offers, given `params()` (its coefficients), `_loss(params_K, n, d)` (the law for K
     coefficient vectors at once) and `samples` (the bootstrap refits' coefficients, one row each)."""
@@ -410,13 +432,13 @@ class Approach3(JointLaw):
                                "removed_rows": list(self.removed_rows), "solver": self.solver}
 
 
-def _approach3_minimum(runs: Runs, starts, gtol, ftol, max_evals):
+def _approach3_minimum(runs: Runs, starts, gtol, ftol, max_evals, objective=_huber_value_and_grad):
     """The best start of the grid: (standardised data, its parameters (a, b, e, α, β), solver summary)."""
     z = _Standardised.of(runs)
     # (a, α) → (a − α·μ_N, α·σ_N): the same line a − α·ln N written in z_N = (ln N − μ_N)/σ_N
     u0 = np.stack([starts[:, 0] - starts[:, 3] * z.mu_n, starts[:, 1] - starts[:, 4] * z.mu_d, starts[:, 2],
                    starts[:, 3] * z.sd_n, starts[:, 4] * z.sd_d], 1)
-    found = lbfgs.minimize(_huber_value_and_grad, u0, (), (z.weight, z.zn, z.zd, z.log_loss), gtol=gtol,
+    found = lbfgs.minimize(objective, u0, (), (z.weight, z.zn, z.zd, z.log_loss), gtol=gtol,
                            ftol=ftol, max_evals=max_evals)
     values = np.where(np.isfinite(found.value_S), found.value_S, np.inf)
     best = int(np.argmin(values))
@@ -440,14 +462,28 @@ def _to_natural(z: _Standardised, u_KP):
 
 def fit_approach3(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE,
                   outlier_z: float | None = None, starts: np.ndarray | None = None, gtol: float = GTOL,
-                  ftol: float = FTOL, max_evals: int = MAX_EVALS) -> Approach3:
-    """Hoffmann et al.'s Approach 3 (see the module docstring); `starts` are rows (a, b, e, α, β)."""
-    runs.require(6, "Approach 3 (5 coefficients)")
+                  ftol: float = FTOL, max_evals: int = MAX_EVALS, fixed_E: float | None = None) -> Approach3:
+    """Hoffmann et al.'s Approach 3 (see the module docstring); `starts` are rows (a, b, e, α, β).
+
+    `fixed_E` holds the irreducible loss at a known value (the entropy of a synthetic corpus's source, say) and
+    fits A, B, α and β alone: every start's e becomes ln fixed_E, and E's interval is that one value. A free E is
+    poorly determined when every run is far above it; a known floor removes that freedom.
+    """
+    runs.require(6 if fixed_E is None else 5, "Approach 3 (5 coefficients)" if fixed_E is None else
+                 "Approach 3 with E fixed (4 coefficients)")
     _check_bootstrap(bootstrap, confidence)
     if outlier_z is not None and not outlier_z > 0:
         raise FitError(f"the outlier threshold is {outlier_z}: it must be a positive number of deviations")
+    if fixed_E is not None and not (np.isfinite(fixed_E) and 0 < fixed_E < runs.loss.min()):
+        raise FitError(f"the fixed irreducible loss E = {fixed_E} must be positive and below every run's loss "
+                       f"(lowest {runs.loss.min():.6g} in {runs.source})")
     starts = approach3_starts() if starts is None else np.asarray(starts, np.float64).reshape(-1, 5)
-    z, u, objective, solver = _approach3_minimum(runs, starts, gtol, ftol, max_evals)
+    objective = _huber_value_and_grad
+    if fixed_E is not None:
+        starts = np.unique(np.concatenate([starts[:, :2], np.full((len(starts), 1), np.log(fixed_E)),
+                                           starts[:, 3:]], 1), axis=0)
+        objective = _huber_fixed_e_value_and_grad
+    z, u, value, solver = _approach3_minimum(runs, starts, gtol, ftol, max_evals, objective)
     removed = ()
     if outlier_z is not None:
         residual = np.log(Approach3._loss(_to_natural(z, u[None]), runs.n, runs.d)[0]) - np.log(runs.loss)
@@ -458,17 +494,19 @@ def fit_approach3(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: 
             removed = tuple(runs.rows[outlier].tolist())
             runs = runs.subset(~outlier)
             runs.require(6, f"Approach 3 after removing {len(removed)} outliers")
-            z, u, objective, solver = _approach3_minimum(runs, starts, gtol, ftol, max_evals)
+            z, u, value, solver = _approach3_minimum(runs, starts, gtol, ftol, max_evals, objective)
+    if fixed_E is not None:
+        solver["fixed_E"] = float(fixed_E)
     samples = np.zeros((0, 5))
     if bootstrap:
-        again = lbfgs.minimize(_huber_value_and_grad, np.repeat(u[None], bootstrap, 0),
+        again = lbfgs.minimize(objective, np.repeat(u[None], bootstrap, 0),
                                (z.resampled_weights(bootstrap, seed),), (z.zn, z.zd, z.log_loss), gtol=gtol,
                                ftol=ftol, max_evals=max_evals)
         samples = _to_natural(z, again.x_SP)
         solver["bootstrap_unfinished"] = int(np.sum(~again.converged_S & ~again.stalled_S))
     best = _to_natural(z, u[None])[0]
     pick = lambda i: _estimate(best[i], samples[:, i] if bootstrap else None, confidence)
-    return Approach3(pick(0), pick(1), pick(2), pick(3), pick(4), samples, objective, solver, removed, len(runs))
+    return Approach3(pick(0), pick(1), pick(2), pick(3), pick(4), samples, value, solver, removed, len(runs))
 
 
 def _allocation(params_K5, compute):

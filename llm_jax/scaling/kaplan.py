@@ -127,26 +127,45 @@ def fit_kaplan_joint(runs: Runs, *, bootstrap: int = 0, seed: int = 0,
 
 @dataclasses.dataclass(frozen=True)
 class KaplanFit:
-    L_N: KaplanLaw           # on the lowest loss at each N
-    L_D: KaplanLaw           # on the lowest loss at each D
-    L_C: KaplanLaw           # on the compute frontier
+    """The four laws; a one-variable law the runs cannot give is None, with the reason in `skipped`."""
+    L_N: KaplanLaw | None    # on the lowest loss at each N
+    L_D: KaplanLaw | None    # on the lowest loss at each D
+    L_C: KaplanLaw | None    # on the compute frontier
     joint: KaplanJoint
     frontier: np.ndarray
+    skipped: dict            # law name → why it was not fitted
 
     def predict(self, n, d):
         return self.joint.predict(n, d)
 
     def to_json(self) -> dict:
-        return {"L(N)": self.L_N.to_json(), "L(D)": self.L_D.to_json(), "L(C)": self.L_C.to_json(),
-                "L(N,D)": self.joint.to_json()}
+        laws = {"L(N)": self.L_N, "L(D)": self.L_D, "L(C)": self.L_C}
+        return {name: law.to_json() for name, law in laws.items() if law is not None} | {
+            "L(N,D)": self.joint.to_json(), "skipped": dict(self.skipped)}
+
+
+# Why a one-variable law can fail on real sweeps: L(N) and L(D) describe runs limited by one resource only.
+_ONE_RESOURCE = {
+    "L(N)": "L(N) needs each size's best run to be limited by its size, not its data (Kaplan trained to near "
+            "convergence); in an IsoFLOP sweep the largest models see the fewest tokens",
+    "L(D)": "L(D) needs each token count's best run to be limited by its data, not its size",
+    "L(C)": "the compute frontier",
+}
 
 
 def fit_kaplan(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE) -> KaplanFit:
+    """Every law the runs support. A one-variable law whose loss does not fall along its variable (L(N) on an
+    IsoFLOP sweep, say) is skipped with the reason; the joint law, fitted on every run, always is fitted."""
     runs.require(5, "the Kaplan fits")
     per_n, per_d = _lowest_per_value(runs.n, runs.loss), _lowest_per_value(runs.d, runs.loss)
     frontier = compute_frontier(runs.flops, runs.loss)
     options = dict(bootstrap=bootstrap, seed=seed, confidence=confidence)
-    return KaplanFit(fit_kaplan_law(runs.n[per_n], runs.loss[per_n], what="Kaplan L(N)", **options),
-                     fit_kaplan_law(runs.d[per_d], runs.loss[per_d], what="Kaplan L(D)", **options),
-                     fit_kaplan_law(runs.flops[frontier], runs.loss[frontier], what="Kaplan L(C)", **options),
-                     fit_kaplan_joint(runs, **options), frontier)
+    laws, skipped = {}, {}
+    for name, x, loss in (("L(N)", runs.n[per_n], runs.loss[per_n]), ("L(D)", runs.d[per_d], runs.loss[per_d]),
+                          ("L(C)", runs.flops[frontier], runs.loss[frontier])):
+        try:
+            laws[name] = fit_kaplan_law(x, loss, what=f"Kaplan {name}", **options)
+        except FitError as e:
+            laws[name] = None
+            skipped[name] = f"{e} ({_ONE_RESOURCE[name]})"
+    return KaplanFit(laws["L(N)"], laws["L(D)"], laws["L(C)"], fit_kaplan_joint(runs, **options), frontier, skipped)

@@ -140,12 +140,15 @@ def kaplan_laws(runs: Runs, kaplan_fit, path: Path, confidence: float = CONFIDEN
               (axes[2], runs.flops[kaplan_fit.frontier], runs.loss[kaplan_fit.frontier], kaplan_fit.L_C,
                "compute C (FLOPs)", "L(C) = (C_c/C)^α_C"))
     for ax, x, loss, law, xlabel, title in panels:
-        ax.scatter(x, loss, s=14, color="C0")
+        ax.scatter(x, loss, s=14, color="C0", label="lowest loss" if law is None else None)
         grid = np.geomspace(x.min(), x.max(), 100)
-        ax.plot(grid, law(grid), "C3-", lw=1.2, label=f"α = {law.alpha.value:.3f}")
-        band = law.law.band(grid, confidence)
-        if band is not None:
-            ax.fill_between(grid, band[0], band[1], color="C3", alpha=0.25, lw=0)
+        if law is None:  # the runs do not support this law (KaplanFit.skipped says why): show the points alone
+            title += " (not fitted)"
+        else:
+            ax.plot(grid, law(grid), "C3-", lw=1.2, label=f"α = {law.alpha.value:.3f}")
+            band = law.law.band(grid, confidence)
+            if band is not None:
+                ax.fill_between(grid, band[0], band[1], color="C3", alpha=0.25, lw=0)
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="loss", title=title)
         _plain_loss_axis(ax)
         ax.legend(fontsize=8)

@@ -1,13 +1,14 @@
 """`llm-jax scaling-fit`: one approach fitted to a results CSV, printed as JSON, drawn as PNGs.
 
     llm-jax scaling-fit runs.csv --approach 3 --bootstrap 1000              # Chinchilla's parametric law
-    llm-jax scaling-fit runs.csv --approach 2 --isoflop-tolerance 0.05      # IsoFLOP parabolas
+    llm-jax scaling-fit runs.csv --approach 2 --isoflop-window 5            # IsoFLOP parabolas
     llm-jax scaling-fit runs.csv --approach kaplan --n-col N --loss-col best_loss
     llm-jax scaling-fit runs.csv --compute 1e21 --predict 1e9,2e10 --holdout-fraction 0.25
 
 Approach 3 prints E, A, B, alpha and beta (each {"value", "ci"}), the allocation exponents a, b and G, N_opt and
 D_opt at each `--compute` budget (default: the largest run's), the loss at each `--predict N,D`, and the
-extrapolation check (fit below the compute cutoff, predict the runs above it). Plots go to `--plots-dir`
+extrapolation check (fit below the compute cutoff, predict the runs above it). `--fixed-E` holds E at a known
+irreducible loss (a synthetic corpus's entropy floor) and fits the other four. Plots go to `--plots-dir`
 (default: `<csv name>_plots/` beside the CSV). The equations are in `fit.py`.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ def parse_point(text: str) -> tuple[float, float]:
 def scaling_fit(csv_path, *, approach: str = "3", n_col: str = "N", d_col: str = "D", loss_col: str = "loss",
                 flops_col: str | None = None, bootstrap: int = 1000, confidence: float = fits.CONFIDENCE,
                 seed: int = 0, holdout_fraction: float = 0.2, outlier_z: float | None = None,
-                isoflop_tolerance: float = 0.1, compute=(), predict=(), plots_dir=None) -> dict:
+                fixed_E: float | None = None,
+                isoflop_tolerance: float = 0.1, isoflop_window: int = 0, compute=(), predict=(),
+                plots_dir=None) -> dict:
     """Fits `approach` to the CSV; returns the JSON-ready result. `plots_dir=None` draws nothing."""
     if approach not in APPROACHES:
         raise FitError(f"approach {approach!r} is not one of {', '.join(APPROACHES)}")
@@ -63,13 +66,14 @@ def scaling_fit(csv_path, *, approach: str = "3", n_col: str = "N", d_col: str =
     options = dict(bootstrap=bootstrap, seed=seed, confidence=confidence)
     plots = Path(plots_dir) if plots_dir is not None else None
     if approach == "3":
-        result |= _approach3(runs, options, outlier_z, compute, predict, holdout_fraction, plots)
+        result |= _approach3(runs, options, dict(outlier_z=outlier_z, fixed_E=fixed_E), compute, predict,
+                             holdout_fraction, plots)
     elif approach == "kaplan":
         result |= _kaplan(runs, options, holdout_fraction, plots)
     elif approach == "1":
         result |= _approach1(runs, options, plots)
     else:
-        result |= _approach2(runs, options, isoflop_tolerance, plots)
+        result |= _approach2(runs, options, isoflop_tolerance, isoflop_window, plots)
     return result
 
 
@@ -82,8 +86,8 @@ def _extrapolation(runs: Runs, fit, holdout_fraction: float) -> dict | None:
         return {"skipped": str(e)}
 
 
-def _approach3(runs, options, outlier_z, compute, predict, holdout_fraction, plots) -> dict:
-    fit = fits.fit_approach3(runs, outlier_z=outlier_z, **options)
+def _approach3(runs, options, fit_options, compute, predict, holdout_fraction, plots) -> dict:
+    fit = fits.fit_approach3(runs, **fit_options, **options)
     budgets = list(compute) or [float(runs.flops.max())]
     result = fit.to_json()
     confidence = options["confidence"]
@@ -94,7 +98,7 @@ def _approach3(runs, options, outlier_z, compute, predict, holdout_fraction, plo
     result["predictions"] = [{"N": n, "D": d, "loss": fits.predict_loss(fit, n, d, confidence).to_json()}
                              for n, d in predict]
     result["extrapolation"] = _extrapolation(
-        runs, lambda part: fits.fit_approach3(part, outlier_z=outlier_z, seed=options["seed"]), holdout_fraction)
+        runs, lambda part: fits.fit_approach3(part, **fit_options, seed=options["seed"]), holdout_fraction)
     if plots is not None:
         from llm_jax.scaling import plots as draw
         frontier = fits.compute_frontier(runs.flops, runs.loss)
@@ -124,9 +128,9 @@ def _kaplan(runs, options, holdout_fraction, plots) -> dict:
         runs, lambda part: kaplan.fit_kaplan_joint(part, seed=options["seed"]), holdout_fraction)
     if plots is not None:
         from llm_jax.scaling import plots as draw
+        along = None if fit.L_C is None else lambda c: (fit.L_C(c), fit.L_C.law.band(c))
         result["plots"] = [
-            draw.loss_vs_compute(runs, fit.frontier, plots / "loss_vs_compute.png",
-                                 lambda c: (fit.L_C(c), fit.L_C.law.band(c)), "L(C) = (C_c/C)^α_C"),
+            draw.loss_vs_compute(runs, fit.frontier, plots / "loss_vs_compute.png", along, "L(C) = (C_c/C)^α_C"),
             draw.kaplan_laws(runs, fit, plots / "kaplan_laws.png"),
             draw.fitted_law(runs, fit.joint, plots / "fitted_law.png", "L(N, D) = [(N_c/N)^(α_N/α_D) + D_c/D]^α_D")]
     return result
@@ -145,8 +149,8 @@ def _approach1(runs, options, plots) -> dict:
     return result
 
 
-def _approach2(runs, options, tolerance, plots) -> dict:
-    fit = fits.fit_approach2(runs, tolerance=tolerance, **options)
+def _approach2(runs, options, tolerance, window, plots) -> dict:
+    fit = fits.fit_approach2(runs, tolerance=tolerance, window=window, **options)
     result = fit.to_json()
     if plots is not None:
         from llm_jax.scaling import plots as draw

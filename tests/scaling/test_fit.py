@@ -75,6 +75,22 @@ def test_approach3_intervals_hold_the_truth_under_noise():
     assert predicted.low <= chinchilla(1e9, 2e10) <= predicted.high
 
 
+def test_a_known_irreducible_loss_is_held_and_the_rest_recovered():
+    held = fit.fit_approach3(grid_runs(), fixed_E=E)
+    np.testing.assert_allclose(held.params(), TRUTH, rtol=1e-6)
+    assert held.solver["fixed_E"] == E and held.solver["starts"] == 900  # the grid's e values collapse to one
+    noisy = fit.fit_approach3(grid_runs(sizes=12, noise=0.01, seed=1), fixed_E=E, bootstrap=100, seed=2)
+    assert noisy.E.value == noisy.E.low == noisy.E.high == pytest.approx(E, rel=1e-12)
+    for name, true in zip(("A", "B", "alpha", "beta"), TRUTH[1:]):
+        estimate = getattr(noisy, name)
+        assert estimate.low <= true <= estimate.high, (name, estimate, true)
+    # a wrong floor cannot fit as well as the true one, and the free fit is never worse than either
+    wrong = fit.fit_approach3(grid_runs(), fixed_E=1.0)
+    assert wrong.objective > 1e3 * max(held.objective, 1e-12) and wrong.E.value == pytest.approx(1.0)
+    with pytest.raises(FitError, match="below every run's loss"):
+        fit.fit_approach3(grid_runs(), fixed_E=5.0)
+
+
 def test_the_allocation_minimises_the_law_at_fixed_compute(exact_fit):
     for c in (1e19, 1e21, 1e24):
         n_opt, d_opt = exact_fit.allocation([c])
@@ -131,6 +147,19 @@ def kaplan_joint(n, d):
     return ((N_C / n) ** (ALPHA_N / ALPHA_D) + D_C / d) ** ALPHA_D
 
 
+def test_a_law_the_runs_cannot_support_is_skipped_with_the_reason():
+    # Two IsoFLOP budgets of models far too large for them: the bigger the model, the fewer its tokens and the
+    # higher its loss, so L(N) on each size's best run rises; the other laws still fit
+    n = np.tile(np.geomspace(1e9, 1e10, 4), 2)
+    c = np.repeat([1e18, 2e18], 4)
+    d = c / (6 * n)
+    result = kaplan.fit_kaplan(make_runs(n, d, kaplan_joint(n, d), c))
+    assert result.L_N is None and set(result.skipped) == {"L(N)"}
+    assert "does not fall" in result.skipped["L(N)"] and "IsoFLOP" in result.skipped["L(N)"]
+    assert result.L_D.alpha.value > 0 and result.L_C is not None
+    assert "L(N)" not in result.to_json() and result.to_json()["skipped"] == result.skipped
+
+
 def test_kaplan_joint_law():
     n, d = (x.ravel() for x in np.meshgrid(np.geomspace(1e6, 1e9, 10), np.geomspace(2e7, 2e10, 10)))
     exact = kaplan.fit_kaplan_joint(make_runs(n, d, kaplan_joint(n, d)))
@@ -150,6 +179,21 @@ def test_approach2_recovers_the_allocation_exponents():
     noisy = fit.fit_approach2(isoflop_runs(noise=0.005, seed=8), bootstrap=200, seed=9)
     assert noisy.n_opt.p.low <= A_EXP <= noisy.n_opt.p.high
     assert noisy.d_opt.p.low <= B_EXP <= noisy.d_opt.p.high
+
+
+def test_a_window_around_each_budgets_minimum_undoes_a_lopsided_range():
+    # sizes from N_opt/2 to 300·N_opt: the long undertrained arm is no parabola in ln N and drags the vertex up
+    budgets = np.geomspace(1e18, 1e22, 5)
+    n = np.concatenate([G * (c / 6) ** A_EXP * np.geomspace(0.5, 300, 11) for c in budgets])
+    c = np.repeat(budgets, 11)
+    runs = make_runs(n, c / (6 * n), chinchilla(n, c / (6 * n)), c)
+    error = lambda result: [p.n_opt / (G * (p.budget / 6) ** A_EXP) - 1 for p in result.profiles]
+    assert min(error(fit.fit_approach2(runs))) > 0.2
+    windowed = fit.fit_approach2(runs, window=5)
+    assert max(np.abs(error(windowed))) < 0.01 and all(p.members.size == 5 for p in windowed.profiles)
+    assert windowed.n_opt.p.value == pytest.approx(A_EXP, abs=1e-6)
+    with pytest.raises(FitError, match="window is 2"):
+        fit.fit_approach2(runs, window=2)
 
 
 def test_approach1_frontier_is_each_budgets_best_run():
@@ -194,6 +238,9 @@ def test_command_approach3(tmp_path, capsys):
     assert result["allocation"]["a"]["value"] == pytest.approx(A_EXP, rel=1e-5)
     assert result["predictions"][0]["loss"]["value"] == pytest.approx(chinchilla(1e9, 2e10), rel=1e-6)
     assert result["extrapolation"]["held_out_runs"] > 0 and result["extrapolation"]["max_abs_relative_error"] < 1e-6
+    code, out, err = run_cli(capsys, csv, "--bootstrap", "0", "--fixed-E", str(E), "--no-plots")
+    held = json.loads(out)
+    assert code == 0 and held["solver"]["fixed_E"] == E and held["alpha"]["value"] == pytest.approx(ALPHA, rel=1e-5)
     names = sorted(p.split("/")[-1] for p in result["plots"])
     assert names == ["allocation.png", "fitted_law.png", "loss_vs_compute.png"]
     for path in result["plots"]:
@@ -212,7 +259,7 @@ def test_command_other_approaches(tmp_path, capsys, approach, plots):
     if approach == "2":
         assert result["a"]["value"] == pytest.approx(A_EXP, abs=1e-6)
     if approach == "kaplan":
-        assert {"L(N)", "L(D)", "L(C)", "L(N,D)"} <= set(result)
+        assert {"L(N)", "L(D)", "L(C)", "L(N,D)"} <= set(result) and result["skipped"] == {}
 
 
 @pytest.mark.parametrize("drop,edit,argv,message", [
@@ -225,6 +272,7 @@ def test_command_other_approaches(tmp_path, capsys, approach, plots):
     ((), None, ("--holdout-fraction", "1.5"), "the holdout fraction is 1.5"),
     ((), None, ("--compute", "0"), "the compute budget is 0.0"),
     ((), None, ("--predict", "1e9,-5"), "cannot predict the loss at N = 1000000000.0, D = -5.0"),
+    ((), None, ("--fixed-E", "-1"), "the fixed irreducible loss E = -1.0 must be positive"),
 ])
 def test_command_names_bad_input(tmp_path, capsys, drop, edit, argv, message):
     csv = write_csv(tmp_path / "bad.csv", grid_runs(sizes=3), drop, edit)

@@ -51,7 +51,7 @@ def _cli(workdir, tokenizer, steps, small_overrides):
     env = dict(os.environ)  # keeps the 8 emulated devices of tests/conftest.py
     args = [sys.executable, "-m", "llm_jax.cli", "train", "--config", "configs/pretrain.py:tiny",
             "--workdir", str(workdir), f"--config.tokenizer.path={tokenizer}", f"--config.train.steps={steps}",
-            "--config.train.checkpoint_every=25", "--config.train.eval_every=1000"]
+            "--config.train.checkpoint_every=50", "--config.train.eval_every=1000"]
     return args + [f"--config.{o}" for o in small_overrides if not o.startswith("train.steps")], env
 
 
