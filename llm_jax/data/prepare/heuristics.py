@@ -202,7 +202,8 @@ def ngram_tables(word_ids: np.ndarray, max_n: int) -> dict[int, tuple[np.ndarray
     and the window where each id first occurs.
 
     Each n extends the (n-1)-gram ids by one word and re-densifies them with a 1-D np.unique, so each n costs one
-    1-D sort instead of a row-wise unique over n-column windows. The key id·n_vocab + word stays below n_windows·n_vocab, far inside int64.
+    1-D sort instead of a row-wise unique over n-column windows. The key id·n_vocab + word stays below
+    n_windows·n_vocab, far inside int64.
     """
     tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     word_ids = np.asarray(word_ids, np.int64)
