@@ -58,3 +58,19 @@ def test_quickstart(tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
     assert "unigram baseline" in printed and "source entropy floor" in printed
     assert "pieces:" in printed
+
+
+@pytest.mark.slow
+def test_scaling_laws(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALING_BOOTSTRAP", "50")
+    monkeypatch.setenv("SCALING_PLOTS", str(tmp_path / "plots"))
+    nb = _execute("scaling_laws.ipynb")
+
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "loss_vs_compute.png", "isoflops.png", "fitted_law.png", "kaplan_laws.png"}
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "24 runs, 6 sizes" in printed and "E − entropy floor" in printed
+    assert "predicted held-out loss" in printed
+    assert "llm-jax train --config configs/pretrain.py:size=depth" in printed
