@@ -23,7 +23,8 @@ learning-rate schedule spans its own steps (warmup `warmup_fraction` of them), a
 split `evals` times, the last at its final step.
 
 All runs share one tokenizer (`tokenizer`, or one trained into `<workdir>/tokenizer.model` from the base
-config's settings) and one tokenized-corpus cache (`<workdir>/data`), so their losses are in the same units.
+config's settings) and one tokenized-corpus cache (`cache_dir`, default `<workdir>/data`; sweeps of one corpus
+and tokenizer may share it), so their losses are in the same units.
 
 Each run lives in `<workdir>/<name>/` (e.g. `C3.6e12-depth4`) and is `llm-jax train` of the base config with
 the sweep's `overrides` and its own steps, warmup, eval interval and seed. A run that finished leaves
@@ -33,11 +34,16 @@ once (each with its log in `<name>/train.log`); on a CPU, give each process its 
 fails (a diverged loss, say) does not stop the others: the table holds the runs that finished, and the command
 names the failures and exits 1.
 
+A run whose D exceeds the training split repeats data (epochs > 1): the command names those runs before training,
+since repetition changes the loss a scaling law describes (Muennighoff et al. 2023), and the table says how many
+epochs each run saw. The table's rows are derived from each run's `metrics.jsonl`, so they never go stale.
+
 The table, `<workdir>/results.csv`, has one row per finished run (sorted by budget, then size):
 
     name, size, budget, steps, tokens_per_step, n_layers, d_model,
     N           Kaplan et al.'s non-embedding parameters      N_total   every parameter (Chinchilla's N)
-    D           training tokens                               flops     exact training FLOPs (per token × D)
+    D           training tokens                               epochs    D / the training split's tokens
+    flops       exact training FLOPs (per token × D)
     flops_6ND   6·N_total·D, for comparison
     loss        the held-out loss at the last step            best_loss the lowest held-out loss logged
     train_loss  the training loss at the last step            entropy_floor  the corpus' entropy per token
@@ -65,7 +71,8 @@ FLOPS_PER_TOKEN = ("exact", "6N")
 RUN_FILE = "sweep.json"
 RESULTS_FILE = "results.csv"
 COLUMNS = ("name", "size", "budget", "steps", "tokens_per_step", "n_layers", "d_model", "N", "N_total", "D",
-           "flops", "flops_6ND", "loss", "best_loss", "train_loss", "entropy_floor", "seconds", "tokens_per_s")
+           "epochs", "flops", "flops_6ND", "loss", "best_loss", "train_loss", "entropy_floor", "seconds",
+           "tokens_per_s")
 
 
 class SweepError(RuntimeError):
@@ -198,8 +205,9 @@ def plan_table(runs: list[SweepRun], skipped: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _prepare_shared(config, runs: list[SweepRun], workdir: str) -> list[str]:
-    """The tokenizer and tokenized corpus every run shares, made once here; the overrides that point at them."""
+def _prepare_shared(config, runs: list[SweepRun], workdir: str) -> tuple[list[str], int]:
+    """The tokenizer and tokenized corpus every run shares, made once here: the overrides that point at them,
+    and the training split's size in tokens."""
     from llm_jax.data.pipeline import tokenize_corpus
     from llm_jax.data.tokenizer_stage import prepare_tokenizer
 
@@ -207,9 +215,18 @@ def _prepare_shared(config, runs: list[SweepRun], workdir: str) -> list[str]:
     if config.tokenizer:
         first.tokenizer.path = config.tokenizer
     tokenizer = prepare_tokenizer(first, workdir)  # <workdir>/tokenizer.model: copied, or trained once
-    cache_dir = os.path.join(workdir, "data")
-    tokenize_corpus(first.data, tokenizer, cache_dir)
-    return [f"tokenizer.path={tokenizer.path}", f"data.cache_dir={cache_dir}"]
+    cache_dir = config.cache_dir or os.path.join(workdir, "data")
+    splits, _ = tokenize_corpus(first.data, tokenizer, cache_dir)
+    return [f"tokenizer.path={tokenizer.path}", f"data.cache_dir={cache_dir}"], splits["train"].n_targets
+
+
+def _warn_about_repetition(runs: list[SweepRun], train_tokens: int) -> list[str]:
+    over = [r for r in runs if r.tokens > train_tokens]
+    if over:
+        most = max(r.tokens for r in over) / train_tokens
+        log_line(f"sweep: {len(over)} of {len(runs)} runs train past one epoch of the {train_tokens:,}-token "
+                 f"training split (up to {most:.1f} epochs): {', '.join(r.name for r in over)}")
+    return [r.name for r in over]
 
 
 def _row(run: SweepRun, run_dir: str, seconds: float) -> dict:
@@ -220,19 +237,22 @@ def _row(run: SweepRun, run_dir: str, seconds: float) -> dict:
     if not evals or not finals:
         raise SweepError(f"run {run.name} ({run_dir}) did not reach step {run.steps} with a held-out eval")
     first = metrics[0]
+    train_tokens = first.get("n_train_tokens")
     train = [m for m in finals if "loss" in m]
     speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     return dict(name=run.name, size=run.size, budget=run.budget, steps=run.steps,
                 tokens_per_step=run.tokens_per_step, n_layers=run.n_layers, d_model=run.d_model,
-                N=run.n, N_total=run.n_total, D=run.tokens, flops=run.flops, flops_6ND=6 * run.n_total * run.tokens,
-                loss=evals[-1], best_loss=min(evals),
+                N=run.n, N_total=run.n_total, D=run.tokens,
+                epochs=round(run.tokens / train_tokens, 4) if train_tokens else "", flops=run.flops,
+                flops_6ND=6 * run.n_total * run.tokens, loss=evals[-1], best_loss=min(evals),
                 train_loss=train[-1]["loss"] if train else "",
                 entropy_floor=first.get("source_entropy_nats_per_token", ""), seconds=round(seconds, 2),
                 tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else "")
 
 
 def _finished(run: SweepRun, run_dir: str) -> dict | None:
-    """The row a finished run left, after checking it was trained as the sweep now asks."""
+    """The row of a finished run (rebuilt from its metrics, with its recorded time), after checking it was
+    trained as the sweep now asks; None for a run not finished."""
     path = os.path.join(run_dir, RUN_FILE)
     if not os.path.exists(path):
         return None
@@ -242,7 +262,7 @@ def _finished(run: SweepRun, run_dir: str) -> dict | None:
         raise SweepError(f"run {run.name} in {run_dir} finished with a different config ({record.get('spec')} "
                          f"{record.get('overrides')}) than the sweep now asks ({run.spec} {list(run.overrides)}): "
                          "use a new --workdir, or delete that run directory to retrain it")
-    return record["row"]
+    return _row(run, run_dir, record["row"]["seconds"])
 
 
 def _train_in_process(run: SweepRun, run_dir: str, shared: list[str]) -> None:
@@ -283,8 +303,8 @@ def write_results(rows: list[dict], path: str) -> None:
 
 
 def results_table(rows: list[dict]) -> str:
-    lines = ["| run | N | D | FLOPs | loss | best | s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['N']:,} | {r['D']:,} | {r['flops']:.3g} | {r['loss']:.4f} | "
+    lines = ["| run | N | D | epochs | FLOPs | loss | best | s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['N']:,} | {r['D']:,} | {r['epochs']} | {r['flops']:.3g} | {r['loss']:.4f} | "
               f"{r['best_loss']:.4f} | {r['seconds']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -292,8 +312,9 @@ def results_table(rows: list[dict]) -> str:
 def run_sweep(config, workdir: str, *, processes: int | None = None, dry_run: bool = False) -> dict:
     """Trains the sweep's unfinished runs and writes `<workdir>/results.csv`; see the module doc.
 
-    Returns the summary: `results` (the CSV's path), `rows`, `failed` ({name: error}), `left_out` (runs under
-    min_steps) and `table` (markdown). With `dry_run`, trains nothing and returns the plan (`table`).
+    Returns the summary: `results` (the CSV's path), `rows`, `failed` ({name: error}), `left_out` (runs outside
+    [min_steps, max_steps]), `repeated` (runs trained now that see the training split more than once) and
+    `table` (markdown). With `dry_run`, trains nothing and returns the plan (`table`).
     """
     processes = config.processes if processes is None else processes
     if processes < 1:
@@ -312,8 +333,10 @@ def run_sweep(config, workdir: str, *, processes: int | None = None, dry_run: bo
     log_line(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, {len(todo)} to train"
              + (f" in {processes} processes" if todo and processes > 1 else ""))
     failed: dict[str, str] = {}
+    repeated: list[str] = []
     if todo:
-        shared = _prepare_shared(config, runs, workdir)
+        shared, train_tokens = _prepare_shared(config, runs, workdir)
+        repeated = _warn_about_repetition(runs, train_tokens)
         train = _train_in_process if processes == 1 else _train_in_subprocess
 
         def attempt(run: SweepRun) -> None:
@@ -332,4 +355,5 @@ def run_sweep(config, workdir: str, *, processes: int | None = None, dry_run: bo
     done = [rows[r.name] for r in runs if rows[r.name] is not None]
     path = os.path.join(workdir, RESULTS_FILE)
     write_results(done, path)
-    return dict(results=path, rows=done, failed=failed, left_out=skipped, table=results_table(done))
+    return dict(results=path, rows=done, failed=failed, left_out=skipped, repeated=repeated,
+                table=results_table(done))

@@ -72,6 +72,14 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
                  "--config.mode=x"]) == 2
 
 
+def test_runs_that_repeat_the_training_split_are_named(capsys):
+    runs, _ = expand(_sweep_config("smoke"))
+    assert sweep._warn_about_repetition(runs, train_tokens=2000) == ["D3.07e3-depth1", "D3.07e3-depth2"]
+    assert "2 of 4 runs train past one epoch of the 2,000-token training split (up to 1.5 epochs)" in \
+        capsys.readouterr().err
+    assert sweep._warn_about_repetition(runs, train_tokens=10_000) == []
+
+
 def _read(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -99,7 +107,7 @@ def test_smoke_sweep_trains_skips_finished_runs_survives_a_failure_and_runs_in_p
     assert trained[4:] == ["D3.07e3-depth1"] and not second["failed"]
     rows = _read(second["results"])
     assert [r["name"] for r in rows] == ["D1.54e3-depth1", "D1.54e3-depth2", "D3.07e3-depth1", "D3.07e3-depth2"]
-    assert list(rows[0]) == list(sweep.COLUMNS)
+    assert list(rows[0]) == list(sweep.COLUMNS) and second["repeated"] == []
     entropy_floor = float(rows[0]["entropy_floor"])
     for r in rows:
         steps, d, n_total = int(r["steps"]), int(r["D"]), int(r["N_total"])
@@ -107,6 +115,7 @@ def test_smoke_sweep_trains_skips_finished_runs_survives_a_failure_and_runs_in_p
         assert int(r["flops"]) % d == 0 and int(r["flops_6ND"]) == 6 * n_total * d < int(r["flops"])
         assert entropy_floor < float(r["best_loss"]) <= float(r["loss"]) < math.log(512)
         assert float(r["entropy_floor"]) == entropy_floor and float(r["seconds"]) > 0
+        assert 0 < float(r["epochs"]) < 0.01  # 3 k tokens of a split of about a million
     by_name = {r["name"]: float(r["loss"]) for r in rows}
     for size in ("depth1", "depth2"):  # twice the tokens, lower held-out loss
         assert by_name[f"D3.07e3-{size}"] < by_name[f"D1.54e3-{size}"]
