@@ -1,0 +1,138 @@
+"""What data preparation did, per step: documents and characters in and out, what it dropped and why, its scores.
+
+Each input shard gathers a `ShardStats` (counts, the first examples of each step's drops, every score); the report
+merges the shards in file order, so it is the same however many processes prepared them. Score histograms have
+`bins` equal bins between the smallest and largest score of all shards.
+
+    report.json   {"inputs": ..., "steps": [...], "output": ...}; each step: docs_in, docs_out, dropped, chars_in,
+                  chars_out, dropped_by (rule -> documents), counts (privacy: matches per kind), examples (where,
+                  reason, text), histograms (score -> edges, counts, min, max, mean)
+    report.md     the same as tables, with one bar chart a score
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llm_jax.data.prepare.steps import Outcome
+
+MAX_LISTED_ERRORS = 100
+
+
+def _step_record() -> dict:
+    return dict(docs_in=0, docs_out=0, chars_in=0, chars_out=0, dropped_by={}, counts={}, examples=[])
+
+
+class ShardStats:
+    """Counts of one shard: `record` each step's outcome for each document that reaches it."""
+
+    def __init__(self, steps, max_examples: int, example_chars: int):
+        self.steps = {name: _step_record() for name in steps}
+        self.scores: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+        self.docs_in = self.chars_in = 0
+        self.errors: list[dict] = []
+        self.max_examples, self.example_chars = max_examples, example_chars
+
+    def record(self, step: str, where: str, text_in: str, outcome: Outcome) -> None:
+        s = self.steps[step]
+        s["docs_in"] += 1
+        s["chars_in"] += len(text_in)
+        for kind, n in outcome.counts.items():
+            s["counts"][kind] = s["counts"].get(kind, 0) + n
+        for name, value in outcome.scores.items():
+            self.scores[step].setdefault(name, []).append(value)
+        if outcome.keep:
+            s["docs_out"] += 1
+            s["chars_out"] += len(outcome.text)
+            return
+        rule = outcome.rule or step
+        s["dropped_by"][rule] = s["dropped_by"].get(rule, 0) + 1
+        if len(s["examples"]) < self.max_examples:
+            # The text after the step: privacy's drops are quoted scrubbed, never with the data they held.
+            s["examples"].append(dict(where=where, reason=outcome.reason, text=outcome.text[:self.example_chars]))
+
+    def to_json(self) -> dict:
+        return dict(docs_in=self.docs_in, chars_in=self.chars_in, errors=self.errors, steps=self.steps)
+
+    def score_arrays(self) -> dict[str, np.ndarray]:
+        """{"step/score": (n,) float64}, for an .npz file."""
+        return {f"{step}/{name}": np.asarray(values, np.float64)
+                for step, by_name in self.scores.items() for name, values in by_name.items()}
+
+
+def histogram(values: np.ndarray, bins: int) -> dict:
+    values = np.asarray(values, np.float64)
+    if not len(values):
+        return dict(n=0, min=None, max=None, mean=None, edges=[], counts=[])
+    lo, hi = float(values.min()), float(values.max())
+    counts, edges = np.histogram(values, bins=bins if hi > lo else 1, range=(lo, hi) if hi > lo else (lo, lo + 1))
+    return dict(n=int(len(values)), min=lo, max=hi, mean=float(values.mean()),
+                edges=[float(e) for e in edges], counts=[int(c) for c in counts])
+
+
+def merge(steps, shard_stats: list[dict], shard_scores: list[dict[str, np.ndarray]], max_examples: int,
+          bins: int) -> dict:
+    """One report from the shards' `to_json` and `score_arrays`, in shard order."""
+    merged = []
+    for step in steps:
+        total = _step_record()
+        for stats in shard_stats:
+            s = stats["steps"][step]
+            for key in ("docs_in", "docs_out", "chars_in", "chars_out"):
+                total[key] += s[key]
+            for field in ("dropped_by", "counts"):
+                for k, n in s[field].items():
+                    total[field][k] = total[field].get(k, 0) + n
+            total["examples"] += s["examples"][:max_examples - len(total["examples"])]
+        names = sorted({key.split("/", 1)[1] for scores in shard_scores for key in scores
+                        if key.split("/", 1)[0] == step})
+        total["histograms"] = {name: histogram(np.concatenate([scores.get(f"{step}/{name}", np.zeros(0))
+                                                               for scores in shard_scores]), bins)
+                               for name in names}
+        total["dropped"] = total["docs_in"] - total["docs_out"]
+        merged.append(dict(step=step, **total))
+    errors = [e for stats in shard_stats for e in stats["errors"]]
+    inputs = dict(docs=sum(s["docs_in"] for s in shard_stats), chars=sum(s["chars_in"] for s in shard_stats),
+                  errors=len(errors), listed_errors=errors[:MAX_LISTED_ERRORS])
+    return dict(inputs=inputs, steps=merged)
+
+
+def _bar(count: int, most: int, width: int = 30) -> str:
+    return "█" * round(width * count / most) if most else ""
+
+
+def to_markdown(report: dict) -> str:
+    inputs, output = report["inputs"], report["output"]
+    lines = ["# Data preparation report", "",
+             f"Input: {inputs['files']} files, {inputs['docs']:,} documents, {inputs['chars']:,} characters; "
+             f"{inputs['errors']} records or files not read.",
+             f"Output: {output['docs']:,} documents, {output['chars']:,} characters"
+             + (f", {output['tokens']:,} tokens" if output.get("tokens") is not None else "") + ".", "",
+             "| step | docs in | docs out | dropped | chars in | chars out | dropped by |", "|---|---:|---:|---:|---:|---:|---|"]
+    for s in report["steps"]:
+        by = ", ".join(f"{rule} {n:,}" for rule, n in sorted(s["dropped_by"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {s['step']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['dropped']:,} | {s['chars_in']:,} "
+                     f"| {s['chars_out']:,} | {by} |")
+    if inputs["listed_errors"]:
+        lines += ["", "## Input errors", ""]
+        lines += [f"- `{e['where']}`: {e['message']}" for e in inputs["listed_errors"]]
+        if inputs["errors"] > len(inputs["listed_errors"]):
+            lines.append(f"- ... and {inputs['errors'] - len(inputs['listed_errors'])} more")
+    for s in report["steps"]:
+        lines += ["", f"## {s['step']}", ""]
+        if s["counts"]:
+            lines += ["Matches: " + ", ".join(f"{k} {n:,}" for k, n in sorted(s["counts"].items())), ""]
+        for name, h in s["histograms"].items():
+            if not h["n"]:
+                continue
+            lines += [f"`{name}`: {h['n']:,} documents, min {h['min']:.4g}, mean {h['mean']:.4g}, max {h['max']:.4g}",
+                      "", "```"]
+            most = max(h["counts"])
+            lines += [f"[{lo:10.4g}, {hi:10.4g}) {n:8,} {_bar(n, most)}"
+                      for lo, hi, n in zip(h["edges"][:-1], h["edges"][1:], h["counts"])]
+            lines += ["```", ""]
+        if s["examples"]:
+            lines += ["Dropped, first examples:", ""]
+            for e in s["examples"]:
+                text = " ".join(e["text"].split())
+                lines.append(f"- `{e['where']}` ({e['reason']}): {text[:200]}")
+    return "\n".join(lines) + "\n"
