@@ -210,11 +210,19 @@ def filter_shard(plan: Plan, file: inputs.InputFile) -> str:
     return out
 
 
+def _signatures(pending: list, kept_hashes: list, signatures: list, minhash: dedup.MinHashConfig) -> None:
+    """Signs a chunk of documents in one numpy pass and empties `pending`."""
+    signatures.append(dedup.minhash_signatures(pending, minhash))
+    if minhash.exact_jaccard:
+        kept_hashes.extend(pending)
+    pending.clear()
+
+
 def _filter_into(plan: Plan, file: inputs.InputFile, tmp: str) -> None:
     document_steps = plan.steps.document_steps()
     stats = report.ShardStats(plan.steps.steps, plan.examples, plan.example_chars)
     minhash = plan.steps.minhash
-    hash_sets, signatures = [], []
+    pending, kept_hashes, signatures = [], [], []   # shingle hashes are kept only for exact_jaccard
     errors: list[inputs.InputError] = []
     with open(os.path.join(tmp, "docs.jsonl"), "w", encoding="utf-8") as docs:
         for where, text in inputs.iter_input_documents(file, plan.on_error, errors):
@@ -229,16 +237,15 @@ def _filter_into(plan: Plan, file: inputs.InputFile, tmp: str) -> None:
             else:
                 docs.write(json.dumps({"where": where, "text": text}, ensure_ascii=False) + "\n")
                 if minhash:
-                    hash_sets.append(dedup.shingle_hashes(text, minhash.shingle_size))
-                    if len(hash_sets) % SIGNATURE_CHUNK_DOCS == 0:
-                        signatures.append(dedup.minhash_signatures(hash_sets[-SIGNATURE_CHUNK_DOCS:], minhash))
+                    pending.append(dedup.shingle_hashes(text, minhash.shingle_size))
+                    if len(pending) == SIGNATURE_CHUNK_DOCS:
+                        _signatures(pending, kept_hashes, signatures, minhash)
     if minhash:
-        done = SIGNATURE_CHUNK_DOCS * len(signatures)
-        signatures.append(dedup.minhash_signatures(hash_sets[done:], minhash))
+        _signatures(pending, kept_hashes, signatures, minhash)
         np.save(os.path.join(tmp, "signatures.npy"), np.concatenate(signatures))
         if minhash.exact_jaccard:
-            np.savez(os.path.join(tmp, "shingles.npz"), counts=np.array([len(h) for h in hash_sets], np.int64),
-                     hashes=np.concatenate(hash_sets or [np.zeros(0, np.uint64)]))
+            np.savez(os.path.join(tmp, "shingles.npz"), counts=np.array([len(h) for h in kept_hashes], np.int64),
+                     hashes=np.concatenate(kept_hashes or [np.zeros(0, np.uint64)]))
     stats.errors = [dataclasses.asdict(e) for e in errors]
     with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats.to_json(), f, indent=1)
@@ -261,8 +268,11 @@ def _dedup_outcome(name: str, text: str, result: dedup.DedupResult) -> Outcome:
         return Outcome(text, True, scores={"similarity": result.similarity})
     if name == "exact_dedup":
         reason = f"exact duplicate of {result.duplicate_of}"
+    elif result.matched_id == result.duplicate_of:
+        reason = f"near duplicate of {result.duplicate_of} (similarity {result.similarity:.3f})"
     else:
-        reason = f"near duplicate of {result.duplicate_of} (similarity {result.similarity:.3f} to {result.matched_id})"
+        reason = (f"near duplicate of {result.duplicate_of} (similarity {result.similarity:.3f} to "
+                  f"{result.matched_id}, dropped as a copy of it)")
     return Outcome(text, False, reason, {"similarity": result.similarity}, name)
 
 
@@ -317,7 +327,7 @@ def write_shard(plan: Plan, file: inputs.InputFile) -> dict:
         keep = np.load(os.path.join(_dedup_dir(plan), f"{name}.keep.npy"))
         wheres = [w for w, k in zip(wheres, keep) if k]
         texts = [t for t, k in zip(texts, keep) if k]
-    for sub in (CLEAN, TOKENS, DONE):
+    for sub in (CLEAN, DONE) + ((TOKENS,) if plan.tokenizer else ()):
         os.makedirs(os.path.join(plan.workdir, sub), exist_ok=True)
     if plan.jsonl:
         shards.write_jsonl(os.path.join(plan.workdir, CLEAN, f"{name}.jsonl"), texts, wheres)
@@ -388,7 +398,7 @@ def run_prepare(config, workdir: str) -> dict:
     _remove_leftovers(plan)
     todo = [f for f in plan.files if not os.path.isdir(_shard_dir(plan, f))]
     _log(f"{len(plan.files)} input files for {plan.host_tag}, {len(plan.files) - len(todo)} already filtered; steps "
-         f"{', '.join(plan.steps.steps)}; {plan.processes} processes")
+         f"{', '.join(plan.steps.steps)}; processes={plan.processes}")
     _map(plan, filter_shard, todo)
     if plan.steps.dedup_step_names:
         _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating in file order")

@@ -7,7 +7,7 @@ merges the shards in file order, so it is the same however many processes prepar
     report.json   {"inputs": ..., "steps": [...], "output": ...}; each step: docs_in, docs_out, dropped, chars_in,
                   chars_out, dropped_by (rule -> documents), counts (privacy: matches per kind), examples (where,
                   reason, text), histograms (score -> edges, counts, min, max, mean)
-    report.md     the same as tables, with one bar chart a score
+    report.md     the same as tables, each score's histogram drawn as one line of bars
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def merge(steps, shard_stats: list[dict], shard_scores: list[dict[str, np.ndarra
                 for k, n in s[field].items():
                     total[field][k] = total[field].get(k, 0) + n
             total["examples"] += s["examples"][:max_examples - len(total["examples"])]
-        names = sorted({key.split("/", 1)[1] for scores in shard_scores for key in scores
-                        if key.split("/", 1)[0] == step})
+        # In the order the scores first appear (the rules' order), not alphabetical (dup_10gram before dup_5gram).
+        names = list(dict.fromkeys(key.split("/", 1)[1] for scores in shard_scores for key in scores
+                                   if key.split("/", 1)[0] == step))
         total["histograms"] = {name: histogram(np.concatenate([scores.get(f"{step}/{name}", np.zeros(0))
                                                                for scores in shard_scores]), bins)
                                for name in names}
@@ -96,8 +97,17 @@ def merge(steps, shard_stats: list[dict], shard_scores: list[dict[str, np.ndarra
     return dict(inputs=inputs, steps=merged)
 
 
-def _bar(count: int, most: int, width: int = 30) -> str:
-    return "█" * round(width * count / most) if most else ""
+_LEVELS = " ▁▂▃▄▅▆▇█"
+
+
+def _sparkline(counts: list[int]) -> str:
+    """One character a bin, its height the bin's share of the fullest bin; blank only for an empty bin."""
+    most = max(counts)
+    return "".join(_LEVELS[0] if not c else _LEVELS[max(1, round(8 * c / most))] for c in counts)
+
+
+def bins_of(shown: list[tuple[str, dict]]) -> int:
+    return max(len(h["counts"]) for _, h in shown)
 
 
 def to_markdown(report: dict) -> str:
@@ -107,9 +117,10 @@ def to_markdown(report: dict) -> str:
              f"{inputs['errors']} records or files not read.",
              f"Output: {output['docs']:,} documents, {output['chars']:,} characters"
              + (f", {output['tokens']:,} tokens" if output.get("tokens") is not None else "") + ".", "",
-             "| step | docs in | docs out | dropped | chars in | chars out | dropped by |", "|---|---:|---:|---:|---:|---:|---|"]
+             "| step | docs in | docs out | dropped | chars in | chars out | dropped by |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for s in report["steps"]:
-        by = ", ".join(f"{rule} {n:,}" for rule, n in sorted(s["dropped_by"].items(), key=lambda kv: -kv[1]))
+        by = ", ".join(f"{rule} {n:,}" for rule, n in sorted(s["dropped_by"].items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"| {s['step']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['dropped']:,} | {s['chars_in']:,} "
                      f"| {s['chars_out']:,} | {by} |")
     if inputs["listed_errors"]:
@@ -121,15 +132,13 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"## {s['step']}", ""]
         if s["counts"]:
             lines += ["Matches: " + ", ".join(f"{k} {n:,}" for k, n in sorted(s["counts"].items())), ""]
-        for name, h in s["histograms"].items():
-            if not h["n"]:
-                continue
-            lines += [f"`{name}`: {h['n']:,} documents, min {h['min']:.4g}, mean {h['mean']:.4g}, max {h['max']:.4g}",
-                      "", "```"]
-            most = max(h["counts"])
-            lines += [f"[{lo:10.4g}, {hi:10.4g}) {n:8,} {_bar(n, most)}"
-                      for lo, hi, n in zip(h["edges"][:-1], h["edges"][1:], h["counts"])]
-            lines += ["```", ""]
+        shown = [(name, h) for name, h in s["histograms"].items() if h["n"]]
+        if shown:
+            lines += [f"| score | documents | min | mean | max | histogram ({bins_of(shown)} bins, min to max) |",
+                      "|---|---:|---:|---:|---:|---|"]
+            lines += [f"| {name} | {h['n']:,} | {h['min']:.4g} | {h['mean']:.4g} | {h['max']:.4g} | "
+                      f"`{_sparkline(h['counts'])}` |" for name, h in shown]
+            lines.append("")
         if s["examples"]:
             lines += ["Dropped, first examples:", ""]
             for e in s["examples"]:

@@ -286,3 +286,28 @@ def test_the_default_preset_plans_every_step():
     plan = prepare_stage.make_plan(load("configs/prepare.py:default", ["host_count=1"]), "unused")
     assert plan.steps.steps == ("privacy", "langid", "heuristics", "blocklist", "exact_dedup", "minhash_dedup")
     assert [f.format for f in plan.files] == ["jsonl"]
+
+
+def test_text_parquet_and_unreadable_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text(f"{CLEAN[0]}\f{CLEAN[1]}\f\n")
+    pq.write_table(pa.table({"text": [CLEAN[2], None, CLEAN[3]]}), raw / "b.parquet")
+    (raw / "c.jsonl.gz").write_bytes(b"not gzip at all")
+    config = _config(f"{raw}/a.txt,{raw}/b.parquet,{raw}/c.jsonl.gz", "", "on_error=skip")
+    summary = prepare_stage.run_prepare(config, str(tmp_path / "out"))
+    assert summary["docs_out"] == 4 and summary["input_errors"] == 2
+    texts = [r["text"] for r in _clean_output(tmp_path / "out")]
+    assert texts == CLEAN[:4]
+    with open(tmp_path / "out" / "report.json") as f:
+        errors = json.load(f)["inputs"]["listed_errors"]
+    assert [e["where"] for e in errors] == [f"{raw}/b.parquet: row 2", f"{raw}/c.jsonl.gz:1"]
+    assert "'text' is null" in errors[0]["message"] and "cannot read" in errors[1]["message"]
+
+
+def test_exact_jaccard_confirms_the_same_near_duplicates(prepared, spec, tmp_path):
+    prepare_stage.run_prepare(_config(spec, "", "minhash_dedup.exact_jaccard=true"), str(tmp_path))
+    assert _clean_output(tmp_path) == _clean_output(prepared[0])
