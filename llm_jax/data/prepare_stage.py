@@ -315,10 +315,14 @@ def dedup_pass(plan: Plan) -> str:
 
 # ------------------------------------------------------------------------------------------------ 3: write
 
+def _marker(plan: Plan, file: inputs.InputFile) -> str:
+    return os.path.join(plan.workdir, DONE, f"{shards.shard_name(file.index)}.json")
+
+
 def write_shard(plan: Plan, file: inputs.InputFile) -> dict:
     """Phase 3 of one shard; returns (and marks the shard done with) its output counts."""
     name = shards.shard_name(file.index)
-    marker = os.path.join(plan.workdir, DONE, f"{name}.json")
+    marker = _marker(plan, file)
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             return json.load(f)
@@ -360,25 +364,23 @@ def _map(plan: Plan, function, files) -> list:
         return pool.starmap(function, [(plan, f) for f in files], chunksize=1)
 
 
-def _load_stats(prefix: str) -> tuple[dict, dict]:
-    with open(f"{prefix}stats.json", encoding="utf-8") as f:
-        stats = json.load(f)
-    with np.load(f"{prefix}scores.npz") as saved:
-        return stats, {k: saved[k] for k in saved.files}
+def _load_stats(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def build_report(plan: Plan, written: list[dict]) -> dict:
-    stats, scores = [], []
+    stats, score_files = [], []
     for file in plan.files:
-        shard_stats, shard_scores = _load_stats(os.path.join(_shard_dir(plan, file), ""))
+        directory = _shard_dir(plan, file)
+        shard_stats = _load_stats(os.path.join(directory, "stats.json"))
+        score_files.append(os.path.join(directory, "scores.npz"))
         if plan.steps.dedup_step_names:
-            prefix = os.path.join(_dedup_dir(plan), f"{shards.shard_name(file.index)}.")
-            dedup_stats, dedup_scores = _load_stats(prefix)
-            shard_stats["steps"].update(dedup_stats["steps"])
-            shard_scores.update(dedup_scores)
+            prefix = os.path.join(_dedup_dir(plan), shards.shard_name(file.index))
+            shard_stats["steps"].update(_load_stats(f"{prefix}.stats.json")["steps"])
+            score_files.append(f"{prefix}.scores.npz")
         stats.append(shard_stats)
-        scores.append(shard_scores)
-    result = report.merge(plan.steps.steps, stats, scores, plan.examples, plan.bins)
+    result = report.merge(plan.steps.steps, stats, score_files, plan.examples, plan.bins)
     result["inputs"]["files"] = len(plan.files)
     tokens = [w["tokens"] for w in written]
     result["output"] = dict(docs=sum(w["docs"] for w in written), chars=sum(w["chars"] for w in written),
@@ -403,8 +405,10 @@ def run_prepare(config, workdir: str) -> dict:
     if plan.steps.dedup_step_names:
         _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating in file order")
         dedup_pass(plan)
-    _log(f"[{time.perf_counter() - start:7.1f} s] writing shards")
-    written = _map(plan, write_shard, plan.files)
+    unwritten = [f for f in plan.files if not os.path.exists(_marker(plan, f))]
+    _log(f"[{time.perf_counter() - start:7.1f} s] writing {len(unwritten)} shards")
+    _map(plan, write_shard, unwritten)
+    written = [write_shard(plan, f) for f in plan.files]   # every shard is done now: this reads the markers
     result = build_report(plan, written)
     write_json_atomic(os.path.join(plan.workdir, plan.report_name("json")), result)
     write_text_atomic(os.path.join(plan.workdir, plan.report_name("md")), report.to_markdown(result))

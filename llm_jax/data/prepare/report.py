@@ -2,7 +2,7 @@
 
 Each input shard gathers a `ShardStats` (counts, the first examples of each step's drops, every score); the report
 merges the shards in file order, so it is the same however many processes prepared them. Score histograms have
-`bins` equal bins between the smallest and largest score of all shards.
+`bins` equal bins between the smallest and largest score of all shards; a score that never varies has one bin.
 
     report.json   {"inputs": ..., "steps": [...], "output": ...}; each step: docs_in, docs_out, dropped, chars_in,
                   chars_out, dropped_by (rule -> documents), counts (privacy: matches per kind), examples (where,
@@ -10,6 +10,8 @@ merges the shards in file order, so it is the same however many processes prepar
     report.md     the same as tables, each score's histogram drawn as one line of bars
 """
 from __future__ import annotations
+
+import array
 
 import numpy as np
 
@@ -27,7 +29,8 @@ class ShardStats:
 
     def __init__(self, steps, max_examples: int, example_chars: int):
         self.steps = {name: _step_record() for name in steps}
-        self.scores: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+        # array("d"): 8 bytes a score, where a list of floats would take 32
+        self.scores: dict[str, dict[str, array.array]] = {name: {} for name in steps}
         self.docs_in = self.chars_in = 0
         self.errors: list[dict] = []
         self.max_examples, self.example_chars = max_examples, example_chars
@@ -39,7 +42,7 @@ class ShardStats:
         for kind, n in outcome.counts.items():
             s["counts"][kind] = s["counts"].get(kind, 0) + n
         for name, value in outcome.scores.items():
-            self.scores[step].setdefault(name, []).append(value)
+            self.scores[step].setdefault(name, array.array("d")).append(value)
         if outcome.keep:
             s["docs_out"] += 1
             s["chars_out"] += len(outcome.text)
@@ -55,23 +58,42 @@ class ShardStats:
 
     def score_arrays(self) -> dict[str, np.ndarray]:
         """{"step/score": (n,) float64}, for an .npz file."""
-        return {f"{step}/{name}": np.asarray(values, np.float64)
+        return {f"{step}/{name}": np.frombuffer(values, np.float64)
                 for step, by_name in self.scores.items() for name, values in by_name.items()}
 
 
-def histogram(values: np.ndarray, bins: int) -> dict:
-    values = np.asarray(values, np.float64)
-    if not len(values):
-        return dict(n=0, min=None, max=None, mean=None, edges=[], counts=[])
-    lo, hi = float(values.min()), float(values.max())
-    counts, edges = np.histogram(values, bins=bins if hi > lo else 1, range=(lo, hi) if hi > lo else (lo, lo + 1))
-    return dict(n=int(len(values)), min=lo, max=hi, mean=float(values.mean()),
-                edges=[float(e) for e in edges], counts=[int(c) for c in counts])
+def score_histograms(score_files: list[str], bins: int) -> dict[str, dict]:
+    """{"step/score": histogram} over the .npz files of `ShardStats.score_arrays`, read one at a time (twice: the
+    range first, then the counts), so memory holds one shard's scores, never the corpus'."""
+    ranges: dict[str, list] = {}   # key -> [n, min, max, sum], in the order the scores first appear
+    for path in score_files:
+        with np.load(path) as saved:
+            for key in saved.files:
+                values = saved[key]
+                if len(values):
+                    r = ranges.setdefault(key, [0, np.inf, -np.inf, 0.0])
+                    r[0] += len(values)
+                    r[1], r[2] = min(r[1], float(values.min())), max(r[2], float(values.max()))
+                    r[3] += float(values.sum())
+    counts = {key: np.zeros(bins if hi > lo else 1, np.int64) for key, (_, lo, hi, _) in ranges.items()}
+    for path in score_files:
+        with np.load(path) as saved:
+            for key in saved.files:
+                if key in ranges:
+                    _, lo, hi, _ = ranges[key]
+                    counts[key] += np.histogram(saved[key], bins=len(counts[key]),
+                                                range=(lo, hi) if hi > lo else (lo, lo + 1))[0]
+    result = {}
+    for key, (n, lo, hi, total) in ranges.items():
+        edges = np.linspace(lo, hi, bins + 1) if hi > lo else np.array([lo, lo + 1])
+        result[key] = dict(n=n, min=lo, max=hi, mean=total / n, edges=[float(e) for e in edges],
+                           counts=[int(c) for c in counts[key]])
+    return result
 
 
-def merge(steps, shard_stats: list[dict], shard_scores: list[dict[str, np.ndarray]], max_examples: int,
-          bins: int) -> dict:
-    """One report from the shards' `to_json` and `score_arrays`, in shard order."""
+def merge(steps, shard_stats: list[dict], score_files: list[str], max_examples: int, bins: int) -> dict:
+    """One report from the shards' `to_json`, in shard order, and the .npz files of their `score_arrays`."""
+    histograms = score_histograms(score_files, bins)
     merged = []
     for step in steps:
         total = _step_record()
@@ -83,12 +105,8 @@ def merge(steps, shard_stats: list[dict], shard_scores: list[dict[str, np.ndarra
                 for k, n in s[field].items():
                     total[field][k] = total[field].get(k, 0) + n
             total["examples"] += s["examples"][:max_examples - len(total["examples"])]
-        # In the order the scores first appear (the rules' order), not alphabetical (dup_10gram before dup_5gram).
-        names = list(dict.fromkeys(key.split("/", 1)[1] for scores in shard_scores for key in scores
-                                   if key.split("/", 1)[0] == step))
-        total["histograms"] = {name: histogram(np.concatenate([scores.get(f"{step}/{name}", np.zeros(0))
-                                                               for scores in shard_scores]), bins)
-                               for name in names}
+        total["histograms"] = {key.split("/", 1)[1]: h for key, h in histograms.items()
+                               if key.split("/", 1)[0] == step}
         total["dropped"] = total["docs_in"] - total["docs_out"]
         merged.append(dict(step=step, **total))
     errors = [e for stats in shard_stats for e in stats["errors"]]
