@@ -52,7 +52,7 @@ import numpy as np
 from llm_jax.config_lib import ConfigError
 from llm_jax.data.prepare import dedup, inputs, report, shards
 from llm_jax.data.prepare.steps import Outcome, StepPlan, plan_steps
-from llm_jax.data.sources import DataError
+from llm_jax.data import sources
 from llm_jax.files import write_json_atomic, write_text_atomic
 
 STAGE_FILE = "prepare.json"
@@ -108,6 +108,8 @@ def _int_setting(config, dotted: str, minimum: int) -> int:
 def make_plan(config, workdir: str) -> Plan:
     """Checks the config (ConfigError) and lists the inputs (DataError when a file or glob names nothing)."""
     steps = plan_steps(config)
+    if config.input.format not in sources.FORMATS:
+        raise ConfigError(f"config.input.format must be one of {sources.FORMATS}, got {config.input.format!r}")
     if config.on_error not in inputs.ON_ERROR:
         raise ConfigError(f"config.on_error must be one of {inputs.ON_ERROR}, got {config.on_error!r}")
     processes = _int_setting(config, "processes", 1)
@@ -121,10 +123,11 @@ def make_plan(config, workdir: str) -> Plan:
         raise ConfigError("config.output writes nothing: set output.jsonl, output.parquet or output.tokenizer")
     host_index, host_count = _hosts(config)
     files = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
-    paths = [f.path for f in files]
-    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
-    if twice:
-        raise DataError(f"config.input.spec={config.input.spec!r} names {twice} twice")
+    seen = set()
+    for f in files:
+        if f.path in seen:   # its documents would be read, and named, twice
+            raise ConfigError(f"config.input.spec={config.input.spec!r} names {f.path} twice")
+        seen.add(f.path)
     mine = tuple(f for f in files if f.index % host_count == host_index)
     return Plan(os.path.abspath(workdir), mine, steps, config.on_error, processes, host_index, host_count,
                 tokenizer, bool(config.output.jsonl), bool(config.output.parquet), examples, example_chars, bins)
@@ -132,6 +135,7 @@ def make_plan(config, workdir: str) -> Plan:
 
 def _identity(config, plan: Plan) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_IDENTITY}
+    settings["host_count"] = plan.host_count   # as resolved: which files share a dedup pass depends on it
     every_file = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
     files = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns] for f in every_file]
     tokenizer = None
