@@ -269,6 +269,7 @@ def test_each_host_takes_every_other_file(spec, tmp_path):
     ("steps=('exact_dedup', 'heuristics')", "'heuristics' comes after 'exact_dedup'"),
     ("langid.languages=('xx',)", "config.langid: .*covers only"),
     ("on_error=ignore", "on_error must be one of"),
+    ("input.format=xml", "input.format must be one of"),
 ])
 def test_config_errors_exit_2(override, message, tmp_path, capsys):
     code = main(["prepare", "--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"])
