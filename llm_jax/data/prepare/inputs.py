@@ -59,10 +59,14 @@ def list_input_files(spec: str, format: str = "auto", text_key: str = "text") ->
         if path == default_path and sources.DEFAULT_SPEC in sources.split_spec(spec):
             files.append(InputFile(index, path, "jsonl", "text"))
             continue
-        if format == "auto":
+        if format != "auto":
+            files.append(InputFile(index, path, sources.detect_format(path, format), text_key))
+            continue
+        try:
             fmt = sources.detect_format(_uncompressed_name(path), "auto")
-        else:
-            fmt = sources.detect_format(path, format)
+        except sources.DataError:
+            raise sources.DataError(f"{path}: cannot tell the format from the extension; name the files' format "
+                                    f"in input.format ({', '.join(sources.FORMATS[1:])})") from None
         files.append(InputFile(index, path, fmt, text_key))
     return files
 

@@ -312,3 +312,14 @@ def test_text_parquet_and_unreadable_files(tmp_path):
 def test_exact_jaccard_confirms_the_same_near_duplicates(prepared, spec, tmp_path):
     prepare_stage.run_prepare(_config(spec, "", "minhash_dedup.exact_jaccard=true"), str(tmp_path))
     assert _clean_output(tmp_path) == _clean_output(prepared[0])
+
+
+def test_an_unknown_extension_asks_for_the_format(tmp_path, capsys):
+    (tmp_path / "docs.data.gz").write_bytes(gzip.compress(CLEAN[0].encode()))
+    code = main(["prepare", "--config", CONFIG, "--workdir", str(tmp_path / "out"),
+                 f"--config.input.spec={tmp_path / 'docs.data.gz'}"])
+    assert code == 1
+    assert f"{tmp_path / 'docs.data.gz'}: cannot tell the format" in capsys.readouterr().err
+    summary = prepare_stage.run_prepare(_config(str(tmp_path / "docs.data.gz"), "", "input.format=text"),
+                                        str(tmp_path / "out"))
+    assert summary["docs_out"] == 1
