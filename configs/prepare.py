@@ -10,7 +10,7 @@ Presets:
              quality and repetition rules, FineWeb's terminal-punctuation fraction, 128-permutation MinHash at
              Jaccard 0.8); cleaned jsonl only, since no tokenizer is named
     smoke    the test suite's: one process, one host, phone numbers drop their document, a two-word blocklist,
-             a 64-permutation MinHash, short reports; `input.spec` is set by the caller
+             a 64-permutation MinHash, short reports; the tests point `input.spec` at their own files
 
 Every field of a step's section is a field of that block's config dataclass (llm_jax/data/prepare/*.py), filled
 here with its default so that overrides are typed; a rule whose threshold is None is off (override with a number
