@@ -151,12 +151,25 @@ def _check_workdir(config, plan: Plan) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             recorded = json.load(f)
-        for key in ("config", "inputs", "tokenizer_sha256"):
+        what = {"config": "config", "inputs": "input files (paths, sizes, modification times)",
+                "tokenizer_sha256": "tokenizer"}
+        for key, name in what.items():
             if recorded.get(key) != identity[key]:
-                raise ConfigError(f"{path}: this workdir was prepared with other {key.replace('_', ' ')} than "
-                                  f"now; use a new --workdir (or delete it to start over)")
+                detail = _first_difference(recorded.get(key), identity[key]) if key == "config" else ""
+                raise ConfigError(f"{path}: this workdir was prepared with other {name}{detail}; use a new "
+                                  "--workdir (or delete it to start over)")
         return
     write_json_atomic(path, identity)
+
+
+def _first_difference(before, now, prefix: str = "") -> str:
+    """`" (field: before → now)"` for the first field that differs between two config dicts."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in list(before) + [k for k in now if k not in before]:
+            if before.get(key) != now.get(key):
+                return _first_difference(before.get(key), now.get(key), f"{prefix}{key}.")
+        return ""
+    return f" ({prefix.rstrip('.')}: {before!r} then, {now!r} now)"
 
 
 @functools.lru_cache(maxsize=2)
