@@ -76,7 +76,7 @@ def open_binary(path: str) -> IO[bytes]:
     if path.endswith(ZSTD_SUFFIXES):
         try:
             import zstandard
-        except ImportError:
+        except ImportError:   # stops the command whatever on_error says: every .zst file would fail alike
             raise sources.DataError(f"{path}: reading zstd-compressed input needs the zstandard module "
                                     "(pip install zstandard)") from None
         raw = open(path, "rb")
@@ -144,17 +144,22 @@ def _iter_parquet(file: InputFile, on_error: Callable[[InputError], None]) -> It
     if file.path.endswith((".gz",) + ZSTD_SUFFIXES):
         on_error(InputError(file.path, "compressed parquet is not supported (parquet compresses its own pages)"))
         return
-    try:
-        for where, record in sources.iter_parquet_records(file.path, [file.text_key]):
-            try:
-                text = _text_of(record, file.text_key)
-            except ValueError as e:
-                on_error(InputError(where, str(e)))
-                continue
-            if text.strip():
-                yield where, text
-    except sources.DataError as e:
-        on_error(InputError(file.path, str(e).removeprefix(f"{file.path}: ")))
+    records = sources.iter_parquet_records(file.path, [file.text_key])
+    while True:
+        try:
+            where, record = next(records)
+        except StopIteration:
+            return
+        except sources.DataError as e:   # the file, or the rest of it, cannot be read
+            on_error(InputError(file.path, str(e).removeprefix(f"{file.path}: ")))
+            return
+        try:
+            text = _text_of(record, file.text_key)
+        except ValueError as e:
+            on_error(InputError(where, str(e)))
+            continue
+        if text.strip():
+            yield where, text
 
 
 _READERS = {"jsonl": _iter_jsonl, "text": _iter_text, "parquet": _iter_parquet}
