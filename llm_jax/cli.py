@@ -1,5 +1,6 @@
 """The `llm-jax` command.
 
+    llm-jax prepare   --config configs/prepare.py:default --workdir runs/data [--config.processes=8 ...]
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
@@ -9,6 +10,8 @@
     llm-jax sweep     --config configs/sweep.py:isoflop --workdir runs/sweep [--processes 2 --dry-run]
     llm-jax scaling-fit results.csv --n-col N --d-col D --loss-col loss --approach 3 [--bootstrap 1000]
 
+`prepare` cleans, deduplicates and tokenizes raw documents into shards with a report, resuming where it stopped
+(see llm_jax/data/prepare_stage.py); a bad config exits 2, bad input data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
@@ -35,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
-                            ("tokenizer", "train a sentencepiece tokenizer on the config's corpus")):
+                            ("tokenizer", "train a sentencepiece tokenizer on the config's corpus"),
+                            ("prepare", "clean, filter, deduplicate and tokenize raw documents into shards and a "
+                                        "report (see llm_jax/data/prepare_stage.py)")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
@@ -223,6 +228,22 @@ def _pipeline(config, workdir: str) -> int:
     return 0
 
 
+def _prepare(config, workdir: str) -> int:
+    """A bad config exits 2; input data that stops the command 1 (the shards already complete stay)."""
+    from llm_jax.data.prepare_stage import run_prepare
+    from llm_jax.data.sources import DataError
+    try:
+        summary = run_prepare(config, workdir)
+    except config_lib.ConfigError as e:
+        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
 def _sweep(config, args) -> int:
     """A bad sweep config exits 2; failed runs 1 (after the finished ones are in the results table)."""
     from llm_jax.scaling.sweep import SweepError, run_sweep
@@ -294,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         # Before any other JAX call: every process then sees the global device set and mesh.
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.command == "prepare":
+        return _prepare(config, args.workdir)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)

@@ -6,5 +6,12 @@ and returns a decision a report can count, histogram and quote.
     dedup.py       exact duplicates (hash of normalised text) and near duplicates (MinHash + LSH, incremental)
     privacy.py     e-mail addresses, phone numbers and IP addresses: scrubbed to placeholders, or the document dropped
 
+and what `llm-jax prepare` (llm_jax/data/prepare_stage.py) builds from them:
+
+    inputs.py      the input files and their documents, each with its file and line, bad records skipped or fatal
+    steps.py       the configured chain of steps, checked and built from the config's sections
+    shards.py      the output shards: cleaned jsonl and parquet, tokenized numpy arrays
+    report.py      per-step counts, examples of what was dropped, score histograms; report.json and report.md
+
 Everything is deterministic and holds no global state besides read-only caches of derived tables.
 """

@@ -1,0 +1,325 @@
+"""`llm-jax prepare` on four small generated input files (one gzipped) with a planted document for every step: each
+step drops its own, the output is the same with one or two processes and after an interrupted run, bad input is
+reported with file and line, tokenized shards decode to the cleaned text, and the report's counts add up."""
+import gzip
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from llm_jax.cli import load, main
+from llm_jax.config_lib import ConfigError
+from llm_jax.data import default_corpus, prepare_stage
+from llm_jax.data.prepare import inputs, shards
+from llm_jax.data.sources import DataError
+from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+CONFIG = "configs/prepare.py:smoke"
+GERMAN = ("Der Hund läuft jeden Morgen mit seinem Besitzer durch den Park, und danach trinken beide zusammen "
+          "einen Kaffee in der kleinen Bäckerei an der Ecke. Die Kinder spielen auf der Wiese, während die Sonne "
+          "langsam über den Bäumen aufgeht und die Vögel in den Zweigen singen. Am Nachmittag gehen wir oft in "
+          "die Stadt, weil es dort viele Geschäfte gibt und man immer etwas Neues entdecken kann.")
+
+
+def _clean_documents(n: int) -> list[str]:
+    """n distinct documents of 150+ words that every filter keeps: default-corpus documents joined."""
+    docs, current = [], []
+    for text, _ in default_corpus.generate_documents(40 * n, seed=5):
+        current.append(text)
+        if sum(len(t.split()) for t in current) >= 150:
+            docs.append("\n\n".join(current))
+            current = []
+        if len(docs) == n:
+            return docs
+    raise AssertionError(f"only {len(docs)} documents")
+
+
+CLEAN = _clean_documents(22)
+EMAIL = CLEAN[20] + "\n\nWrite to jane.doe@example.com for the details."
+PLANTED = {  # step -> (file, text)
+    "privacy": (0, CLEAN[21] + "\n\nCall 555-123-4567 after the meeting."),
+    "langid": (2, GERMAN),
+    "heuristics": (1, "Too short to keep."),
+    "blocklist": (2, CLEAN[0] + "\n\nThe casino opens at nine."),
+    "exact_dedup": (3, CLEAN[1].upper()),
+    "minhash_dedup": (3, " ".join(CLEAN[7].split(" ")[:40] + ["zzyzx"] + CLEAN[7].split(" ")[41:])),
+}
+REPEATED = "\n".join(["The same line comes back again and again."] * 30)
+FILES = ("part-0.jsonl", "part-1.jsonl", "part-2.jsonl.gz", "part-3.jsonl")
+
+
+def _documents_of_files() -> list[list[str]]:
+    files = [CLEAN[0:6] + [EMAIL], CLEAN[6:12] + [REPEATED], CLEAN[12:18], CLEAN[18:20]]
+    for step, (index, text) in PLANTED.items():
+        files[index].append(text)
+    return files
+
+
+def _write_inputs(directory, broken_line: int | None = None) -> str:
+    """The four input files; with broken_line, that line of part-1.jsonl is not JSON. Returns the spec."""
+    os.makedirs(directory, exist_ok=True)
+    for name, docs in zip(FILES, _documents_of_files()):
+        lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(docs)]
+        if broken_line and name == "part-1.jsonl":
+            lines.insert(broken_line - 1, '{"text": "cut off in the mid')
+        data = ("\n".join(lines) + "\n").encode()
+        with (gzip.open if name.endswith(".gz") else open)(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    return os.path.join(str(directory), "part-*")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    train_tokenizer(CLEAN, path, vocab_size=400)
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return _write_inputs(tmp_path_factory.mktemp("raw"))
+
+
+def _config(spec: str, tokenizer: str = "", *overrides: str):
+    return load(CONFIG, [f"input.spec={spec}", f"output.tokenizer={tokenizer}", "output.parquet=true", *overrides])
+
+
+def _files(workdir) -> dict:
+    """Every file's bytes; an .npz by its arrays (a zip member records the time it was written)."""
+    result = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            if name.endswith(".npz"):
+                with np.load(path) as saved:
+                    content = {k: (saved[k].dtype.str, saved[k].shape, saved[k].tobytes()) for k in saved.files}
+            else:
+                with open(path, "rb") as f:
+                    content = f.read()
+            result[os.path.relpath(path, workdir)] = content
+    return result
+
+
+@pytest.fixture(scope="module")
+def prepared(spec, tokenizer_path, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("prepared"))
+    summary = prepare_stage.run_prepare(_config(spec, tokenizer_path), workdir)
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    return workdir, summary, report
+
+
+def _clean_output(workdir) -> list[dict]:
+    records = []
+    for name in sorted(os.listdir(os.path.join(workdir, "clean"))):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(workdir, "clean", name)) as f:
+                records += [json.loads(line) for line in f]
+    return records
+
+
+def test_each_step_drops_its_planted_documents(prepared, spec):
+    workdir, summary, report = prepared
+    steps = {s["step"]: s for s in report["steps"]}
+    for step, (index, text) in PLANTED.items():
+        wheres = [e["where"] for e in steps[step]["examples"]]
+        assert wheres and all(FILES[index] in w for w in wheres), (step, wheres)
+    assert steps["heuristics"]["dropped_by"] == {"words": 1, "dup_line_frac": 1}
+    assert steps["privacy"]["dropped_by"] == {"phone": 1}
+    assert steps["privacy"]["counts"]["email"] == 1 and "555-123" not in json.dumps(report)
+    assert "exact duplicate of" in steps["exact_dedup"]["examples"][0]["reason"]
+    assert "part-0.jsonl:2" in steps["exact_dedup"]["examples"][0]["reason"]   # CLEAN[1], the first copy
+    assert "part-1.jsonl:2" in steps["minhash_dedup"]["examples"][0]["reason"]  # CLEAN[7]
+
+    texts = [r["text"] for r in _clean_output(workdir)]
+    assert len(texts) == summary["docs_out"] == len(CLEAN) - 1 == 21
+    assert sorted(texts) == sorted(CLEAN[:20] + [EMAIL.replace("jane.doe@example.com", "<EMAIL>")])
+    assert texts[:6] == CLEAN[:6]   # input order
+    assert summary["docs_in"] == sum(len(d) for d in _documents_of_files())
+
+
+def test_report_counts_add_up(prepared):
+    _, _, report = prepared
+    steps = report["steps"]
+    assert steps[0]["docs_in"] == report["inputs"]["docs"] and steps[0]["chars_in"] == report["inputs"]["chars"]
+    for step, after in zip(steps, steps[1:]):
+        assert after["docs_in"] == step["docs_out"] and after["chars_in"] == step["chars_out"]
+    for s in steps:
+        assert s["docs_in"] == s["docs_out"] + s["dropped"] == s["docs_out"] + sum(s["dropped_by"].values())
+        assert s["histograms"] and all(h["n"] == s["docs_in"] == sum(h["counts"]) for h in s["histograms"].values())
+    assert steps[-1]["docs_out"] == report["output"]["docs"]
+    assert steps[-1]["chars_out"] == report["output"]["chars"]
+    assert report["output"]["tokens"] == sum(s["tokens"] for s in report["output"]["shards"])
+    with open(os.path.join(prepared[0], "report.md")) as f:
+        markdown = f.read()
+    assert "| minhash_dedup |" in markdown and "part-2.jsonl.gz" in markdown
+
+
+def test_tokenized_shards_decode_to_the_cleaned_text(prepared, tokenizer_path):
+    workdir, _, report = prepared
+    tokenizer = Tokenizer.load(tokenizer_path)
+    texts = [r["text"] for r in _clean_output(workdir)]
+    decoded = []
+    for shard in report["output"]["shards"]:
+        tokens, offsets = shards.read_token_shard(os.path.join(workdir, "tokens", shard["shard"]))
+        assert tokens.dtype == np.uint16 and len(offsets) == shard["docs"] + 1
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            doc = tokens[start:end]
+            assert doc[0] == tokenizer.bos_id and doc[-1] == tokenizer.eos_id
+            decoded.append(list(doc[1:-1]))
+    assert decoded == [tokenizer.encode(t) for t in texts]
+    assert tokenizer.decode(decoded[0]) == texts[0]
+
+
+def test_two_processes_write_the_same_files(prepared, spec, tokenizer_path, tmp_path):
+    prepare_stage.run_prepare(_config(spec, tokenizer_path, "processes=2"), str(tmp_path))
+    assert _files(tmp_path) == _files(prepared[0])
+
+
+def test_an_interrupted_run_resumes_to_the_same_files(prepared, spec, tokenizer_path, tmp_path, monkeypatch):
+    read = inputs.iter_input_documents
+
+    def fail_in_the_second_file(file, on_error, errors):
+        for i, document in enumerate(read(file, on_error, errors)):
+            if file.index == 1 and i == 3:
+                raise RuntimeError("interrupted")
+            yield document
+
+    monkeypatch.setattr(inputs, "iter_input_documents", fail_in_the_second_file)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        prepare_stage.run_prepare(_config(spec, tokenizer_path), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "work")) == ["shard-00000"]
+    monkeypatch.undo()
+    # What a killed worker leaves behind: the next run removes it.
+    os.makedirs(tmp_path / "work" / "shard-00001.tmp.99999")
+    (tmp_path / "work" / "shard-00001.tmp.99999" / "docs.jsonl").write_text('{"where": "x", "text": "half"}\n')
+
+    written = shards.write_token_shard
+    calls = []
+
+    def fail_writing_the_third_shard(prefix, tokens, offsets):
+        calls.append(prefix)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted again")
+        written(prefix, tokens, offsets)
+
+    monkeypatch.setattr(shards, "write_token_shard", fail_writing_the_third_shard)
+    with pytest.raises(RuntimeError, match="interrupted again"):
+        prepare_stage.run_prepare(_config(spec, tokenizer_path), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "done")) == ["shard-00000.json", "shard-00001.json"]
+    monkeypatch.undo()
+
+    summary = prepare_stage.run_prepare(_config(spec, tokenizer_path), str(tmp_path))
+    assert summary["filtered_now"] == 0
+    assert _files(tmp_path) == _files(prepared[0])
+
+
+def test_a_broken_line_stops_the_command_with_its_file_and_line(tmp_path, capsys):
+    spec = _write_inputs(tmp_path / "raw", broken_line=3)
+    workdir = str(tmp_path / "out")
+    code = main(["prepare", "--config", CONFIG, "--workdir", workdir, f"--config.input.spec={spec}"])
+    assert code == 1
+    assert f"{tmp_path / 'raw' / 'part-1.jsonl'}:3: invalid JSON" in capsys.readouterr().err
+    assert os.listdir(os.path.join(workdir, "work")) == ["shard-00000"]   # the complete shard stays
+
+
+def test_a_broken_line_is_skipped_counted_and_listed(tmp_path, capsys):
+    spec = _write_inputs(tmp_path / "raw", broken_line=3)
+    workdir = str(tmp_path / "out")
+    code = main(["prepare", "--config", CONFIG, "--workdir", workdir, f"--config.input.spec={spec}",
+                 "--config.on_error=skip"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["docs_out"] == 21
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert report["inputs"]["errors"] == 1
+    assert report["inputs"]["listed_errors"][0]["where"] == f"{tmp_path / 'raw' / 'part-1.jsonl'}:3"
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert "part-1.jsonl:3`: invalid JSON" in f.read()
+
+
+def test_zstd_input_needs_the_zstandard_module(tmp_path):
+    path = tmp_path / "docs.jsonl.zst"
+    try:
+        import zstandard
+    except ImportError:
+        path.write_bytes(b"not read")
+        config = _config(str(path))
+        with pytest.raises(DataError, match=r"docs\.jsonl\.zst: .*pip install zstandard"):
+            prepare_stage.run_prepare(config, str(tmp_path / "out"))
+        return
+    path.write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in CLEAN[:3]).encode()))
+    summary = prepare_stage.run_prepare(_config(str(path)), str(tmp_path / "out"))
+    assert summary["docs_out"] == 3
+
+
+def test_each_host_takes_every_other_file(spec, tmp_path):
+    prepare_stage.run_prepare(_config(spec, "", "host_index=1", "host_count=2"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "done")) == ["shard-00001.json", "shard-00003.json"]
+    with open(tmp_path / "report.host-1-of-2.json") as f:
+        report = json.load(f)
+    assert report["inputs"]["files"] == 2 and report["output"]["tokens"] is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=('privacy', 'spelling')", "unknown step 'spelling'"),
+    ("steps=('exact_dedup', 'heuristics')", "'heuristics' comes after 'exact_dedup'"),
+    ("langid.languages=('xx',)", "config.langid: .*covers only"),
+    ("on_error=ignore", "on_error must be one of"),
+    ("input.format=xml", "input.format must be one of"),
+])
+def test_config_errors_exit_2(override, message, tmp_path, capsys):
+    code = main(["prepare", "--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_workdir_keeps_its_own_settings(spec, tmp_path):
+    prepare_stage.run_prepare(_config(spec), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"prepared with other config \(blocklist\.max_hits: 0 then, 3 now\)"):
+        prepare_stage.run_prepare(_config(spec, "", "blocklist.max_hits=3"), str(tmp_path))
+
+
+def test_the_default_preset_plans_every_step():
+    plan = prepare_stage.make_plan(load("configs/prepare.py:default", ["host_count=1"]), "unused")
+    assert plan.steps.steps == ("privacy", "langid", "heuristics", "blocklist", "exact_dedup", "minhash_dedup")
+    assert [f.format for f in plan.files] == ["jsonl"]
+
+
+def test_text_parquet_and_unreadable_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text(f"{CLEAN[0]}\f{CLEAN[1]}\f\n")
+    pq.write_table(pa.table({"text": [CLEAN[2], None, CLEAN[3]]}), raw / "b.parquet")
+    (raw / "c.jsonl.gz").write_bytes(b"not gzip at all")
+    config = _config(f"{raw}/a.txt,{raw}/b.parquet,{raw}/c.jsonl.gz", "", "on_error=skip")
+    summary = prepare_stage.run_prepare(config, str(tmp_path / "out"))
+    assert summary["docs_out"] == 4 and summary["input_errors"] == 2
+    texts = [r["text"] for r in _clean_output(tmp_path / "out")]
+    assert texts == CLEAN[:4]
+    with open(tmp_path / "out" / "report.json") as f:
+        errors = json.load(f)["inputs"]["listed_errors"]
+    assert [e["where"] for e in errors] == [f"{raw}/b.parquet: row 2", f"{raw}/c.jsonl.gz:1"]
+    assert "'text' is null" in errors[0]["message"] and "cannot read" in errors[1]["message"]
+
+
+def test_exact_jaccard_confirms_the_same_near_duplicates(prepared, spec, tmp_path):
+    prepare_stage.run_prepare(_config(spec, "", "minhash_dedup.exact_jaccard=true"), str(tmp_path))
+    assert _clean_output(tmp_path) == _clean_output(prepared[0])
+
+
+def test_an_unknown_extension_asks_for_the_format(tmp_path, capsys):
+    (tmp_path / "docs.data.gz").write_bytes(gzip.compress(CLEAN[0].encode()))
+    code = main(["prepare", "--config", CONFIG, "--workdir", str(tmp_path / "out"),
+                 f"--config.input.spec={tmp_path / 'docs.data.gz'}"])
+    assert code == 1
+    assert f"{tmp_path / 'docs.data.gz'}: cannot tell the format" in capsys.readouterr().err
+    summary = prepare_stage.run_prepare(_config(str(tmp_path / "docs.data.gz"), "", "input.format=text"),
+                                        str(tmp_path / "out"))
+    assert summary["docs_out"] == 1
