@@ -144,8 +144,9 @@ def _base_path(config) -> str:
     raise SweepError(f"sweep base config {config.base!r} does not exist (nor under {project})")
 
 
-def _load_run_config(spec: str, overrides) -> "config_lib.ml_collections.ConfigDict":
-    return config_lib.apply_overrides(config_lib.load_config(spec), list(overrides))
+def _load_run_config(spec: str, overrides):
+    from llm_jax.cli import load  # the same loading as `llm-jax train` and the pipeline's stages
+    return load(spec, list(overrides))
 
 
 def expand(config) -> tuple[list[SweepRun], list[dict]]:
