@@ -21,6 +21,7 @@ setup(
         "numpy",
         "pyarrow",
         "tqdm",
+        "zstandard",   # .zst inputs of llm-jax prepare
     ],
     extras_require={
         # scaling-fit's PNGs (llm_jax/scaling/plots.py imports it only when drawing; --no-plots needs none)

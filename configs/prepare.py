@@ -59,6 +59,8 @@ def get_config(arg=None):
     c.processes = arg.processes    # worker processes over input files; the output does not depend on it
     c.host_index = 0
     c.host_count = 0               # 0: jax.process_index() and jax.process_count()
+    c.dedup_scope = "run"          # run: across every host's files (hosts wait for each other) | host: its own
+    c.dedup_wait_seconds = 86_400.0  # how long a host waits for the others' filtered shards before stopping
     c.on_error = "stop"            # stop | skip (bad records and unreadable files counted and listed)
     c.report = ml_collections.ConfigDict(dict(examples=5, example_chars=300, bins=20))
     if arg.preset == "smoke":

@@ -29,7 +29,11 @@ settings or changed inputs stops with an error instead of mixing two preparation
 
 Hosts: host I of N (`host_index`, `host_count`; `host_count=0` asks jax.process_index() and process_count()) takes
 the files whose index in the whole list is I modulo N, writes its shards under their global names into the same
-workdir, and its report as report.host-I-of-N.{json,md}. Deduplication then covers the files of one host.
+workdir (a filesystem every host sees), and its report as report.host-I-of-N.{json,md}. With `dedup_scope="run"`
+(the default) deduplication covers every file of the run: after phase 1 each host waits, up to `dedup_wait_seconds`,
+until every host's shards are filtered, then runs the same ordered pass over all of them and keeps its own files'
+decisions, so the union of the hosts' outputs is exactly what one host would write. `dedup_scope="host"` dedups each
+host's files alone and waits for no one.
 
 Bad input (inputs.py): with `on_error="stop"` the first unreadable file or broken record stops the command with its
 file and line, and every shard already complete stays on disk; with `"skip"` the record (or the rest of the file) is
@@ -59,7 +63,9 @@ STAGE_FILE = "prepare.json"
 WORK, CLEAN, TOKENS, DONE = "work", "clean", "tokens", "done"
 SIGNATURE_CHUNK_DOCS = 1024
 # Settings that change how the work is spread, not what it produces: a rerun may change them.
-NOT_IN_IDENTITY = ("processes", "host_index")
+NOT_IN_IDENTITY = ("processes", "host_index", "dedup_wait_seconds")
+DEDUP_SCOPES = ("run", "host")
+WAIT_POLL_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Plan:
     """Everything a worker needs, as plain picklable values."""
     workdir: str
     files: tuple[inputs.InputFile, ...]     # this host's shards, in file order
+    dedup_files: tuple[inputs.InputFile, ...]   # the shards whose documents this host's dedup pass sees, in order
+    dedup_wait_seconds: float
     steps: StepPlan
     on_error: str
     processes: int
@@ -121,6 +129,11 @@ def make_plan(config, workdir: str) -> Plan:
         raise ConfigError(f"config.output.tokenizer {tokenizer!r} does not exist")
     if not config.output.jsonl and not config.output.parquet and not tokenizer:
         raise ConfigError("config.output writes nothing: set output.jsonl, output.parquet or output.tokenizer")
+    if config.dedup_scope not in DEDUP_SCOPES:
+        raise ConfigError(f"config.dedup_scope must be one of {DEDUP_SCOPES}, got {config.dedup_scope!r}")
+    wait = config.dedup_wait_seconds
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+        raise ConfigError(f"config.dedup_wait_seconds must be a number >= 0, got {wait!r}")
     host_index, host_count = _hosts(config)
     files = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
     seen = set()
@@ -129,13 +142,16 @@ def make_plan(config, workdir: str) -> Plan:
             raise ConfigError(f"config.input.spec={config.input.spec!r} names {f.path} twice")
         seen.add(f.path)
     mine = tuple(f for f in files if f.index % host_count == host_index)
-    return Plan(os.path.abspath(workdir), mine, steps, config.on_error, processes, host_index, host_count,
-                tokenizer, bool(config.output.jsonl), bool(config.output.parquet), examples, example_chars, bins)
+    dedup_files = tuple(files) if config.dedup_scope == "run" else mine
+    return Plan(os.path.abspath(workdir), mine, dedup_files, float(wait), steps, config.on_error, processes,
+                host_index, host_count, tokenizer, bool(config.output.jsonl), bool(config.output.parquet), examples,
+                example_chars, bins)
 
 
 def _identity(config, plan: Plan) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_IDENTITY}
-    settings["host_count"] = plan.host_count   # as resolved: which files share a dedup pass depends on it
+    # As resolved: which host writes which shard (and with dedup_scope="host", which files share a pass) depends on it.
+    settings["host_count"] = plan.host_count
     every_file = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
     files = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns] for f in every_file]
     tokenizer = None
@@ -293,8 +309,28 @@ def _dedup_outcome(name: str, text: str, result: dedup.DedupResult) -> Outcome:
     return Outcome(text, False, reason, {"similarity": result.similarity}, name)
 
 
+def wait_for_filtered(plan: Plan) -> None:
+    """Returns once phase 1 of every shard the dedup pass reads is complete, whichever host filters it; raises
+    DataError naming the missing shards and their hosts after `dedup_wait_seconds`."""
+    deadline = time.monotonic() + plan.dedup_wait_seconds
+    while True:
+        missing = [f for f in plan.dedup_files if not os.path.isdir(_shard_dir(plan, f))]
+        if not missing:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            named = ", ".join(f"{shards.shard_name(f.index)} ({f.path}, host {f.index % plan.host_count})"
+                              for f in missing[:5])
+            raise sources.DataError(
+                f"deduplication across the run waited {plan.dedup_wait_seconds:g} s for other hosts to filter "
+                f"{len(missing)} shards: {named}{' ...' if len(missing) > 5 else ''}; start the other hosts (or "
+                "rerun with a longer dedup_wait_seconds), or set dedup_scope=host")
+        time.sleep(min(WAIT_POLL_SECONDS, remaining))
+
+
 def dedup_pass(plan: Plan) -> str:
-    """Phase 2 over every shard of this host, in file order; returns its directory."""
+    """Phase 2 over `plan.dedup_files` in file order, recording this host's files' decisions; returns its
+    directory. Another host's documents only enter the indexes, so every host takes the same decisions."""
     out = _dedup_dir(plan)
     if os.path.isdir(out):
         return out
@@ -303,11 +339,12 @@ def dedup_pass(plan: Plan) -> str:
     os.makedirs(tmp)
     names = plan.steps.dedup_step_names
     exact, near = dedup.ExactIndex(), dedup.MinHashIndex(plan.steps.minhash or dedup.MinHashConfig())
-    for file in plan.files:
+    for file in plan.dedup_files:
         directory = _shard_dir(plan, file)
         wheres, texts = _read_docs(directory)
         signatures = np.load(os.path.join(directory, "signatures.npy")) if plan.steps.minhash else None
         shingle_sets = _shingle_sets(directory)
+        mine = file.index % plan.host_count == plan.host_index
         stats = report.ShardStats(names, plan.examples, plan.example_chars)
         keep = np.ones(len(texts), bool)
         for i, (where, text) in enumerate(zip(wheres, texts)):
@@ -317,10 +354,13 @@ def dedup_pass(plan: Plan) -> str:
                 else:
                     result = near.add_signature(where, signatures[i], shingle_sets[i] if shingle_sets else None)
                 outcome = _dedup_outcome(name, text, result)
-                stats.record(name, where, text, outcome)
+                if mine:
+                    stats.record(name, where, text, outcome)
                 if not outcome.keep:
                     keep[i] = False
                     break
+        if not mine:
+            continue
         prefix = os.path.join(tmp, shards.shard_name(file.index))
         np.save(f"{prefix}.keep.npy", keep)
         with open(f"{prefix}.stats.json", "w", encoding="utf-8") as f:
@@ -420,7 +460,11 @@ def run_prepare(config, workdir: str) -> dict:
          f"{', '.join(plan.steps.steps)}; processes={plan.processes}")
     _map(plan, filter_shard, todo)
     if plan.steps.dedup_step_names:
-        _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating in file order")
+        unfiltered = [f for f in plan.dedup_files if not os.path.isdir(_shard_dir(plan, f))]
+        if unfiltered and not os.path.isdir(_dedup_dir(plan)):
+            _log(f"[{time.perf_counter() - start:7.1f} s] waiting for the other hosts' shards (dedup across the run)")
+            wait_for_filtered(plan)
+        _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating {len(plan.dedup_files)} shards in file order")
         dedup_pass(plan)
     unwritten = [f for f in plan.files if not os.path.exists(_marker(plan, f))]
     _log(f"[{time.perf_counter() - start:7.1f} s] writing {len(unwritten)} shards")

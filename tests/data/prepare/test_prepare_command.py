@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -240,28 +241,50 @@ def test_a_broken_line_is_skipped_counted_and_listed(tmp_path, capsys):
         assert "part-1.jsonl:3`: invalid JSON" in f.read()
 
 
-def test_zstd_input_needs_the_zstandard_module(tmp_path):
+def test_zstd_input(tmp_path, monkeypatch):
+    import zstandard
+
     path = tmp_path / "docs.jsonl.zst"
-    try:
-        import zstandard
-    except ImportError:
-        path.write_bytes(b"not read")
-        config = _config(str(path))
-        with pytest.raises(DataError, match=r"docs\.jsonl\.zst: .*pip install zstandard"):
-            prepare_stage.run_prepare(config, str(tmp_path / "out"))
-        return
     path.write_bytes(zstandard.ZstdCompressor().compress(
         "".join(json.dumps({"text": t}) + "\n" for t in CLEAN[:3]).encode()))
     summary = prepare_stage.run_prepare(_config(str(path)), str(tmp_path / "out"))
     assert summary["docs_out"] == 3
+    monkeypatch.setitem(sys.modules, "zstandard", None)   # an install without it: one clear error
+    with pytest.raises(DataError, match=r"docs\.jsonl\.zst: .*pip install zstandard"):
+        prepare_stage.run_prepare(_config(str(path)), str(tmp_path / "again"))
 
 
 def test_each_host_takes_every_other_file(spec, tmp_path):
-    prepare_stage.run_prepare(_config(spec, "", "host_index=1", "host_count=2"), str(tmp_path))
+    prepare_stage.run_prepare(_config(spec, "", "host_index=1", "host_count=2", "dedup_scope=host"), str(tmp_path))
     assert sorted(os.listdir(tmp_path / "done")) == ["shard-00001.json", "shard-00003.json"]
     with open(tmp_path / "report.host-1-of-2.json") as f:
         report = json.load(f)
     assert report["inputs"]["files"] == 2 and report["output"]["tokens"] is None
+    # Alone, host 1 cannot see that part-3's upper-cased CLEAN[1] repeats part-0 (host 0's file).
+    assert CLEAN[1].upper() in [r["text"] for r in _clean_output(tmp_path)]
+
+
+def test_hosts_deduplicate_across_the_run(prepared, spec, tmp_path):
+    """Host 0 stops waiting for host 1's shards (its own filtered shards stay), host 1 finds host 0's and finishes,
+    host 0 resumes: together they write what one host writes, the cross-host duplicate dropped by host 1."""
+    host = [_config(spec, "", f"host_index={i}", "host_count=2", "dedup_wait_seconds=0") for i in (0, 1)]
+    with pytest.raises(DataError, match=r"waited 0 s for other hosts to filter 2 shards: shard-00001 \(.*part-1"
+                                        r"\.jsonl, host 1\), shard-00003"):
+        prepare_stage.run_prepare(host[0], str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "work")) == ["shard-00000", "shard-00002"]
+    prepare_stage.run_prepare(host[1], str(tmp_path))
+    prepare_stage.run_prepare(host[0], str(tmp_path))
+    by_shard = {}
+    for name in sorted(n for n in os.listdir(tmp_path / "clean") if n.endswith(".jsonl")):
+        with open(tmp_path / "clean" / name) as f:
+            by_shard[name] = f.read()
+    with open(os.path.join(prepared[0], "clean", "shard-00003.jsonl")) as f:
+        assert by_shard["shard-00003.jsonl"] == f.read()
+    assert [json.loads(line)["text"] for shard in by_shard.values() for line in shard.splitlines()] == \
+        [r["text"] for r in _clean_output(prepared[0])]
+    with open(tmp_path / "report.host-1-of-2.json") as f:
+        steps = {s["step"]: s for s in json.load(f)["steps"]}
+    assert steps["exact_dedup"]["dropped"] == 1 and "part-0.jsonl:2" in steps["exact_dedup"]["examples"][0]["reason"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -270,6 +293,8 @@ def test_each_host_takes_every_other_file(spec, tmp_path):
     ("langid.languages=('xx',)", "config.langid: .*covers only"),
     ("on_error=ignore", "on_error must be one of"),
     ("input.format=xml", "input.format must be one of"),
+    ("dedup_scope=world", "dedup_scope must be one of"),
+    ("dedup_wait_seconds=-1.0", "dedup_wait_seconds must be a number >= 0"),
 ])
 def test_config_errors_exit_2(override, message, tmp_path, capsys):
     code = main(["prepare", "--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"])
