@@ -16,9 +16,9 @@ through three phases, and the steps of `config.steps` (llm_jax/data/prepare/step
                tokenized as tokens/shard-NNNNN.{tokens,offsets}.npy when output.tokenizer names a sentencepiece
                model (llm_jax/data/prepare/shards.py); done/shard-NNNNN.json marks the shard written
 
-then report.json and report.md (llm_jax/data/prepare/report.py): documents and characters in and out of every step,
-the first `report.examples` documents each step dropped with the reason, a histogram of every score, and the input
-errors. The signatures are computed in parallel and the decisions taken in file order, so every output is the same
+then report.json and report.md (llm_jax/data/prepare/report.py): documents, characters and (with a tokenizer)
+tokens in and out of every step, the first `report.examples` documents each step dropped with the reason, a
+histogram of every score, and the input errors. The signatures are computed in parallel and the decisions taken in file order, so every output is the same
 whatever `processes` is, and the same on every run of the same input and config.
 
 Resuming: phase 1 writes a shard's directory under a temporary name and renames it when complete; phase 2 does the
@@ -214,14 +214,16 @@ def _remove_leftovers(plan: Plan) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def _read_docs(directory: str) -> tuple[list[str], list[str]]:
-    wheres, texts = [], []
+def _read_docs(directory: str) -> tuple[list[str], list[str], list[int]]:
+    """(wheres, texts, token counts) of the documents phase 1 kept in a shard."""
+    wheres, texts, tokens = [], [], []
     with open(os.path.join(directory, "docs.jsonl"), encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             wheres.append(record["where"])
             texts.append(record["text"])
-    return wheres, texts
+            tokens.append(record["tokens"])
+    return wheres, texts, tokens
 
 
 # ------------------------------------------------------------------------------------------------ 1: filter
@@ -257,18 +259,27 @@ def _filter_into(plan: Plan, file: inputs.InputFile, tmp: str) -> None:
     minhash = plan.steps.minhash
     pending, kept_hashes, signatures = [], [], []   # shingle hashes are kept only for exact_jaccard
     errors: list[inputs.InputError] = []
+    tokenizer = _load_tokenizer(plan.tokenizer) if plan.tokenizer else None
+
+    def count_tokens(text: str) -> int:   # as a token shard holds the document: [bos] ids [eos]
+        return len(tokenizer.encode(text)) + 2 if tokenizer else 0
+
     with open(os.path.join(tmp, "docs.jsonl"), "w", encoding="utf-8") as docs:
         for where, text in inputs.iter_input_documents(file, plan.on_error, errors):
+            n_tokens = count_tokens(text)
             stats.docs_in += 1
             stats.chars_in += len(text)
+            stats.tokens_in += n_tokens
             for name, apply in document_steps:
                 outcome = apply(text)
-                stats.record(name, where, text, outcome)
+                # Only a step that rewrites the text (privacy's scrubbing) changes its token count.
+                n_out = n_tokens if not outcome.keep or outcome.text == text else count_tokens(outcome.text)
+                stats.record(name, where, text, outcome, n_tokens, n_out)
                 if not outcome.keep:
                     break
-                text = outcome.text
+                text, n_tokens = outcome.text, n_out
             else:
-                docs.write(json.dumps({"where": where, "text": text}, ensure_ascii=False) + "\n")
+                docs.write(json.dumps({"where": where, "text": text, "tokens": n_tokens}, ensure_ascii=False) + "\n")
                 if minhash:
                     pending.append(dedup.shingle_hashes(text, minhash.shingle_size))
                     if len(pending) == SIGNATURE_CHUNK_DOCS:
@@ -341,7 +352,7 @@ def dedup_pass(plan: Plan) -> str:
     exact, near = dedup.ExactIndex(), dedup.MinHashIndex(plan.steps.minhash or dedup.MinHashConfig())
     for file in plan.dedup_files:
         directory = _shard_dir(plan, file)
-        wheres, texts = _read_docs(directory)
+        wheres, texts, n_tokens = _read_docs(directory)
         signatures = np.load(os.path.join(directory, "signatures.npy")) if plan.steps.minhash else None
         shingle_sets = _shingle_sets(directory)
         mine = file.index % plan.host_count == plan.host_index
@@ -355,7 +366,7 @@ def dedup_pass(plan: Plan) -> str:
                     result = near.add_signature(where, signatures[i], shingle_sets[i] if shingle_sets else None)
                 outcome = _dedup_outcome(name, text, result)
                 if mine:
-                    stats.record(name, where, text, outcome)
+                    stats.record(name, where, text, outcome, n_tokens[i], n_tokens[i])
                 if not outcome.keep:
                     keep[i] = False
                     break
@@ -383,7 +394,7 @@ def write_shard(plan: Plan, file: inputs.InputFile) -> dict:
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
             return json.load(f)
-    wheres, texts = _read_docs(_shard_dir(plan, file))
+    wheres, texts, _ = _read_docs(_shard_dir(plan, file))
     if plan.steps.dedup_step_names:
         keep = np.load(os.path.join(_dedup_dir(plan), f"{name}.keep.npy"))
         wheres = [w for w, k in zip(wheres, keep) if k]
@@ -437,7 +448,7 @@ def build_report(plan: Plan, written: list[dict]) -> dict:
             shard_stats["steps"].update(_load_stats(f"{prefix}.stats.json")["steps"])
             score_files.append(f"{prefix}.scores.npz")
         stats.append(shard_stats)
-    result = report.merge(plan.steps.steps, stats, score_files, plan.examples, plan.bins)
+    result = report.merge(plan.steps.steps, stats, score_files, plan.examples, plan.bins, bool(plan.tokenizer))
     result["inputs"]["files"] = len(plan.files)
     tokens = [w["tokens"] for w in written]
     result["output"] = dict(docs=sum(w["docs"] for w in written), chars=sum(w["chars"] for w in written),
@@ -449,8 +460,14 @@ def build_report(plan: Plan, written: list[dict]) -> dict:
 
 
 def run_prepare(config, workdir: str) -> dict:
-    """Prepares every shard of this host not yet done (module docstring); returns a summary of the run."""
+    """Prepares every shard of this host not yet done (module docstring); returns a summary of the run, with the
+    seconds of each phase (not in the report, which stays the same from run to run)."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        phases[phase] = round(max(0.0, time.perf_counter() - start - sum(phases.values())), 3)
+
     plan = make_plan(config, workdir)
     os.makedirs(os.path.join(plan.workdir, WORK), exist_ok=True)
     _check_workdir(config, plan)
@@ -458,26 +475,31 @@ def run_prepare(config, workdir: str) -> dict:
     todo = [f for f in plan.files if not os.path.isdir(_shard_dir(plan, f))]
     _log(f"{len(plan.files)} input files for {plan.host_tag}, {len(plan.files) - len(todo)} already filtered; steps "
          f"{', '.join(plan.steps.steps)}; processes={plan.processes}")
+    lap("plan")
     _map(plan, filter_shard, todo)
+    lap("filter")
     if plan.steps.dedup_step_names:
         unfiltered = [f for f in plan.dedup_files if not os.path.isdir(_shard_dir(plan, f))]
         if unfiltered and not os.path.isdir(_dedup_dir(plan)):
             _log(f"[{time.perf_counter() - start:7.1f} s] waiting for the other hosts' shards (dedup across the run)")
             wait_for_filtered(plan)
+        lap("wait")
         _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating {len(plan.dedup_files)} shards in file order")
         dedup_pass(plan)
+        lap("dedup")
     unwritten = [f for f in plan.files if not os.path.exists(_marker(plan, f))]
     _log(f"[{time.perf_counter() - start:7.1f} s] writing {len(unwritten)} shards")
     _map(plan, write_shard, unwritten)
     written = [write_shard(plan, f) for f in plan.files]   # every shard is done now: this reads the markers
+    lap("write")
     result = build_report(plan, written)
     write_json_atomic(os.path.join(plan.workdir, plan.report_name("json")), result)
     write_text_atomic(os.path.join(plan.workdir, plan.report_name("md")), report.to_markdown(result))
+    lap("report")
     output = result["output"]
     _log(f"[{time.perf_counter() - start:7.1f} s] done: {result['inputs']['docs']:,} documents in, "
          f"{output['docs']:,} out, {result['inputs']['errors']} input errors")
     return dict(workdir=plan.workdir, report=os.path.join(plan.workdir, plan.report_name("md")),
                 files=len(plan.files), filtered_now=len(todo), docs_in=result["inputs"]["docs"],
                 docs_out=output["docs"], tokens=output["tokens"], input_errors=result["inputs"]["errors"],
-                seconds=round(time.perf_counter() - start, 2))
-
+                seconds=round(time.perf_counter() - start, 2), phase_seconds=phases)

@@ -1,12 +1,16 @@
-"""What data preparation did, per step: documents and characters in and out, what it dropped and why, its scores.
+"""What data preparation did, per step: documents, characters and tokens in and out, what it dropped and why, its
+scores.
 
 Each input shard gathers a `ShardStats` (counts, the first examples of each step's drops, every score); the report
 merges the shards in file order, so it is the same however many processes prepared them. Score histograms have
 `bins` equal bins between the smallest and largest score of all shards; a score that never varies has one bin.
 
     report.json   {"inputs": ..., "steps": [...], "output": ...}; each step: docs_in, docs_out, dropped, chars_in,
-                  chars_out, dropped_by (rule -> documents), counts (privacy: matches per kind), examples (where,
-                  reason, text), histograms (score -> edges, counts, min, max, mean)
+                  chars_out, tokens_in, tokens_out, dropped_by (rule -> documents), counts (privacy: matches per
+                  kind), examples (where, reason, text), histograms (score -> edges, counts, min, max, mean)
+
+Tokens are counted with the output tokenizer, as the token shards hold a document ([bos] ids [eos]), and are None
+when no tokenizer is named.
     report.md     the same as tables, each score's histogram drawn as one line of bars
 """
 from __future__ import annotations
@@ -20,8 +24,11 @@ from llm_jax.data.prepare.steps import Outcome
 MAX_LISTED_ERRORS = 100
 
 
+COUNTS = ("docs_in", "docs_out", "chars_in", "chars_out", "tokens_in", "tokens_out")
+
+
 def _step_record() -> dict:
-    return dict(docs_in=0, docs_out=0, chars_in=0, chars_out=0, dropped_by={}, counts={}, examples=[])
+    return dict(**{key: 0 for key in COUNTS}, dropped_by={}, counts={}, examples=[])
 
 
 class ShardStats:
@@ -31,14 +38,17 @@ class ShardStats:
         self.steps = {name: _step_record() for name in steps}
         # array("d"): 8 bytes a score, where a list of floats would take 32
         self.scores: dict[str, dict[str, array.array]] = {name: {} for name in steps}
-        self.docs_in = self.chars_in = 0
+        self.docs_in = self.chars_in = self.tokens_in = 0
         self.errors: list[dict] = []
         self.max_examples, self.example_chars = max_examples, example_chars
 
-    def record(self, step: str, where: str, text_in: str, outcome: Outcome) -> None:
+    def record(self, step: str, where: str, text_in: str, outcome: Outcome, tokens_in: int = 0,
+               tokens_out: int = 0) -> None:
+        """`tokens_in` and `tokens_out`: the document's tokens before and after the step (0 when not counted)."""
         s = self.steps[step]
         s["docs_in"] += 1
         s["chars_in"] += len(text_in)
+        s["tokens_in"] += tokens_in
         for kind, n in outcome.counts.items():
             s["counts"][kind] = s["counts"].get(kind, 0) + n
         for name, value in outcome.scores.items():
@@ -46,6 +56,7 @@ class ShardStats:
         if outcome.keep:
             s["docs_out"] += 1
             s["chars_out"] += len(outcome.text)
+            s["tokens_out"] += tokens_out
             return
         rule = outcome.rule or step
         s["dropped_by"][rule] = s["dropped_by"].get(rule, 0) + 1
@@ -54,7 +65,8 @@ class ShardStats:
             s["examples"].append(dict(where=where, reason=outcome.reason, text=outcome.text[:self.example_chars]))
 
     def to_json(self) -> dict:
-        return dict(docs_in=self.docs_in, chars_in=self.chars_in, errors=self.errors, steps=self.steps)
+        return dict(docs_in=self.docs_in, chars_in=self.chars_in, tokens_in=self.tokens_in, errors=self.errors,
+                    steps=self.steps)
 
     def score_arrays(self) -> dict[str, np.ndarray]:
         """{"step/score": (n,) float64}, for an .npz file."""
@@ -91,15 +103,17 @@ def score_histograms(score_files: list[str], bins: int) -> dict[str, dict]:
     return result
 
 
-def merge(steps, shard_stats: list[dict], score_files: list[str], max_examples: int, bins: int) -> dict:
-    """One report from the shards' `to_json`, in shard order, and the .npz files of their `score_arrays`."""
+def merge(steps, shard_stats: list[dict], score_files: list[str], max_examples: int, bins: int,
+          count_tokens: bool) -> dict:
+    """One report from the shards' `to_json`, in shard order, and the .npz files of their `score_arrays`; token
+    counts are None unless `count_tokens`."""
     histograms = score_histograms(score_files, bins)
     merged = []
     for step in steps:
         total = _step_record()
         for stats in shard_stats:
             s = stats["steps"][step]
-            for key in ("docs_in", "docs_out", "chars_in", "chars_out"):
+            for key in COUNTS:
                 total[key] += s[key]
             for field in ("dropped_by", "counts"):
                 for k, n in s[field].items():
@@ -108,9 +122,12 @@ def merge(steps, shard_stats: list[dict], score_files: list[str], max_examples: 
         total["histograms"] = {key.split("/", 1)[1]: h for key, h in histograms.items()
                                if key.split("/", 1)[0] == step}
         total["dropped"] = total["docs_in"] - total["docs_out"]
+        if not count_tokens:
+            total.update(tokens_in=None, tokens_out=None)
         merged.append(dict(step=step, **total))
     errors = [e for stats in shard_stats for e in stats["errors"]]
     inputs = dict(docs=sum(s["docs_in"] for s in shard_stats), chars=sum(s["chars_in"] for s in shard_stats),
+                  tokens=sum(s["tokens_in"] for s in shard_stats) if count_tokens else None,
                   errors=len(errors), listed_errors=errors[:MAX_LISTED_ERRORS])
     return dict(inputs=inputs, steps=merged)
 
@@ -130,17 +147,21 @@ def bins_of(shown: list[tuple[str, dict]]) -> int:
 
 def to_markdown(report: dict) -> str:
     inputs, output = report["inputs"], report["output"]
+    tokens = inputs.get("tokens") is not None
     lines = ["# Data preparation report", "",
-             f"Input: {inputs['files']} files, {inputs['docs']:,} documents, {inputs['chars']:,} characters; "
-             f"{inputs['errors']} records or files not read.",
+             f"Input: {inputs['files']} files, {inputs['docs']:,} documents, {inputs['chars']:,} characters"
+             + (f", {inputs['tokens']:,} tokens" if tokens else "") + f"; {inputs['errors']} records or files not "
+             "read.",
              f"Output: {output['docs']:,} documents, {output['chars']:,} characters"
              + (f", {output['tokens']:,} tokens" if output.get("tokens") is not None else "") + ".", "",
-             "| step | docs in | docs out | dropped | chars in | chars out | dropped by |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| step | docs in | docs out | dropped | chars in | chars out |"
+             + (" tokens in | tokens out |" if tokens else "") + " dropped by |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if tokens else "") + "---|"]
     for s in report["steps"]:
         by = ", ".join(f"{rule} {n:,}" for rule, n in sorted(s["dropped_by"].items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"| {s['step']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['dropped']:,} | {s['chars_in']:,} "
-                     f"| {s['chars_out']:,} | {by} |")
+                     f"| {s['chars_out']:,} |" + (f" {s['tokens_in']:,} | {s['tokens_out']:,} |" if tokens else "")
+                     + f" {by} |")
     if inputs["listed_errors"]:
         lines += ["", "## Input errors", ""]
         lines += [f"- `{e['where']}`: {e['message']}" for e in inputs["listed_errors"]]

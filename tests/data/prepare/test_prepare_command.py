@@ -139,19 +139,26 @@ def test_each_step_drops_its_planted_documents(prepared, spec):
     assert sorted(texts) == sorted(CLEAN[:20] + [EMAIL.replace("jane.doe@example.com", "<EMAIL>")])
     assert texts[:6] == CLEAN[:6]   # input order
     assert summary["docs_in"] == sum(len(d) for d in _documents_of_files())
+    assert set(summary["phase_seconds"]) == {"plan", "filter", "wait", "dedup", "write", "report"}
 
 
-def test_report_counts_add_up(prepared):
+def test_report_counts_add_up(prepared, tokenizer_path):
     _, _, report = prepared
     steps = report["steps"]
-    assert steps[0]["docs_in"] == report["inputs"]["docs"] and steps[0]["chars_in"] == report["inputs"]["chars"]
-    for step, after in zip(steps, steps[1:]):
-        assert after["docs_in"] == step["docs_out"] and after["chars_in"] == step["chars_out"]
+    for unit in ("docs", "chars", "tokens"):
+        assert steps[0][f"{unit}_in"] == report["inputs"][unit]
+        for step, after in zip(steps, steps[1:]):
+            assert after[f"{unit}_in"] == step[f"{unit}_out"]
+        assert steps[-1][f"{unit}_out"] == report["output"][unit]
+    tokenizer = Tokenizer.load(tokenizer_path)
+    docs = [d for file in _documents_of_files() for d in file]
+    kept = [d.replace("jane.doe@example.com", "<EMAIL>") for d in docs if d != PLANTED["privacy"][1]]
+    privacy = steps[0]   # drops the phone number's document and changes the e-mail's: its tokens out are counted anew
+    assert privacy["step"] == "privacy" and privacy["tokens_in"] == sum(len(tokenizer.encode(d)) + 2 for d in docs)
+    assert privacy["tokens_out"] == sum(len(tokenizer.encode(d)) + 2 for d in kept)
     for s in steps:
         assert s["docs_in"] == s["docs_out"] + s["dropped"] == s["docs_out"] + sum(s["dropped_by"].values())
         assert s["histograms"] and all(h["n"] == s["docs_in"] == sum(h["counts"]) for h in s["histograms"].values())
-    assert steps[-1]["docs_out"] == report["output"]["docs"]
-    assert steps[-1]["chars_out"] == report["output"]["chars"]
     assert report["output"]["tokens"] == sum(s["tokens"] for s in report["output"]["shards"])
     with open(os.path.join(prepared[0], "report.md")) as f:
         markdown = f.read()
