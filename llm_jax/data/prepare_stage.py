@@ -350,6 +350,8 @@ def dedup_pass(plan: Plan) -> str:
     os.makedirs(tmp)
     names = plan.steps.dedup_step_names
     exact, near = dedup.ExactIndex(), dedup.MinHashIndex(plan.steps.minhash or dedup.MinHashConfig())
+    # step -> kept document -> the documents of this host dropped as its copies, in stream order
+    clusters: dict[str, dict[str, list[dict]]] = {name: {} for name in names}
     for file in plan.dedup_files:
         directory = _shard_dir(plan, file)
         wheres, texts, n_tokens = _read_docs(directory)
@@ -369,6 +371,9 @@ def dedup_pass(plan: Plan) -> str:
                     stats.record(name, where, text, outcome, n_tokens[i], n_tokens[i])
                 if not outcome.keep:
                     keep[i] = False
+                    if mine:
+                        clusters[name].setdefault(result.duplicate_of, []).append(
+                            dict(where=where, matched=result.matched_id, similarity=round(result.similarity, 4)))
                     break
         if not mine:
             continue
@@ -377,6 +382,9 @@ def dedup_pass(plan: Plan) -> str:
         with open(f"{prefix}.stats.json", "w", encoding="utf-8") as f:
             json.dump(stats.to_json(), f, indent=1)
         np.savez(f"{prefix}.scores.npz", **stats.score_arrays())
+    with open(os.path.join(tmp, "clusters.json"), "w", encoding="utf-8") as f:
+        json.dump({name: [dict(kept=kept, removed=removed) for kept, removed in by_kept.items()]
+                   for name, by_kept in clusters.items()}, f)
     os.rename(tmp, out)
     return out
 
@@ -437,6 +445,11 @@ def _load_stats(path: str) -> dict:
         return json.load(f)
 
 
+def _clusters(plan: Plan) -> dict[str, list[dict]]:
+    """step -> [{"kept": where, "removed": [{"where", "matched", "similarity"}, ...]}] of this host's drops."""
+    return _load_stats(os.path.join(_dedup_dir(plan), "clusters.json"))
+
+
 def build_report(plan: Plan, written: list[dict]) -> dict:
     stats, score_files = [], []
     for file in plan.files:
@@ -450,6 +463,9 @@ def build_report(plan: Plan, written: list[dict]) -> dict:
         stats.append(shard_stats)
     result = report.merge(plan.steps.steps, stats, score_files, plan.examples, plan.bins, bool(plan.tokenizer))
     result["inputs"]["files"] = len(plan.files)
+    for step in result["steps"]:
+        if step["step"] in plan.steps.dedup_step_names:
+            step["clusters"] = report.cluster_summary(_clusters(plan)[step["step"]], plan.examples)
     tokens = [w["tokens"] for w in written]
     result["output"] = dict(docs=sum(w["docs"] for w in written), chars=sum(w["chars"] for w in written),
                             tokens=sum(tokens) if plan.tokenizer else None,
@@ -495,6 +511,10 @@ def run_prepare(config, workdir: str) -> dict:
     result = build_report(plan, written)
     write_json_atomic(os.path.join(plan.workdir, plan.report_name("json")), result)
     write_text_atomic(os.path.join(plan.workdir, plan.report_name("md")), report.to_markdown(result))
+    if plan.steps.dedup_step_names:
+        write_text_atomic(os.path.join(plan.workdir, plan.report_name("json").replace("report", "clusters") + "l"),
+                          "".join(json.dumps(dict(step=step, **cluster), ensure_ascii=False) + "\n"
+                                  for step, listed in _clusters(plan).items() for cluster in listed))
     lap("report")
     output = result["output"]
     _log(f"[{time.perf_counter() - start:7.1f} s] done: {result['inputs']['docs']:,} documents in, "

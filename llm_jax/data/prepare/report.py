@@ -7,7 +7,10 @@ merges the shards in file order, so it is the same however many processes prepar
 
     report.json   {"inputs": ..., "steps": [...], "output": ...}; each step: docs_in, docs_out, dropped, chars_in,
                   chars_out, tokens_in, tokens_out, dropped_by (rule -> documents), counts (privacy: matches per
-                  kind), examples (where, reason, text), histograms (score -> edges, counts, min, max, mean)
+                  kind), examples (where, reason, text), histograms (score -> edges, counts, min, max, mean);
+                  the dedup steps also clusters (count, removed, sizes, largest: see `cluster_summary`)
+    clusters.jsonl  every cluster of every dedup step: {"step", "kept", "removed": [{"where", "matched",
+                  "similarity"}]}, the kept document first seen, its copies in stream order
 
 Tokens are counted with the output tokenizer, as the token shards hold a document ([bos] ids [eos]), and are None
 when no tokenizer is named.
@@ -132,6 +135,20 @@ def merge(steps, shard_stats: list[dict], score_files: list[str], max_examples: 
     return dict(inputs=inputs, steps=merged)
 
 
+def cluster_summary(clusters: list[dict], max_listed: int) -> dict:
+    """A dedup step's clusters (a kept document and the copies it removed): how many, how many documents removed,
+    how many clusters of each size (the kept document included), and the largest `max_listed` (first seen first)."""
+    sizes: dict[int, int] = {}
+    for cluster in clusters:
+        size = 1 + len(cluster["removed"])
+        sizes[size] = sizes.get(size, 0) + 1
+    largest = sorted(clusters, key=lambda c: -len(c["removed"]))[:max_listed]   # stable: ties in stream order
+    return dict(count=len(clusters), removed=sum(len(c["removed"]) for c in clusters),
+                sizes={str(k): sizes[k] for k in sorted(sizes)},
+                largest=[dict(kept=c["kept"], size=1 + len(c["removed"]),
+                              removed=[r["where"] for r in c["removed"][:5]]) for c in largest])
+
+
 _LEVELS = " ▁▂▃▄▅▆▇█"
 
 
@@ -171,6 +188,16 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"## {s['step']}", ""]
         if s["counts"]:
             lines += ["Matches: " + ", ".join(f"{k} {n:,}" for k, n in sorted(s["counts"].items())), ""]
+        if s.get("clusters"):
+            c = s["clusters"]
+            lines += [f"Clusters: {c['count']:,} removed {c['removed']:,} documents; by size (kept one included): "
+                      + ", ".join(f"{size}: {n:,}" for size, n in c["sizes"].items()), ""]
+            for cluster in c["largest"]:
+                more = cluster["size"] - 1 - len(cluster["removed"])
+                lines.append(f"- `{cluster['kept']}` kept, {cluster['size'] - 1} removed: "
+                             + ", ".join(f"`{w}`" for w in cluster["removed"]) + (f" and {more} more" if more else ""))
+            if c["largest"]:
+                lines.append("")
         shown = [(name, h) for name, h in s["histograms"].items() if h["n"]]
         if shown:
             lines += [f"| score | documents | min | mean | max | histogram ({bins_of(shown)} bins, min to max) |",

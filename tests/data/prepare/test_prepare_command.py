@@ -13,7 +13,7 @@ import pytest
 from llm_jax.cli import load, main
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus, prepare_stage
-from llm_jax.data.prepare import inputs, shards
+from llm_jax.data.prepare import inputs, report, shards
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -133,6 +133,15 @@ def test_each_step_drops_its_planted_documents(prepared, spec):
     assert "exact duplicate of" in steps["exact_dedup"]["examples"][0]["reason"]
     assert "part-0.jsonl:2" in steps["exact_dedup"]["examples"][0]["reason"]   # CLEAN[1], the first copy
     assert "part-1.jsonl:2" in steps["minhash_dedup"]["examples"][0]["reason"]  # CLEAN[7]
+    kept_of = {"exact_dedup": f"{FILES[0]}:2", "minhash_dedup": f"{FILES[1]}:2"}
+    for step, kept in kept_of.items():
+        clusters = steps[step]["clusters"]
+        assert clusters["count"] == clusters["removed"] == 1 and clusters["sizes"] == {"2": 1}
+        assert clusters["largest"][0]["kept"].endswith(kept) and FILES[3] in clusters["largest"][0]["removed"][0]
+    with open(os.path.join(workdir, "clusters.jsonl")) as f:
+        listed = [json.loads(line) for line in f]
+    assert [(c["step"], c["kept"].endswith(kept_of[c["step"]])) for c in listed] == [(s, True) for s in kept_of]
+    assert listed[1]["removed"][0]["similarity"] >= 0.8
 
     texts = [r["text"] for r in _clean_output(workdir)]
     assert len(texts) == summary["docs_out"] == len(CLEAN) - 1 == 21
@@ -140,6 +149,23 @@ def test_each_step_drops_its_planted_documents(prepared, spec):
     assert texts[:6] == CLEAN[:6]   # input order
     assert summary["docs_in"] == sum(len(d) for d in _documents_of_files())
     assert set(summary["phase_seconds"]) == {"plan", "filter", "wait", "dedup", "write", "report"}
+
+
+def test_cluster_summary_counts_sizes_and_lists_the_largest_first():
+    clusters = [dict(kept="a:1", removed=[dict(where="b:1")]),
+                dict(kept="a:2", removed=[dict(where=f"c:{i}") for i in range(7)]),
+                dict(kept="a:3", removed=[dict(where="d:1")])]
+    summary = report.cluster_summary(clusters, max_listed=2)
+    assert summary == dict(count=3, removed=9, sizes={"2": 2, "8": 1},
+                           largest=[dict(kept="a:2", size=8, removed=[f"c:{i}" for i in range(5)]),
+                                    dict(kept="a:1", size=2, removed=["b:1"])])
+    markdown = report.to_markdown(dict(inputs=dict(files=1, docs=12, chars=0, errors=0, listed_errors=[]),
+                                       output=dict(docs=3, chars=0), steps=[dict(
+                                           step="exact_dedup", docs_in=12, docs_out=3, dropped=9, chars_in=0,
+                                           chars_out=0, dropped_by={}, counts={}, histograms={}, examples=[],
+                                           clusters=summary)]))
+    assert "Clusters: 3 removed 9 documents; by size (kept one included): 2: 2, 8: 1" in markdown
+    assert "- `a:2` kept, 7 removed: `c:0`, `c:1`, `c:2`, `c:3`, `c:4` and 2 more" in markdown
 
 
 def test_report_counts_add_up(prepared, tokenizer_path):
