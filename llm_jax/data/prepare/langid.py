@@ -37,9 +37,14 @@ _NON_LETTERS = re.compile(r"[\W\d_]+")
 _SECTION = re.compile(r"^== (\w+) ==$")
 
 
+def _letters(text: str) -> str:
+    """The text as the n-grams see it (module docstring): lowercased letters, one space between runs, padded."""
+    return " " + _NON_LETTERS.sub(" ", unicodedata.normalize("NFC", text).lower()).strip() + " "
+
+
 def ngram_counts(text: str) -> collections.Counter:
     """Counts of the character n-grams the model uses (see the module docstring)."""
-    letters = " " + _NON_LETTERS.sub(" ", unicodedata.normalize("NFC", text).lower()).strip() + " "
+    letters = _letters(text)
     counts: collections.Counter = collections.Counter()
     if letters == "  ":
         return counts
@@ -47,6 +52,19 @@ def ngram_counts(text: str) -> collections.Counter:
         counts.update(letters[i:i + n] for i in range(len(letters) - n + 1))
     del counts[" "]
     return counts
+
+
+def ngram_codes(letters: str) -> np.ndarray:
+    """Every 1-, 2- and 3-gram of `_letters(text)` as one uint64, in no particular order: (code point + 1) in 21
+    bits per character, so n-grams of different lengths never share a code."""
+    cp = np.frombuffer(letters.encode("utf-32-le"), np.uint32).astype(np.uint64) + 1
+    codes = []
+    for n in NGRAM_ORDERS:
+        code = cp[:len(cp) - n + 1].copy()
+        for k in range(1, n):
+            code = (code << np.uint64(21)) | cp[k:len(cp) - n + 1 + k]
+        codes.append(code)
+    return np.concatenate(codes)
 
 
 def read_training_text(text: str) -> dict[str, str]:
@@ -97,14 +115,23 @@ class LanguageModel:
                 counts_lv[l, self.index[g]] = c
         smoothed_lv = counts_lv + smoothing
         self.log_probs_lv = np.log(smoothed_lv / smoothed_lv.sum(axis=1, keepdims=True))
+        # The vocabulary as sorted n-gram codes, so a text's n-grams are looked up in one vectorised search.
+        codes = np.array([ngram_codes(g)[-1] for g in vocabulary], np.uint64)   # a g's last code is g's own
+        self._order = np.argsort(codes, kind="stable")
+        self._sorted_codes = codes[self._order]
+
+    def ngram_weights(self, text: str) -> np.ndarray:
+        """(V,) how often each vocabulary n-gram occurs in the text; `ngram_counts` restricted to the vocabulary."""
+        codes = ngram_codes(_letters(text))
+        pos = np.minimum(np.searchsorted(self._sorted_codes, codes), len(self._sorted_codes) - 1)
+        known = self._sorted_codes[pos] == codes
+        return np.bincount(self._order[pos[known]], minlength=len(self.index)).astype(np.float64)
 
     def identify(self, text: str) -> LanguageGuess:
-        counts = ngram_counts(text)
-        known = [(self.index[g], c) for g, c in counts.items() if g in self.index]
-        if not known:
+        weights = self.ngram_weights(text)
+        if not weights.any():
             return LanguageGuess("", 0.0, 0.0, {lang: 0.0 for lang in self.languages})
-        idx, weights = (np.array(a) for a in zip(*known))
-        log_likelihood_l = self.log_probs_lv[:, idx] @ weights
+        log_likelihood_l = self.log_probs_lv @ weights
         # Each character sits in up to three overlapping n-grams, so the naive-Bayes sum counts the same evidence
         # about len(NGRAM_ORDERS) times; tempering by that keeps the posterior from being even more overconfident.
         tempered_l = log_likelihood_l / len(NGRAM_ORDERS)

@@ -1,4 +1,5 @@
 """The language identifier on short held-out sentences of each covered language, and on the default corpus."""
+import numpy as np
 import pytest
 
 from llm_jax.data import default_corpus
@@ -77,3 +78,14 @@ def test_training_text_format_errors_name_the_line():
 
 def test_the_shipped_text_covers_exactly_the_listed_languages():
     assert langid.default_model().languages == langid.LANGUAGES
+
+
+@pytest.mark.parametrize("text", ["", "123 !!", "The cat sat.", "Ça c'est très bien, naïve café 日本語テキスト",
+                                  "\n\n".join(t for t, _ in default_corpus.generate_documents(30, seed=3))])
+def test_vectorised_ngram_weights_equal_the_counted_ngrams(text):
+    model = langid.default_model()
+    expected = np.zeros(len(model.index))
+    for gram, count in langid.ngram_counts(text).items():
+        if gram in model.index:
+            expected[model.index[gram]] = count
+    np.testing.assert_array_equal(model.ngram_weights(text), expected)
