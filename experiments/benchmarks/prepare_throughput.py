@@ -14,7 +14,8 @@ exact_dedup, minhash_dedup), jsonl and token shards written, in a fresh workdir,
 the phases as run_prepare reports them. MB are the UTF-8 bytes of the documents' text (uncompressed, before any
 step); per core divides by the worker processes. Then each document step alone in this process on a sample
 (`--step-sample` documents, each step seeing every document), MinHash signing and tokenization, so the chain's
-cost can be split by step. One JSON line on stdout; the machine facts are in it.
+cost can be split by step. And, from the planted labels, the share of each kind of document the chain dropped.
+One JSON line on stdout; the machine facts are in it.
 """
 from __future__ import annotations
 
@@ -53,54 +54,75 @@ def _other_language_paragraphs() -> list[str]:
     return [p for lang, text in sorted(texts.items()) if lang != "en" for p in text.split("\n\n") if len(p) > 200]
 
 
-def generate_corpus(n_docs: int, seed: int) -> list[str]:
-    """`n_docs` documents with the planted noise of NOISE, in a fixed order for a given seed."""
+def generate_corpus(n_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """`n_docs` documents with the planted noise of NOISE, and each one's kind, in a fixed order for a given seed.
+    Every page has default-corpus documents of its own (no page repeats another by chance), and a copy always
+    comes after its original, as the files keep this order."""
     rng = np.random.default_rng(seed)
-    sentences_docs = [t for t, _ in default_corpus.generate_documents(6 * n_docs + 100, seed=seed)]
-    foreign = _other_language_paragraphs()
     kinds = list(NOISE) + ["clean"]
-    probs = list(NOISE.values()) + [1.0 - sum(NOISE.values())]
+    drawn = [kinds[k] for k in rng.choice(len(kinds), p=list(NOISE.values()) + [1.0 - sum(NOISE.values())],
+                                           size=n_docs)]
+    drawn[0] = "clean"   # the copies need an original
+    parts = [int(rng.integers(1, 13)) if k == "clean" else int(rng.integers(2, 8)) if k in ("pii", "blocked")
+             else 1 if k == "short" else 0 for k in drawn]
+    sentences_docs = iter(t for t, _ in default_corpus.generate_documents(sum(parts), seed=seed))
+    foreign = _other_language_paragraphs()
     docs: list[str] = []
-    cursor = 0
-
-    def page(parts: int) -> str:
-        nonlocal cursor
-        text = "\n\n".join(sentences_docs[cursor:cursor + parts])
-        cursor = (cursor + parts) % (len(sentences_docs) - 12)
-        return text
-
-    for _ in range(n_docs):
-        kind = kinds[rng.choice(len(kinds), p=probs)] if docs else "clean"
+    for kind, n_parts in zip(drawn, parts):
+        page = "\n\n".join(next(sentences_docs) for _ in range(n_parts))
         if kind == "exact_copy":
             doc = "  ".join(docs[rng.integers(len(docs))].upper().split(" "))
-        elif kind == "near_copy":
+        elif kind == "near_copy":   # one word in a hundred changed: Jaccard of 5-word shingles about 0.9
             words = docs[rng.integers(len(docs))].split(" ")
-            doc = " ".join("zzyzx" if i % 40 == 39 else w for i, w in enumerate(words))
+            doc = " ".join("zzyzx" if i % 100 == 99 else w for i, w in enumerate(words))
         elif kind == "pii":
-            doc = page(int(rng.integers(2, 8))) + rng.choice(["\n\nWrite to jane.doe@example.com for details.",
-                                                             "\n\nCall 555-123-4567 after nine."])
+            doc = page + rng.choice(["\n\nWrite to jane.doe@example.com for details.",
+                                     "\n\nCall 555-123-4567 after nine."])
         elif kind == "short":
-            doc = sentences_docs[cursor].split("\n")[0][:120]
-            cursor += 1
+            doc = page.split("\n")[0][:120]
         elif kind == "repeated_lines":
             doc = "\n".join(["Subscribe to our newsletter for the latest offers."] * int(rng.integers(20, 60)))
         elif kind == "other_language":
             doc = "\n\n".join(rng.choice(foreign, size=3))
         elif kind == "blocked":
-            doc = page(int(rng.integers(2, 8))) + f"\n\nThe {rng.choice(BLOCKED)} opens at nine."
+            doc = page + f"\n\nThe {rng.choice(BLOCKED)} opens at nine."
         else:
-            doc = page(int(rng.integers(1, 13)))
+            doc = page
         docs.append(doc)
-    return docs
+    return docs, drawn
 
 
-def write_files(docs: list[str], n_files: int, directory: str) -> str:
+def write_files(docs: list[str], n_files: int, directory: str) -> tuple[str, list[str]]:
+    """The spec of the files, and each document's `where` as prepare names it (path:line)."""
     os.makedirs(directory, exist_ok=True)
+    wheres = []
+    bounds = np.linspace(0, len(docs), n_files + 1).astype(int)   # contiguous blocks: file order is corpus order
     for i in range(n_files):
-        with gzip.open(os.path.join(directory, f"part-{i:03d}.jsonl.gz"), "wt", encoding="utf-8") as f:
-            for doc in docs[i::n_files]:
+        path = os.path.join(directory, f"part-{i:03d}.jsonl.gz")
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            for line, doc in enumerate(docs[bounds[i]:bounds[i + 1]], 1):
                 f.write(json.dumps({"text": doc}) + "\n")
-    return os.path.join(directory, "part-*.jsonl.gz")
+                wheres.append(f"{path}:{line}")
+    return os.path.join(directory, "part-*.jsonl.gz"), wheres
+
+
+def planted_outcomes(workdir: str, wheres: list[str], planted: list[str]) -> dict:
+    """Per planted kind: documents, and the share the chain dropped (all of a noise kind should go, clean pages
+    stay unless Gopher's rules or the language filter have a reason)."""
+    kept = {}
+    for name in os.listdir(os.path.join(workdir, "clean")):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(workdir, "clean", name), encoding="utf-8") as f:
+                kept.update((r["where"], r["text"]) for r in map(json.loads, f))
+    result = {}
+    for kind in list(NOISE) + ["clean"]:
+        of_kind = [w for w, k in zip(wheres, planted) if k == kind]
+        dropped = sum(w not in kept for w in of_kind)
+        result[kind] = dict(docs=len(of_kind), dropped=round(dropped / max(len(of_kind), 1), 4))
+        if kind == "pii":   # scrubbed, not dropped, by the default preset: none may be left in a kept document
+            result[kind]["kept_with_pii"] = sum(w in kept and ("@example.com" in kept[w] or "555-123" in kept[w])
+                                                for w in of_kind)
+    return result
 
 
 def _rate(function, items) -> float:
@@ -149,8 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     root = args.workdir or tempfile.mkdtemp(prefix="prepare_bench_")
     start = time.perf_counter()
-    docs = generate_corpus(args.docs, args.seed)
-    spec = write_files(docs, args.files, os.path.join(root, "raw"))
+    docs, planted = generate_corpus(args.docs, args.seed)
+    spec, wheres = write_files(docs, args.files, os.path.join(root, "raw"))
     mb = sum(len(d.encode()) for d in docs) / 1e6
     tokenizer_path = os.path.join(root, "tokenizer.model")
     train_tokenizer(docs[:2_000], tokenizer_path, vocab_size=args.vocab)
@@ -174,6 +196,7 @@ def main() -> None:
     config = load("configs/prepare.py:default", overrides)
     sample = docs[:args.step_sample]
     result = dict(docs=args.docs, mb=round(mb, 2), files=args.files, noise=NOISE, runs=runs,
+                  planted=planted_outcomes(workdir, wheres, planted),
                   steps_alone=step_rates(config, sample, Tokenizer.load(tokenizer_path)),
                   step_sample=len(sample), cpu_count=os.cpu_count(), cpu=_cpu_model(),
                   load_average=os.getloadavg(), python=platform.python_version(),
