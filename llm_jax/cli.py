@@ -1,6 +1,7 @@
 """The `llm-jax` command.
 
     llm-jax prepare   --config configs/prepare.py:default --workdir runs/data [--config.processes=8 ...]
+    llm-jax classifier --config configs/classifier.py:quality --workdir runs/quality_clf
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
@@ -12,6 +13,9 @@
 
 `prepare` cleans, deduplicates and tokenizes raw documents into shards with a report, resuming where it stopped
 (see llm_jax/data/prepare_stage.py); a bad config exits 2, bad input data 1.
+`classifier` trains a fastText-style quality or toxicity classifier on positive and negative examples, reports
+held-out precision and recall, and saves it for prepare's classifier steps (see llm_jax/data/classifier_stage.py);
+a bad config exits 2, bad example data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
@@ -40,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
                             ("tokenizer", "train a sentencepiece tokenizer on the config's corpus"),
                             ("prepare", "clean, filter, deduplicate and tokenize raw documents into shards and a "
-                                        "report (see llm_jax/data/prepare_stage.py)")):
+                                        "report (see llm_jax/data/prepare_stage.py)"),
+                            ("classifier", "train a fastText-style document classifier for prepare's quality and "
+                                           "toxicity steps (see llm_jax/data/classifier_stage.py)")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
@@ -228,17 +234,17 @@ def _pipeline(config, workdir: str) -> int:
     return 0
 
 
-def _prepare(config, workdir: str) -> int:
-    """A bad config exits 2; input data that stops the command 1 (the shards already complete stay)."""
-    from llm_jax.data.prepare_stage import run_prepare
+def _data_command(name: str, run, config, workdir: str) -> int:
+    """`prepare` and `classifier`: a bad config exits 2; input data that stops the command 1 (for prepare, the
+    shards already complete stay)."""
     from llm_jax.data.sources import DataError
     try:
-        summary = run_prepare(config, workdir)
+        summary = run(config, workdir)
     except config_lib.ConfigError as e:
-        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        print(f"llm-jax {name}: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        print(f"llm-jax {name}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0
@@ -316,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         # Before any other JAX call: every process then sees the global device set and mesh.
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.command == "prepare":
-        return _prepare(config, args.workdir)
+        from llm_jax.data.prepare_stage import run_prepare
+        return _data_command("prepare", run_prepare, config, args.workdir)
+    if args.command == "classifier":
+        from llm_jax.data.classifier_stage import run_classifier
+        return _data_command("classifier", run_classifier, config, args.workdir)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)

@@ -136,6 +136,8 @@ def make_plan(config, workdir: str) -> Plan:
 def _identity(config, plan: Plan) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_IDENTITY}
     settings["host_count"] = plan.host_count   # as resolved: which files share a dedup pass depends on it
+    for name, sha256 in plan.steps.model_sha256.items():   # a classifier step's output depends on its model's bytes
+        settings[name] = dict(settings[name], model_sha256=sha256)
     every_file = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
     files = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns] for f in every_file]
     tokenizer = None
