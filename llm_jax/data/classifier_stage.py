@@ -10,8 +10,9 @@ measure it on a held-out split, and save it for data preparation's classifier st
             duplicates never leak from training into the held-out set
 3. train    hashed n-gram features (classifier_features.py), JAX/optax training (classifier_train.py)
 4. measure  the saved model's NumPy scores (the code prepare runs) on the held-out documents: precision, recall,
-            F1, accuracy at `threshold`, ROC AUC, a precision/recall table, and the AUC of document length alone
-            as a baseline (a classifier that only learnt length would not beat it)
+            F1, accuracy at `threshold`, ROC AUC, a precision/recall table, the same rates in four groups by
+            document length, and the AUC of document length alone as a baseline (a classifier that only learnt
+            length would not beat it)
 5. write    <workdir>/classifier.npz (classifier.py), classifier.json (settings, metrics, training data: per class
             the spec, documents, characters and the sha256 of the texts in order) and report.md (metrics, the
             precision/recall table, the words whose buckets score highest and lowest, misclassified held-out
@@ -169,6 +170,8 @@ def run_classifier(config, workdir: str) -> dict:
     metrics = classifier_metrics.evaluate(held_scores, labels[held_idx], threshold)
     metrics["length_baseline_roc_auc"] = classifier_metrics.roc_auc([len(t.split()) for t in held_texts],
                                                                     labels[held_idx])
+    metrics["by_length"] = classifier_metrics.by_length(held_scores, labels[held_idx],
+                                                        [len(t.split()) for t in held_texts], threshold)
     metrics["training_accuracy"] = classifier_metrics.at_threshold(train_scores, labels[train_idx],
                                                                    threshold)["accuracy"]
     info = dict(model=MODEL_FILE, model_sha256=sha256, threshold=threshold, features=features.to_json(),
@@ -218,6 +221,10 @@ def to_markdown(info: dict) -> str:
              "", "| threshold | precision | recall | F1 | accuracy | TP | FP | FN | TN |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [_rate_row(r) for r in m["pr_table"]]
+    lines += ["", f"By document length (held out, at threshold {info['threshold']:g}):", "",
+              "| words | documents | precision | recall | F1 | accuracy |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['min_words']}-{r['max_words']} | {r['docs']} | {r['precision']:.4f} | {r['recall']:.4f} | "
+              f"{r['f1']:.4f} | {r['accuracy']:.4f} |" for r in m["by_length"]]
     lines += ["", "## Words whose buckets score highest and lowest", "",
               "A bucket's score s = E·w is shared by every n-gram that hashes there.", "",
               "- toward positive: " + ", ".join(f"`{w}` {s:+.3f}" for w, s in info["words"]["positive"]),

@@ -66,3 +66,17 @@ def evaluate(scores, labels, threshold: float, thresholds=PR_THRESHOLDS) -> dict
     result["positives"], result["negatives"] = result["tp"] + result["fn"], result["fp"] + result["tn"]
     result["pr_table"] = [at_threshold(scores, labels, t) for t in sorted(set(thresholds) | {threshold})]
     return result
+
+
+def by_length(scores, labels, lengths, threshold: float, bins: int = 4) -> list[dict]:
+    """The rates at `threshold` within `bins` groups of about equal size by document length (words): the mean of
+    embeddings dilutes a short signal in a long document, and this shows how much."""
+    scores, positive = _check(scores, labels)
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    rows = []
+    for group in np.array_split(order, min(bins, len(order))):
+        row = at_threshold(scores[group], positive[group].astype(int), threshold)
+        row.update(min_words=int(lengths[group].min()), max_words=int(lengths[group].max()), docs=len(group))
+        rows.append(row)
+    return rows

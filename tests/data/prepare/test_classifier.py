@@ -176,6 +176,10 @@ def test_metrics_against_counting_by_hand():
     assert classifier_metrics.roc_auc(scores, labels) == pytest.approx(np.mean(pairs))
     with pytest.raises(ValueError, match="both classes"):
         classifier_metrics.roc_auc(scores[:2], labels[:2])
+    short, long = classifier_metrics.by_length(scores, labels, [5, 50, 6, 40, 7, 60], 0.5, bins=2)
+    assert (short["min_words"], short["max_words"], short["docs"]) == (5, 7, 3)
+    assert (short["tp"], short["fp"], short["fn"], short["tn"]) == (1, 1, 0, 1)    # docs 0, 2, 4
+    assert (long["tp"], long["fp"], long["fn"], long["tn"]) == (1, 1, 1, 0)     # docs 1, 3, 5
 
 
 def test_generated_examples_are_deterministic_and_plant_only_invented_words():

@@ -62,7 +62,8 @@ def test_the_smoke_preset_trains_reports_and_repeats_itself(tmp_path, capsys):
     assert info["data"]["positive"]["spec"] == "generated:quality-positive" and info["data"]["negative"]["docs"] == 300
     assert [r["threshold"] for r in info["heldout"]["pr_table"]][:3] == [0.05, 0.1, 0.2]
     report = (tmp_path / "a" / "report.md").read_text()
-    for section in ("## Held out", "| threshold | precision |", "## False positives", "document length alone"):
+    for section in ("## Held out", "| threshold | precision |", "## False positives", "document length alone",
+                    "By document length"):
         assert section in report
 
 
