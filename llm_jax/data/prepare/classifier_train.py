@@ -36,9 +36,11 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 0.02
     weight_decay: float = 0.0
-    # Adam's epsilon, larger than optax's 1e-8: a bucket seen in one document gets a gradient of a few 1e-4, and with
-    # a tiny epsilon Adam scales that up to a full step (and momentum repeats it), so rare n-grams memorise labels as
-    # fast as a signal shared by every positive is learnt; 1e-3 damps the rare ones (measured on a planted token).
+    # Adam's epsilon, above optax's 1e-8. A bucket seen in one document gets a gradient of about |w|/(n·batch), and a
+    # tiny epsilon lets Adam scale that up to a full step (momentum then repeats it), so rare n-grams memorise labels
+    # as fast as a signal shared by every positive is learnt. Held-out F1 / ROC AUC, eps 1e-8, 1e-5, 1e-3: quality
+    # preset 0.980/0.9989, 0.982/0.9982, 0.966/0.9952; toxicity 0.922/0.984, 0.927/0.990, 0.637/0.900. A few hundred
+    # one-sentence documents with a planted token want 1e-3 (their gradients are larger; the tests use it).
     adam_eps: float = 1e-5
     balance_classes: bool = True    # weight each class to half the loss, whatever their counts
     seed: int = 0

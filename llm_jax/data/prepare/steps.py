@@ -12,8 +12,8 @@
 
 Each step reads its own config section (`config.<step>`), whose fields are those of the block's config dataclass
 (for heuristics: `quality` and `repetition`; for the classifier steps: `model`, the path of a classifier.npz, and
-`threshold`, None for the one saved with the model). The per-document steps come first, in the configured order, so that
-deduplication keeps the first clean copy of a group and never keeps a copy that a filter would drop.
+`threshold`, None for the one saved with the model). The per-document steps come first, in the configured order,
+so that deduplication keeps the first clean copy of a group and never keeps a copy that a filter would drop.
 
 A per-document step returns an `Outcome`: the text after it, keep or drop with the reason, the scores the report
 histograms, and the rule that dropped it. The dedup steps need every earlier document, so they are not per-document
