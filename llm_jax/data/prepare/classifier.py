@@ -152,14 +152,14 @@ def load_classifier(path: str) -> Classifier:
     settings = read_settings(path)
     arrays = _read_arrays(path, _SCORING_KEYS)
     try:
-        features = FeatureConfig(**settings["features"])
-    except (TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: its feature settings are invalid ({e})") from None
+        features, threshold = FeatureConfig(**settings["features"]), float(settings["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: its settings are invalid ({type(e).__name__}: {e})") from None
     table = arrays["bucket_scores"]
     if table.shape != (features.buckets,) or table.dtype != np.float32:
         raise ModelFileError(f"{path}: bucket_scores is {table.dtype}{list(table.shape)}, expected "
                              f"float32[{features.buckets}]")
-    return Classifier(features, table, float(arrays["bias"]), float(settings["threshold"]), path)
+    return Classifier(features, table, float(arrays["bias"]), threshold, path)
 
 
 def load_params(path: str) -> dict[str, np.ndarray]:

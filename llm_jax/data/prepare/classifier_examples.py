@@ -135,7 +135,8 @@ def abusive_sentence(rng, sentence: str) -> str:
     words = sentence.split(" ")
     slots = [(i, index[w.strip(".?!,").lower()][0]) for i, w in enumerate(words)
              if index.get(w.strip(".?!,").lower(), ("D",))[0] in "NA"]
-    for i, cls in slots[:max(1, int(rng.integers(1, len(slots) + 1)))] if slots else []:
+    n_swapped = int(rng.integers(1, len(slots) + 1)) if slots else 0
+    for i, cls in slots[:n_swapped]:
         lexicon = ABUSIVE_NOUNS if cls == "N" else ABUSIVE_ADJECTIVES
         swapped = lexicon[int(rng.integers(len(lexicon)))]
         if rng.random() < 0.25:

@@ -3,6 +3,7 @@ scoring against the JAX forward pass, a planted signal separated on held-out doc
 stays at chance, the saved file (round trip, same bytes for the same training, clear errors for bad files)."""
 import dataclasses
 import hashlib
+import json
 import math
 
 import jax.numpy as jnp
@@ -153,6 +154,10 @@ def test_bad_model_files_name_the_file(tmp_path):
         classifier.load_classifier(str(other))
     np.savez(other, settings=np.array('{"format": "something/else"}'))
     with pytest.raises(classifier.ModelFileError, match="format 'something/else'"):
+        classifier.load_classifier(str(other))
+    np.savez(other, settings=np.array(json.dumps({"format": classifier.FORMAT, "features": {"buckets": 8}})),
+             bucket_scores=np.zeros(8, np.float32), bias=np.float32(0))
+    with pytest.raises(classifier.ModelFileError, match="other.npz: its settings are invalid \\(KeyError: 'threshold'"):
         classifier.load_classifier(str(other))
 
 
