@@ -44,9 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
                             ("tokenizer", "train a sentencepiece tokenizer on the config's corpus"),
                             ("prepare", "clean, filter, deduplicate and tokenize raw documents into shards and a "
-                                        "report (see llm_jax/data/prepare_stage.py)"),
-                            ("classifier", "train a fastText-style document classifier for prepare's quality and "
-                                           "toxicity steps (see llm_jax/data/classifier_stage.py)")):
+                                        "report (see llm_jax/data/prepare_stage.py)")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
@@ -57,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
+    sub = commands.add_parser("classifier", help="train a fastText-style document classifier for prepare's quality "
+                                                 "and toxicity steps (see llm_jax/data/classifier_stage.py)")
+    sub.add_argument("--config", required=True, help="path/to/classifier.py[:arg]")
+    sub.add_argument("--workdir", required=True, help="where classifier.npz, classifier.json and report.md go")
     sub = commands.add_parser("pipeline", help="every stage of a pipeline config, each in <workdir>/<stage>, "
                                                "skipping complete ones; prints a table (see llm_jax/pipeline.py)")
     sub.add_argument("--config", required=True, help="path/to/pipeline.py[:arg]")
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return _pipeline(config, args.workdir)
     if args.command == "sweep":
         return _sweep(config, args)
+    if args.command == "classifier":
+        from llm_jax.data.classifier_stage import run_classifier
+        return _data_command("classifier", run_classifier, config, args.workdir)
     if args.distributed:
         import jax
         # CPU hosts exchange collectives over gloo; accelerators keep their own (ICI, NCCL).
@@ -324,9 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         from llm_jax.data.prepare_stage import run_prepare
         return _data_command("prepare", run_prepare, config, args.workdir)
-    if args.command == "classifier":
-        from llm_jax.data.classifier_stage import run_classifier
-        return _data_command("classifier", run_classifier, config, args.workdir)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)
