@@ -12,6 +12,20 @@ Presets:
     smoke    the test suite's: one process, one host, phone numbers drop their document, a two-word blocklist,
              a 64-permutation MinHash, short reports; the tests point `input.spec` at their own files
 
+Classifier steps (not in the default steps: they need a trained model). Train, then name the models:
+
+    llm-jax classifier --config configs/classifier.py:quality --workdir runs/quality_clf
+    llm-jax classifier --config configs/classifier.py:toxicity --workdir runs/toxicity_clf
+    llm-jax prepare --config configs/prepare.py:default --workdir runs/data \
+        --config.steps="('privacy', 'langid', 'heuristics', 'quality_classifier', 'toxicity_classifier', \
+'blocklist', 'exact_dedup', 'minhash_dedup')" \
+        --config.quality_classifier.model=runs/quality_clf/classifier.npz \
+        --config.toxicity_classifier.model=runs/toxicity_clf/classifier.npz
+
+`quality_classifier` drops a document whose score is below the threshold, `toxicity_classifier` one whose score is
+at or above it; `threshold=None` uses the one saved with the model (`--config.toxicity_classifier.threshold=0.8`
+sets another). prepare.json records each model's sha256: a rerun with another model refuses the workdir.
+
 Every field of a step's section is a field of that block's config dataclass (llm_jax/data/prepare/*.py), filled
 here with its default so that overrides are typed; a rule whose threshold is None is off (override with a number
 to switch it on, e.g. `--config.heuristics.quality.min_chars=200`).
@@ -21,7 +35,7 @@ import dataclasses
 import ml_collections
 
 from llm_jax.config_lib import ConfigError, parse_arg
-from llm_jax.data.prepare import dedup, heuristics, langid, privacy
+from llm_jax.data.prepare import dedup, heuristics, langid, privacy, steps
 
 PRESETS = ("default", "smoke")
 # The language filter before the quality rules: Gopher's English stop-word rule would otherwise drop every other
@@ -49,6 +63,8 @@ def get_config(arg=None):
                         repetition=_fields(heuristics.GopherRepetitionConfig()))
     c.langid = _fields(langid.LanguageFilterConfig())
     c.blocklist = _fields(heuristics.BlocklistConfig())
+    c.quality_classifier = _fields(steps.ClassifierFilterConfig())    # model: a classifier.npz
+    c.toxicity_classifier = _fields(steps.ClassifierFilterConfig())
     c.exact_dedup = ml_collections.ConfigDict()      # no settings: normalised-text hashes (dedup.py)
     c.minhash_dedup = _fields(dedup.MinHashConfig())
     c.output = ml_collections.ConfigDict(dict(

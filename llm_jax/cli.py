@@ -1,6 +1,7 @@
 """The `llm-jax` command.
 
     llm-jax prepare   --config configs/prepare.py:default --workdir runs/data [--config.processes=8 ...]
+    llm-jax classifier --config configs/classifier.py:quality --workdir runs/quality_clf
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
@@ -12,6 +13,9 @@
 
 `prepare` cleans, deduplicates and tokenizes raw documents into shards with a report, resuming where it stopped
 (see llm_jax/data/prepare_stage.py); a bad config exits 2, bad input data 1.
+`classifier` trains a fastText-style quality or toxicity classifier on positive and negative examples, reports
+held-out precision and recall, and saves it for prepare's classifier steps (see llm_jax/data/classifier_stage.py);
+a bad config exits 2, bad example data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
@@ -51,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
+    sub = commands.add_parser("classifier", help="train a fastText-style document classifier for prepare's quality "
+                                                 "and toxicity steps (see llm_jax/data/classifier_stage.py)")
+    sub.add_argument("--config", required=True, help="path/to/classifier.py[:arg]")
+    sub.add_argument("--workdir", required=True, help="where classifier.npz, classifier.json and report.md go")
     sub = commands.add_parser("pipeline", help="every stage of a pipeline config, each in <workdir>/<stage>, "
                                                "skipping complete ones; prints a table (see llm_jax/pipeline.py)")
     sub.add_argument("--config", required=True, help="path/to/pipeline.py[:arg]")
@@ -228,17 +236,17 @@ def _pipeline(config, workdir: str) -> int:
     return 0
 
 
-def _prepare(config, workdir: str) -> int:
-    """A bad config exits 2; input data that stops the command 1 (the shards already complete stay)."""
-    from llm_jax.data.prepare_stage import run_prepare
+def _data_command(name: str, run, config, workdir: str) -> int:
+    """`prepare` and `classifier`: a bad config exits 2; input data that stops the command 1 (for prepare, the
+    shards already complete stay)."""
     from llm_jax.data.sources import DataError
     try:
-        summary = run_prepare(config, workdir)
+        summary = run(config, workdir)
     except config_lib.ConfigError as e:
-        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        print(f"llm-jax {name}: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        print(f"llm-jax prepare: {e}", file=sys.stderr)
+        print(f"llm-jax {name}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0
@@ -309,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return _pipeline(config, args.workdir)
     if args.command == "sweep":
         return _sweep(config, args)
+    if args.command == "classifier":
+        from llm_jax.data.classifier_stage import run_classifier
+        return _data_command("classifier", run_classifier, config, args.workdir)
     if args.distributed:
         import jax
         # CPU hosts exchange collectives over gloo; accelerators keep their own (ICI, NCCL).
@@ -316,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         # Before any other JAX call: every process then sees the global device set and mesh.
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.command == "prepare":
-        return _prepare(config, args.workdir)
+        from llm_jax.data.prepare_stage import run_prepare
+        return _data_command("prepare", run_prepare, config, args.workdir)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)

@@ -8,8 +8,8 @@ Every input file is one shard (llm_jax/data/prepare/inputs.py: text, jsonl or pa
 through three phases, and the steps of `config.steps` (llm_jax/data/prepare/steps.py) are split between them:
 
     1 filter   per shard, in `processes` worker processes: read the documents, run the per-document steps in order
-               (privacy, langid, heuristics, blocklist), keep the survivors with their MinHash signatures
-               (work/shard-NNNNN/)
+               (privacy, langid, heuristics, quality_classifier, toxicity_classifier, blocklist), keep the
+               survivors with their MinHash signatures (work/shard-NNNNN/)
     2 dedup    one pass over the shards in file order: exact_dedup and minhash_dedup add each document to an
                incremental index and drop those that repeat an earlier one (work/dedup.host-I-of-N/)
     3 write    per shard, in worker processes: the kept documents as clean/shard-NNNNN.jsonl (and .parquet), and
@@ -152,6 +152,8 @@ def _identity(config, plan: Plan) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_IDENTITY}
     # As resolved: which host writes which shard (and with dedup_scope="host", which files share a pass) depends on it.
     settings["host_count"] = plan.host_count
+    for name, sha256 in plan.steps.model_sha256.items():   # a classifier step's output depends on its model's bytes
+        settings[name] = dict(settings[name], model_sha256=sha256)
     every_file = inputs.list_input_files(config.input.spec, config.input.format, config.input.text_key)
     files = [[f.path, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns] for f in every_file]
     tokenizer = None

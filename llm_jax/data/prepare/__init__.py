@@ -5,6 +5,8 @@ and returns a decision a report can count, histogram and quote.
     langid.py      a small character n-gram language identifier for coarse filtering (seven European languages)
     dedup.py       exact duplicates (hash of normalised text) and near duplicates (MinHash + LSH, incremental)
     privacy.py     e-mail addresses, phone numbers and IP addresses: scrubbed to placeholders, or the document dropped
+    classifier*.py a fastText-style linear classifier over hashed n-grams (quality, toxicity): features, the model
+                   file and NumPy scoring, JAX/optax training, metrics, and the generated example documents
 
 and what `llm-jax prepare` (llm_jax/data/prepare_stage.py) builds from them:
 

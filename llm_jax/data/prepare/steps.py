@@ -4,12 +4,16 @@
     heuristics     Gopher quality and repetition rules and C4's terminal punctuation (heuristics.py)
     langid         keep documents in the wanted languages (langid.py)
     blocklist      drop documents with blocked words (heuristics.py)
+    quality_classifier   drop documents a fastText-style quality classifier scores below its threshold
+    toxicity_classifier  drop documents a toxicity classifier scores at or above its threshold (classifier.py;
+                         both trained by `llm-jax classifier`, llm_jax/data/classifier_stage.py)
     exact_dedup    drop exact duplicates of an earlier document (dedup.py ExactIndex)
     minhash_dedup  drop near duplicates of an earlier document (dedup.py MinHashIndex)
 
 Each step reads its own config section (`config.<step>`), whose fields are those of the block's config dataclass
-(for heuristics: `quality` and `repetition`). The per-document steps come first, in the configured order, so that
-deduplication keeps the first clean copy of a group and never keeps a copy that a filter would drop.
+(for heuristics: `quality` and `repetition`; for the classifier steps: `model`, the path of a classifier.npz, and
+`threshold`, None for the one saved with the model). The per-document steps come first, in the configured order,
+so that deduplication keeps the first clean copy of a group and never keeps a copy that a filter would drop.
 
 A per-document step returns an `Outcome`: the text after it, keep or drop with the reason, the scores the report
 histograms, and the rule that dropped it. The dedup steps need every earlier document, so they are not per-document
@@ -19,12 +23,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import os
 from typing import Any, Callable
 
 from llm_jax.config_lib import ConfigError
-from llm_jax.data.prepare import dedup, heuristics, langid, privacy
+from llm_jax.data.prepare import classifier, dedup, heuristics, langid, privacy
 
-PER_DOCUMENT_STEPS = ("privacy", "heuristics", "langid", "blocklist")
+CLASSIFIER_STEPS = ("quality_classifier", "toxicity_classifier")
+PER_DOCUMENT_STEPS = ("privacy", "heuristics", "langid", "blocklist") + CLASSIFIER_STEPS
 DEDUP_STEPS = ("exact_dedup", "minhash_dedup")
 STEPS = PER_DOCUMENT_STEPS + DEDUP_STEPS
 
@@ -101,6 +108,69 @@ def _blocklist(config: heuristics.BlocklistConfig) -> Callable[[str], Outcome]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierFilterConfig:
+    """A classifier step's config section: the model file, and a threshold that overrides the model's own."""
+    model: str = ""
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.model, str):
+            raise TypeError(f"model must be the path of a classifier.npz, got {self.model!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool) or
+                                           not isinstance(self.threshold, (int, float)) or
+                                           not 0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"threshold must be None (the model's own) or in [0, 1], got {self.threshold!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierStep:
+    """A classifier step as planned: the model by path and content, the threshold in force, which side drops."""
+    model: str
+    sha256: str
+    threshold: float
+    drop_at_or_above: bool      # toxicity: a high score drops; quality: a low one
+
+
+def _plan_classifier(name: str, config: ClassifierFilterConfig) -> ClassifierStep:
+    if not config.model:
+        raise ConfigError(f"config.steps has {name!r} but config.{name}.model is empty: train a classifier with "
+                          f"`llm-jax classifier` and set config.{name}.model to its classifier.npz")
+    try:
+        model = classifier.load_classifier(config.model)
+    except classifier.ModelFileError as e:
+        raise ConfigError(f"config.{name}.model: {e}") from None
+    threshold = model.threshold if config.threshold is None else float(config.threshold)
+    return ClassifierStep(os.path.abspath(config.model), classifier.file_sha256(config.model), threshold,
+                          name == "toxicity_classifier")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_checked(path: str, sha256: str) -> classifier.Classifier:
+    """The model a worker scores with, refused if the file changed since the run was planned."""
+    now = classifier.file_sha256(path)
+    if now != sha256:
+        raise ConfigError(f"classifier {path} changed during the run (sha256 {sha256[:12]}… planned, "
+                          f"{now[:12]}… now)")
+    return classifier.load_classifier(path)
+
+
+def _classifier(name: str, step: ClassifierStep) -> Callable[[str], Outcome]:
+    model = _load_checked(step.model, step.sha256)
+    score_name = name.removesuffix("_classifier")
+
+    def apply(text: str) -> Outcome:
+        score = model.score(text)
+        if step.drop_at_or_above and score >= step.threshold:
+            return Outcome(text, False, f"{score_name} {score:.3f} >= threshold {step.threshold:g}",
+                           {score_name: score}, name)
+        if not step.drop_at_or_above and score < step.threshold:
+            return Outcome(text, False, f"{score_name} {score:.3f} < threshold {step.threshold:g}",
+                           {score_name: score}, name)
+        return Outcome(text, True, scores={score_name: score})
+    return apply
+
+
+@dataclasses.dataclass(frozen=True)
 class StepPlan:
     """Every step's settings as plain, picklable values, checked once; `document_steps` builds the callables."""
     steps: tuple[str, ...]
@@ -115,6 +185,11 @@ class StepPlan:
         return tuple(s for s in self.steps if s in DEDUP_STEPS)
 
     @property
+    def model_sha256(self) -> dict[str, str]:
+        """{classifier step: its model file's sha256}: what the step computes depends on the file's content."""
+        return {name: self.settings[name].sha256 for name in self.steps if name in CLASSIFIER_STEPS}
+
+    @property
     def minhash(self) -> dedup.MinHashConfig | None:
         return self.settings.get("minhash_dedup")
 
@@ -123,6 +198,8 @@ class StepPlan:
                     "heuristics": lambda: _heuristics(*self.settings["heuristics"]),
                     "langid": lambda: _langid(self.settings["langid"]),
                     "blocklist": lambda: _blocklist(self.settings["blocklist"])}
+        builders.update({name: functools.partial(_classifier, name, self.settings.get(name))
+                         for name in CLASSIFIER_STEPS})
         return [(name, builders[name]()) for name in self.document_step_names]
 
 
@@ -165,6 +242,8 @@ def plan_steps(config) -> StepPlan:
             settings[name] = dataclass_from_section(langid.LanguageFilterConfig, section, name)
         elif name == "blocklist":
             settings[name] = dataclass_from_section(heuristics.BlocklistConfig, section, name)
+        elif name in CLASSIFIER_STEPS:
+            settings[name] = _plan_classifier(name, dataclass_from_section(ClassifierFilterConfig, section, name))
         elif name == "minhash_dedup":
             settings[name] = dataclass_from_section(dedup.MinHashConfig, section, name)
         elif section:
