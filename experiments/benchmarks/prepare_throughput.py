@@ -9,8 +9,9 @@ pages of repeated lines, paragraphs in another language (llm_jax/data/prepare/la
 word. It is written as `--files` gzipped jsonl files, and a sentencepiece tokenizer is trained on a sample first
 (neither is timed).
 
-Timed: `run_prepare` of configs/prepare.py:default with every step (privacy, langid, heuristics, blocklist,
-exact_dedup, minhash_dedup), jsonl and token shards written, in a fresh workdir, once per `--processes` value;
+Timed: `run_prepare` of configs/prepare.py:default with every step (privacy, langid, heuristics,
+quality_classifier, toxicity_classifier, blocklist, exact_dedup, minhash_dedup; the two classifiers trained first,
+untimed, by configs/classifier.py's quality and toxicity presets), jsonl and token shards written, in a fresh workdir, once per `--processes` value;
 the phases as run_prepare reports them. MB are the UTF-8 bytes of the documents' text (uncompressed, before any
 step); per core divides by the worker processes. Then each document step alone in this process on a sample
 (`--step-sample` documents, each step seeing every document), MinHash signing and tokenization, so the chain's
@@ -37,12 +38,15 @@ import numpy as np
 
 from llm_jax.cli import load
 from llm_jax.data import default_corpus
+from llm_jax.data.classifier_stage import run_classifier
 from llm_jax.data.prepare import dedup, langid, shards
 from llm_jax.data.prepare.steps import plan_steps
 from llm_jax.data.prepare_stage import run_prepare
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 BLOCKED = ("casino", "viagra")
+CHAIN = ("privacy", "langid", "heuristics", "quality_classifier", "toxicity_classifier", "blocklist", "exact_dedup",
+         "minhash_dedup")
 # Shares of the generated documents (the rest are clean pages).
 NOISE = dict(exact_copy=0.06, near_copy=0.04, pii=0.03, short=0.10, repeated_lines=0.03, other_language=0.02,
              blocked=0.01)
@@ -180,7 +184,10 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     overrides = [f"input.spec={spec}", f"output.tokenizer={tokenizer_path}", "host_count=1",
-                 f"blocklist.words={BLOCKED!r}"]
+                 f"blocklist.words={BLOCKED!r}", f"steps={CHAIN!r}"]
+    for kind in ("quality", "toxicity"):
+        trained = run_classifier(load(f"configs/classifier.py:{kind}", []), os.path.join(root, f"{kind}_clf"))
+        overrides.append(f"{kind}_classifier.model={trained['model']}")
     runs = []
     for processes in [int(p) for p in args.processes.split(",")]:
         workdir = os.path.join(root, f"out-p{processes}")
