@@ -1,6 +1,6 @@
 """What a training run gets from its data: a checkpointable train stream, fixed eval batches, and statistics.
 
-    rows ─grain: seed, shuffle per epoch, repeat forever ─▶ (or a mixture of such streams, llm_jax/data/mixture.py)
+    rows ─grain: seed, shuffle per epoch, repeat forever─▶ (or a mixture of such streams: llm_jax/data/mixture.py)
          ─this process's slice, batch─▶ dict of (B_local, T)
 
 The train iterator is a grain DatasetIterator whose state orbax checkpoints, so a resumed run sees exactly the
