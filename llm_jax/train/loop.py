@@ -26,6 +26,7 @@ import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
+from llm_jax.data import mixture
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.model import lora
@@ -94,6 +95,7 @@ def validate(config) -> ModelConfig:
     if config.data.seq_len < 2 or config.data.batch_size < 1:
         raise ValueError(f"data.seq_len={config.data.seq_len} and data.batch_size={config.data.batch_size} "
                          "must be at least 2 and 1")
+    mixture.components(config.data)  # data.train against data.mixture, and every component's fields
     return model_cfg
 
 

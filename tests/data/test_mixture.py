@@ -155,6 +155,11 @@ def test_bad_mixtures_are_refused_by_name(edit, message):
         mixture.components(c)
 
 
+def test_a_tokenizer_trains_on_every_component():
+    assert mixture.training_spec(mixture_config()) == "default:domain,default"
+    assert mixture.training_spec(base_config().data) == "default"
+
+
 def test_weights_override_from_the_command_line():
     config = load("configs/continued_pretrain.py:size=tiny,replay=0.5", ["data.mixture.domain.weight=1.5"])
     assert {c.name: c.weight for c in mixture.components(config.data)} == {"domain": 0.75, "replay": 0.25}

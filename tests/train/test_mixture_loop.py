@@ -7,6 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus
 from llm_jax.train.checkpoint import CheckpointError
 from llm_jax.train.loop import run
@@ -93,3 +94,9 @@ def test_resuming_with_another_mixture_is_refused(mixture_run):
     workdir, config = mixture_run
     with pytest.raises(CheckpointError, match="whose data.mixture is .* but the config now says"):
         run(config("data.train=", MIXTURE, "data.mixture.domain.weight=0.5"), str(workdir))
+
+
+def test_a_bad_mixture_fails_before_anything_is_built(small_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train='default' and data.mixture \(a\) both name training data"):
+        run(small_config("data.mixture={'a': {'train': 'default', 'weight': 1.0}}"), str(tmp_path))
+    assert not os.listdir(tmp_path)
