@@ -6,6 +6,10 @@ A run directory holds `config.json` (the resolved config), `tokenizer.model`, `m
 `tensorboard/` and `checkpoints/`. Starting again with the same workdir resumes from the latest checkpoint,
 data order included, and continues bit for bit. SIGTERM saves a checkpoint and returns; a non-finite loss
 or gradient stops the run before anything bad is written, leaving the last good checkpoint intact.
+
+Evaluation covers the data's held-out rows; when the data names eval sets with weights (a data mixture's
+components), each set is evaluated on its own and logged as `eval_<name>_<metric>`, and the overall `eval_<metric>`
+is their weighted mean.
 """
 from __future__ import annotations
 
