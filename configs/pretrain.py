@@ -7,8 +7,8 @@ r"""Pretraining (next-token language modelling) on the embedded default corpus o
 Sizes: `tiny` (a complete run on a laptop CPU in under 3 minutes), `bench` (the CPU throughput benchmark's
 fixed shape), `depth<N>` (the one-dial family used by scaling sweeps: N layers of width aspect·N in heads of
 head_dim, default 64 and 64; `size=depth4,aspect=32,head_dim=32`), and the
-accelerator sizes `125m`, `1b`, `7b`. Continued pretraining is the same config with `train.init_from` naming an
-earlier run directory and `data` naming the new corpus.
+accelerator sizes `125m`, `1b`, `7b`. Continued pretraining starts from such a run: configs/continued_pretrain.py
+(a mixture of the new domain and replay of the original corpus, evaluated on each).
 """
 from llm_jax.config_lib import parse_arg
 from llm_jax.configs_common import base_config, model_from_depth

@@ -74,8 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        train="default",       # "default" (the embedded corpus), or a file / glob / comma list
+        train="default",       # "default" / "default:domain" (embedded corpora), a file / glob, a `llm-jax prepare`
+                               # workdir (its token shards when the tokenizer matches), or a comma list; "" with mixture
         eval="",               # empty: hold out eval_fraction of the training documents
+        # Named components, each dict(train=<spec>, weight=<float>[, eval=<spec>, eval_fraction=<float>]), mixed row
+        # by row in proportion to their weights (weight 0: evaluated only); see llm_jax/data/mixture.py.
+        mixture=ml_collections.ConfigDict(),
         format="auto",         # auto | text | jsonl | parquet
         text_key="text",
         eval_fraction=0.02,

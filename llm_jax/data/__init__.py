@@ -1,2 +1,2 @@
-"""Data: sources (text, jsonl, parquet), the embedded default corpus, the sentencepiece tokenizer, packing,
-and the grain pipeline that turns `config.data` into batches (`pipeline.build_lm_data`)."""
+"""Data: sources (text, jsonl, parquet, prepared workdirs), the embedded corpora, the sentencepiece tokenizer,
+packing, mixtures, and the grain pipeline that turns `config.data` into batches (`pipeline.build_lm_data`)."""

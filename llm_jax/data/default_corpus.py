@@ -19,6 +19,14 @@ is exact, and -log p(doc) is the code length of the whole document (its length i
 `score_document` recovers the derivation by parsing the text back, independently of the generator.
 
 Nothing is downloaded and no file ships: `write_default_corpus` renders the corpus into a cache directory.
+
+Two corpora are embedded, each named by a data spec (`CORPORA`):
+
+    default          DEFAULT_SPEC, 7,200 documents: what pretraining, tokenizers and the scaling sweeps use
+    default:domain   DOMAIN_SPEC, 3,600 documents: a shifted domain for continued pretraining. Same lexicon and
+                     word classes (the default corpus' tokenizer fits it), but another shared word ranking
+                     (`rank_seed`: common words become rare), the pattern preference reversed (`pattern_zipf`
+                     < 0: long sentences are common) and shorter paragraphs. Its log p is exact as well.
 """
 from __future__ import annotations
 
@@ -77,12 +85,26 @@ class SourceSpec:
     q_paragraph: float = 0.35       # mean 1/q paragraphs per document
     q_sentence: float = 0.25        # mean 1/q sentences per paragraph
     lexicon_seed: int = 1234
+    pattern_zipf: float = PATTERN_ZIPF  # p(pattern i) ∝ (i+1)^-pattern_zipf; negative favours the later patterns
+    rank_seed: int = 0              # 0: content words' shared Zipf ranking is lexicon order; else a permutation
+                                    # drawn from this seed (the words stay, their frequencies move)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as cache identity. Fields added after the first corpus are left out at their defaults, so
+        the default corpus' identity (cache keys, its stats file) is what it always was."""
+        d = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if d[name] == _FIELD_DEFAULTS[name]:
+                del d[name]
+        return d
+
+
+_LATER_FIELDS = ("pattern_zipf", "rank_seed")
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SourceSpec)}
 
 
 DEFAULT_SPEC = SourceSpec()
+DOMAIN_SPEC = SourceSpec(q_paragraph=0.5, q_sentence=0.35, pattern_zipf=-0.8, rank_seed=1)
 CONTENT_CLASSES = "ANVR"
 
 
@@ -138,6 +160,10 @@ def build_source(spec: SourceSpec = DEFAULT_SPEC) -> Source:
     for cls, class_words in words.items():
         n = len(class_words)
         base = _zipf_log_probs(n, spec.zipf_exponent)
+        if cls in CONTENT_CLASSES and spec.rank_seed:
+            # Its own generator: the lexicon generator's draws (words, topic rankings) stay as they are.
+            rank_rng = np.random.default_rng([spec.rank_seed, CONTENT_CLASSES.index(cls)])
+            base = base[rank_rng.permutation(n)]
         if cls in CONTENT_CLASSES:
             # Each topic favours its own ranking of the class, mixed with the shared ranking, so topics
             # overlap like real subject matter does and the topic is learnable from context.
@@ -157,7 +183,7 @@ def build_source(spec: SourceSpec = DEFAULT_SPEC) -> Source:
         raise AssertionError("two patterns share a class sequence: the pattern would not be recoverable")
     return Source(spec=spec, classes="DANVRPC,", words=words, log_probs=log_probs, word_index=word_index,
                   pattern_classes=pattern_classes,
-                  pattern_log_probs=_zipf_log_probs(len(PATTERNS), PATTERN_ZIPF))
+                  pattern_log_probs=_zipf_log_probs(len(PATTERNS), spec.pattern_zipf))
 
 
 def _geometric_log_pmf(k: np.ndarray, q: float) -> np.ndarray:
@@ -311,6 +337,38 @@ def default_corpus_dir() -> str:
 
 CORPUS_FILE = "default_corpus.jsonl"
 STATS_FILE = "default_corpus_stats.json"
+DOMAIN_N_DOCS = 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedCorpus:
+    """One rendered corpus of this module: the data spec that names it, its source, seed and files."""
+    name: str
+    spec: SourceSpec
+    seed: int
+    file: str
+    stats_file: str
+    n_docs_name: str      # the module constant holding its size, read at call time so tests can shrink it
+
+    @property
+    def n_docs(self) -> int:
+        return globals()[self.n_docs_name]
+
+    def identity(self) -> list:
+        """What a tokenized-corpus cache key needs to know about it."""
+        return [self.name, self.seed, self.n_docs, self.spec.as_dict()]
+
+
+CORPORA = {c.name: c for c in (
+    EmbeddedCorpus("default", DEFAULT_SPEC, 0, CORPUS_FILE, STATS_FILE, "DEFAULT_N_DOCS"),
+    EmbeddedCorpus("default:domain", DOMAIN_SPEC, 1, "default_domain_corpus.jsonl",
+                   "default_domain_corpus_stats.json", "DOMAIN_N_DOCS"),
+)}
+
+
+def embedded_corpus(spec_part: str) -> EmbeddedCorpus | None:
+    """The embedded corpus a data spec part names (`default`, `default:domain`), or None for anything else."""
+    return CORPORA.get(spec_part)
 
 
 def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 0) -> str:
@@ -318,11 +376,18 @@ def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 
 
     n_docs defaults to DEFAULT_N_DOCS, read at call time so that tests can shrink the corpus.
     """
-    n_docs = DEFAULT_N_DOCS if n_docs is None else n_docs
+    return write_corpus(directory, CORPORA["default"], n_docs, seed)
+
+
+def write_corpus(directory: str, corpus: EmbeddedCorpus, n_docs: int | None = None, seed: int | None = None) -> str:
+    """Renders an embedded corpus to `<directory>/<corpus.file>` (+ stats); skips the work if already there."""
+    n_docs = corpus.n_docs if n_docs is None else n_docs
+    seed = corpus.seed if seed is None else seed
+    spec = corpus.spec
     os.makedirs(directory, exist_ok=True)
-    corpus_path = os.path.join(directory, CORPUS_FILE)
-    stats_path = os.path.join(directory, STATS_FILE)
-    wanted = dict(n_docs=n_docs, seed=seed, spec=DEFAULT_SPEC.as_dict())
+    corpus_path = os.path.join(directory, corpus.file)
+    stats_path = os.path.join(directory, corpus.stats_file)
+    wanted = dict(n_docs=n_docs, seed=seed, spec=spec.as_dict())
     if os.path.exists(corpus_path) and os.path.exists(stats_path):
         try:
             with open(stats_path, encoding="utf-8") as f:
@@ -331,14 +396,14 @@ def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 
                 return corpus_path
         except (OSError, json.JSONDecodeError):
             pass  # a damaged stats file: regenerate
-    docs = generate_documents(n_docs, seed)
+    docs = generate_documents(n_docs, seed, spec)
     lines = "".join(json.dumps({"text": t, "log_prob": lp}) + "\n" for t, lp in docs)
     n_chars = sum(len(t) for t, _ in docs)
     total_nats = -sum(lp for _, lp in docs)
-    src = build_source(DEFAULT_SPEC)
+    src = build_source(spec)
     stats = dict(wanted, n_chars=n_chars, total_nats=total_nats,
                  nats_per_char=total_nats / max(n_chars, 1),
-                 n_topics=DEFAULT_SPEC.n_topics, lexicon_size=src.lexicon_size)
+                 n_topics=spec.n_topics, lexicon_size=src.lexicon_size)
     # The corpus first, the stats last: stats present means the corpus beside it is complete.
     write_text_atomic(corpus_path, lines)
     write_text_atomic(stats_path, json.dumps(stats, indent=1) + "\n")
@@ -348,7 +413,13 @@ def write_default_corpus(directory: str, n_docs: int | None = None, seed: int = 
 def iter_default_corpus_records(n_docs: int | None = None, seed: int = 0,
                                 directory: str | None = None) -> Iterator[dict]:
     """Yields {"text", "log_prob"} per document of the default corpus, rendering it on first use."""
-    path = write_default_corpus(directory or default_corpus_dir(), n_docs=n_docs, seed=seed)
+    return iter_corpus_records(CORPORA["default"], n_docs, seed, directory)
+
+
+def iter_corpus_records(corpus: EmbeddedCorpus, n_docs: int | None = None, seed: int | None = None,
+                        directory: str | None = None) -> Iterator[dict]:
+    """Yields {"text", "log_prob"} per document of an embedded corpus, rendering it on first use."""
+    path = write_corpus(directory or default_corpus_dir(), corpus, n_docs=n_docs, seed=seed)
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)

@@ -3,9 +3,14 @@
     documents ─[bos]+encode+[eos]─▶ token stream (.npy cache) ─shuffle docs, pack─▶ rows (R, T)
     rows ─grain: seed, shuffle per epoch, repeat forever, this process's slice, batch─▶ dict of (B_local, T)
 
-The train iterator is a grain DatasetIterator whose state orbax checkpoints, so a resumed run sees exactly
-the batches it would have seen. Process p of P takes global stream elements p, p+P, ..., so the P local
-batches of one step hold exactly the rows of one single-process global batch.
+A prepared dataset (a `llm-jax prepare` workdir, llm_jax/data/prepared.py) gives its token shards directly when
+they were written with the run's tokenizer, else its cleaned text tokenized here; a spec names either prepared
+workdirs only or other sources only (combine the two kinds as components of `data.mixture`). Its held-out documents
+are chosen by a hash of their tokens (text sources: of their text), so both ways of reading it hold out the same.
+
+`data.mixture` (llm_jax/data/mixture.py) makes each named component such a corpus of its own and mixes their rows.
+The stream and eval batches are an `LMData` (llm_jax/data/lm_data.py): a checkpointable grain iterator, so a resumed
+run sees exactly the batches it would have seen, process p of P taking global stream elements p, p+P, ...
 """
 from __future__ import annotations
 
@@ -14,12 +19,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Any, Iterator, Sequence
 
-import grain
 import numpy as np
 
-from llm_jax.data import default_corpus, sources
+from llm_jax.data import default_corpus, prepared, sources
+from llm_jax.data.lm_data import LMData
 from llm_jax.data.packing import PACKED_KEYS, pack_documents
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -46,25 +52,31 @@ class TokenizedSplit:
         order = range(self.n_docs) if order is None else order
         return [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in order]
 
+    def select(self, keep: np.ndarray) -> "TokenizedSplit":
+        """The documents where `keep` (a bool per document) is true, in order."""
+        index = np.flatnonzero(keep)
+        docs = self.docs(index)
+        tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, np.int32)
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)]).astype(np.int64)
+        return TokenizedSplit(tokens, offsets, self.log_probs[index])
 
-class PackedRows:
-    """Random access to packed rows for grain: row i is a dict of (seq_len,) arrays."""
 
-    def __init__(self, packed: dict[str, np.ndarray]):
-        self._packed = packed
-
-    def __len__(self) -> int:
-        return len(next(iter(self._packed.values())))
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self._packed.items()}
+def concatenate(splits: Sequence[TokenizedSplit]) -> TokenizedSplit:
+    """The documents of every split, one split after another."""
+    if not splits:
+        return TokenizedSplit(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.float64))
+    tokens = np.concatenate([np.asarray(s.tokens[s.offsets[0]:s.offsets[-1]], np.int32) for s in splits])
+    starts = np.cumsum([0] + [int(s.offsets[-1] - s.offsets[0]) for s in splits])
+    offsets = np.concatenate([[0]] + [s.offsets[1:] - s.offsets[0] + start for s, start in zip(splits, starts)])
+    return TokenizedSplit(tokens, offsets.astype(np.int64), np.concatenate([s.log_probs for s in splits]))
 
 
 def _iter_records(spec: str, format: str, text_key: str) -> Iterator[tuple[str, float]]:
-    """(text, log p) per document; log p is NaN except for the default corpus, whose source is known."""
+    """(text, log p) per document; log p is NaN except for the embedded corpora, whose source is known."""
     for part in sources.split_spec(spec):
-        if part == sources.DEFAULT_SPEC:
-            for record in default_corpus.iter_default_corpus_records():
+        corpus = default_corpus.embedded_corpus(part)
+        if corpus is not None:
+            for record in default_corpus.iter_corpus_records(corpus):
                 yield record["text"], record["log_prob"]
         else:
             for text in sources.iter_documents(part, format, text_key):
@@ -72,11 +84,12 @@ def _iter_records(spec: str, format: str, text_key: str) -> Iterator[tuple[str, 
 
 
 def _source_identity(spec: str) -> list:
-    """What the cache key needs to know about a source: the default corpus' recipe, or files' sizes and mtimes."""
+    """What the cache key needs to know about a source: an embedded corpus' recipe, or files' sizes and mtimes."""
     identity = []
     for part in sources.split_spec(spec):
-        if part == sources.DEFAULT_SPEC:
-            identity.append(["default", 0, default_corpus.DEFAULT_N_DOCS, default_corpus.DEFAULT_SPEC.as_dict()])
+        corpus = default_corpus.embedded_corpus(part)
+        if corpus is not None:
+            identity.append(corpus.identity())
         else:
             for path in sources.resolve_files(part):
                 st = os.stat(path)
@@ -92,6 +105,13 @@ def _eval_membership(texts: Sequence[str], eval_fraction: float) -> np.ndarray:
     """
     u = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
                   for t in texts], dtype=np.float64) / 2.0 ** 64
+    return u < eval_fraction
+
+
+def _token_eval_membership(split: TokenizedSplit, eval_fraction: float) -> np.ndarray:
+    """`_eval_membership` for documents known by their tokens (prepared datasets): the hash of the int32 ids."""
+    u = np.array([int.from_bytes(hashlib.blake2b(np.asarray(d, "<i4").tobytes(), digest_size=8).digest(), "little")
+                  for d in split.docs()], dtype=np.float64) / 2.0 ** 64
     return u < eval_fraction
 
 
@@ -127,16 +147,79 @@ def _save_cache(path: str, splits: dict[str, TokenizedSplit], key_material: dict
             raise
 
 
-def _load_cache(path: str) -> dict[str, TokenizedSplit]:
+def _load_cache(path: str, names: Sequence[str] = ("train", "eval")) -> dict[str, TokenizedSplit]:
     return {name: TokenizedSplit(*(np.load(os.path.join(path, f"{name}_{field}.npy")) for field in _SPLIT_FILES))
-            for name in ("train", "eval")}
+            for name in names}
+
+
+def _cache_path(cache_dir: str, key_material: dict) -> str:
+    key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir, f"tokens-{key}")
+
+
+def _is_prepared_spec(spec: str) -> bool:
+    """Whether the spec names prepared workdirs; refuses one that mixes them with other sources."""
+    if not spec:
+        return False
+    parts = sources.split_spec(spec)
+    is_prepared = [prepared.is_prepared_dir(p) for p in parts]
+    if any(is_prepared) and not all(is_prepared):
+        raise sources.DataError(
+            f"data spec {spec!r} mixes prepared workdirs ({[p for p, i in zip(parts, is_prepared) if i]}) with other "
+            "sources: make them separate components of data.mixture")
+    return all(is_prepared)
+
+
+def _prepared_documents(part: str, tokenizer: Tokenizer, cache_dir: str) -> TokenizedSplit:
+    """Every document of a prepared workdir: its token shards when their tokenizer is the run's, else its cleaned
+    text tokenized with the run's tokenizer (cached like any text source)."""
+    dataset = prepared.PreparedDataset(part)
+    dataset.check_readable_with(tokenizer.sha256)
+    if dataset.has_tokens_for(tokenizer.sha256):
+        tokens, offsets = dataset.token_documents()
+        return TokenizedSplit(tokens, offsets, np.full(len(offsets) - 1, np.nan))
+    key_material = dict(version=CACHE_VERSION, tokenizer_sha256=tokenizer.sha256, prepared=dataset.identity())
+    path = _cache_path(cache_dir, key_material)
+    if os.path.isdir(path):
+        return _load_cache(path, ("all",))["all"]
+    print(f"data: {dataset.path} has no token shards of this run's tokenizer (sha256 {tokenizer.sha256}; "
+          f"its shards': {dataset.tokenizer_sha256}): tokenizing its cleaned text", file=sys.stderr, flush=True)
+    texts = list(dataset.iter_texts())
+    split = _tokenize(texts, [float("nan")] * len(texts), tokenizer)
+    os.makedirs(cache_dir, exist_ok=True)
+    _save_cache(path, {"all": split}, key_material)
+    return split
+
+
+def _all_documents(spec: str, data_config: Any, tokenizer: Tokenizer, cache_dir: str) -> TokenizedSplit:
+    """Every document of a spec, none held out."""
+    if _is_prepared_spec(spec):
+        return concatenate([_prepared_documents(p, tokenizer, cache_dir) for p in sources.split_spec(spec)])
+    whole = data_config.copy_and_resolve_references()
+    whole.update(dict(train=spec, eval="", eval_fraction=0.0))
+    return _tokenize_text_corpus(whole, tokenizer, cache_dir)[0]["train"]
 
 
 def tokenize_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str) -> tuple[dict[str, TokenizedSplit], str]:
-    """The tokenized train and eval splits, read from the cache or built and stored there; and the cache path."""
+    """The tokenized train and eval splits, read from the cache or built and stored there; and the cache path
+    (for prepared datasets, their workdirs)."""
     if not data_config.eval and not 0.0 <= data_config.eval_fraction < 1.0:
         raise ValueError(f"data.eval_fraction must be in [0, 1) when data.eval is empty, "
                          f"got {data_config.eval_fraction}")
+    if not (_is_prepared_spec(data_config.train) or _is_prepared_spec(data_config.eval)):
+        return _tokenize_text_corpus(data_config, tokenizer, cache_dir)
+    train = _all_documents(data_config.train, data_config, tokenizer, cache_dir)
+    if data_config.eval:
+        splits = dict(train=train, eval=_all_documents(data_config.eval, data_config, tokenizer, cache_dir))
+    else:
+        is_eval = _token_eval_membership(train, data_config.eval_fraction)
+        splits = dict(train=train.select(~is_eval), eval=train.select(is_eval))
+    return splits, ",".join(p for spec in (data_config.train, data_config.eval) if _is_prepared_spec(spec)
+                            for p in sources.split_spec(spec))
+
+
+def _tokenize_text_corpus(data_config: Any, tokenizer: Tokenizer,
+                          cache_dir: str) -> tuple[dict[str, TokenizedSplit], str]:
     key_material = dict(version=CACHE_VERSION, tokenizer_sha256=tokenizer.sha256,
                         train=_source_identity(data_config.train), format=data_config.format,
                         text_key=data_config.text_key)
@@ -144,8 +227,7 @@ def tokenize_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str) -> t
         key_material["eval"] = _source_identity(data_config.eval)
     else:
         key_material["eval_fraction"] = float(data_config.eval_fraction)
-    key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"tokens-{key}")
+    path = _cache_path(cache_dir, key_material)
     if os.path.isdir(path):
         return _load_cache(path), path
 
@@ -186,65 +268,8 @@ def _corpus_stats(train: TokenizedSplit, eval_: TokenizedSplit, vocab_size: int)
     return stats
 
 
-class LMData:
-    """The train stream (a checkpointable grain iterator), fixed eval batches, and corpus statistics.
-
-    Rows are any dict of arrays with one leading row axis (packed LM rows, preference pairs, ...).
-    """
-
-    def __init__(self, train_rows: dict[str, np.ndarray], eval_rows: dict[str, np.ndarray], *, seed: int,
-                 global_batch_size: int, process_index: int, process_count: int, stats: dict,
-                 cache_path: str = ""):
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.process_index = process_index
-        self.process_count = process_count
-        self.seq_len = next(iter(train_rows.values())).shape[1]
-        self.stats = stats  # numbers only, so they can be logged as metrics as they are
-        self.cache_path = cache_path
-        self._eval_rows = eval_rows
-        ds = grain.MapDataset.source(PackedRows(train_rows)).seed(seed)
-        # shuffle then repeat: every epoch is a fresh permutation (grain reseeds per epoch).
-        ds = ds.shuffle().repeat(None)
-        ds = ds[process_index::process_count]
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
-        # Rows are in memory and batching is a stack, so two threads keep up; a short prefetch buffer
-        # bounds host memory when batches are large.
-        self.train_dataset = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
-
-    def train_iterator(self) -> grain.DatasetIterator:
-        """A fresh iterator from the start of the stream; restore a checkpointed state into it to resume."""
-        return iter(self.train_dataset)
-
-    def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """Up to n fixed batches of this process's share of the eval rows; missing rows are padding.
-
-        Global eval batch i is rows [i·B, (i+1)·B) in corpus order; process p takes the p-th contiguous
-        block of it, so every process returns the same number of batches.
-        """
-        n_rows = len(next(iter(self._eval_rows.values())))
-        if n_rows == 0:
-            raise ValueError("there are no eval documents: set data.eval or raise data.eval_fraction "
-                             f"(n_eval_docs={self.stats.get('n_eval_docs')})")
-        if n < 1:
-            raise ValueError(f"eval_batches needs n >= 1, got {n}")
-        B, b = self.global_batch_size, self.local_batch_size
-        n_batches = min(n, -(-n_rows // B))
-        batches = []
-        for i in range(n_batches):
-            lo = i * B + self.process_index * b
-            batch = {}
-            for k, v in self._eval_rows.items():
-                rows = v[lo:lo + b]
-                pad = np.zeros((b - len(rows),) + v.shape[1:], v.dtype)
-                batch[k] = np.concatenate([rows, pad])
-            batches.append(batch)
-        return batches
-
-
-def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> LMData:
-    """Everything the LM objectives need from `config.data`; see the module docstring."""
+def check_batching(data_config: Any, process_index: int, process_count: int) -> tuple[int, int]:
+    """(batch_size, seq_len) of the data config, checked against the processes that will share each batch."""
     batch_size, seq_len = int(data_config.batch_size), int(data_config.seq_len)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
@@ -252,18 +277,36 @@ def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, see
         raise ValueError(f"data.batch_size={batch_size} is not divisible by process_count={process_count}")
     if seq_len < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    return batch_size, seq_len
+
+
+def packed_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str,
+                  seed: int | Sequence[int]) -> tuple[dict, dict, dict, str]:
+    """(train rows, eval rows, stats, cache path) of `data_config.train` / `.eval`: tokenized (cached), split,
+    and packed at data.seq_len, the train documents shuffled by `seed` first so each row mixes documents from
+    all over the corpus."""
     splits, cache_path = tokenize_corpus(data_config, tokenizer, cache_dir)
     train, eval_ = splits["train"], splits["eval"]
     stats = _corpus_stats(train, eval_, tokenizer.vocab_size)
-
-    # Shuffle documents before packing so each row mixes documents from all over the corpus.
     order = np.random.default_rng(seed).permutation(train.n_docs)
-    train_rows = pack_documents(train.docs(order), seq_len)
-    eval_rows = pack_documents(eval_.docs(), seq_len)
+    train_rows = pack_documents(train.docs(order), int(data_config.seq_len))
+    eval_rows = pack_documents(eval_.docs(), int(data_config.seq_len))
     stats.update(n_train_rows=len(train_rows["inputs"]), n_eval_rows=len(eval_rows["inputs"]))
+    assert tuple(train_rows) == PACKED_KEYS
+    return train_rows, eval_rows, stats, cache_path
+
+
+def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> LMData:
+    """Everything the LM objectives need from `config.data`; see the module docstring."""
+    from llm_jax.data import mixture  # it builds on this module
+    if mixture.components(data_config):
+        return mixture.build_mixture_data(data_config, tokenizer, cache_dir=cache_dir, seed=seed,
+                                          process_index=process_index, process_count=process_count)
+    batch_size, seq_len = check_batching(data_config, process_index, process_count)
+    train_rows, eval_rows, stats, cache_path = packed_corpus(data_config, tokenizer, cache_dir, seed)
     if len(train_rows["inputs"]) < batch_size:
         raise ValueError(f"data.train={data_config.train!r} packs into {len(train_rows['inputs'])} rows of "
                          f"seq_len={seq_len}, fewer than one batch (data.batch_size={batch_size})")
-    assert tuple(train_rows) == PACKED_KEYS
     return LMData(train_rows, eval_rows, seed=seed, global_batch_size=batch_size,
                   process_index=process_index, process_count=process_count, stats=stats, cache_path=cache_path)

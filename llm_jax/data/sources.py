@@ -1,8 +1,12 @@
-"""Reading documents from text, jsonl and parquet files (optionally gzipped), or the embedded default corpus.
+"""Reading documents from text, jsonl and parquet files (optionally gzipped), or the embedded corpora.
 
-A spec is `"default"`, a file path, a glob, or a comma-separated list of those. Files are read in the
-order `resolve_files` gives (each part in turn, a glob's matches sorted), so a spec always yields the same
-documents in the same order.
+A spec is a comma-separated list of parts, each
+    `default`, `default:domain`   an embedded corpus (llm_jax/data/default_corpus.py CORPORA)
+    a directory with prepare.json the cleaned documents of a `llm-jax prepare` workdir (llm_jax/data/prepared.py;
+                                  the training pipeline reads its token shards instead when the tokenizer matches)
+    a file path or a glob
+Files are read in the order `resolve_files` gives (each part in turn, a glob's matches sorted), so a spec always
+yields the same documents in the same order.
 
 Plain text: a .txt file is one document, unless it contains form feeds (\\f), which separate documents.
 Blank lines are not separators because they are how paragraphs are written inside a document.
@@ -20,7 +24,7 @@ import json
 import os
 from typing import IO, Iterator, Sequence
 
-from llm_jax.data import default_corpus
+from llm_jax.data import default_corpus, prepared
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 _EXTENSION_FORMATS = {".txt": "text", ".text": "text", ".md": "text",
@@ -34,7 +38,7 @@ class DataError(ValueError):
 
 
 def split_spec(spec: str) -> list[str]:
-    """The comma-separated parts of a spec, each `"default"`, a path or a glob."""
+    """The comma-separated parts of a spec, each an embedded corpus' name, a prepared workdir, a path or a glob."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise DataError(f"empty data spec {spec!r}")
@@ -42,11 +46,19 @@ def split_spec(spec: str) -> list[str]:
 
 
 def resolve_files(spec: str) -> list[str]:
-    """The files a spec names, in reading order. `"default"` resolves to the rendered default corpus."""
+    """The files a spec names, in reading order. An embedded corpus resolves to its rendered jsonl, a prepared
+    workdir to its cleaned shards."""
     files: list[str] = []
     for part in split_spec(spec):
-        if part == DEFAULT_SPEC:
-            files.append(default_corpus.write_default_corpus(default_corpus.default_corpus_dir()))
+        corpus = default_corpus.embedded_corpus(part)
+        if corpus is not None:
+            files.append(default_corpus.write_corpus(default_corpus.default_corpus_dir(), corpus))
+        elif prepared.is_prepared_dir(part):
+            dataset = prepared.PreparedDataset(part)
+            fmt = dataset.text_format()
+            if fmt is None:
+                raise DataError(f"{part}: a prepared workdir without cleaned text (clean/shard-*.jsonl or .parquet)")
+            files.extend(os.path.join(dataset.path, prepared.CLEAN, f"{s}.{fmt}") for s in dataset.shards)
         elif glob.has_magic(part):
             matches = sorted(m for m in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(m))
             if not matches:
@@ -200,10 +212,13 @@ def iter_file(path: str, format: str = "auto", text_key: str = "text") -> Iterat
 def iter_documents(spec: str, format: str = "auto", text_key: str = "text") -> Iterator[str]:
     """Yields the text of every document the spec names, in a fixed order."""
     for part in split_spec(spec):
-        if part == DEFAULT_SPEC:
-            # The default corpus is jsonl with a "text" key, whatever the user's format settings say.
-            for record in default_corpus.iter_default_corpus_records():
+        corpus = default_corpus.embedded_corpus(part)
+        if corpus is not None:
+            # An embedded corpus is jsonl with a "text" key, whatever the user's format settings say.
+            for record in default_corpus.iter_corpus_records(corpus):
                 yield record["text"]
+        elif prepared.is_prepared_dir(part):
+            yield from prepared.PreparedDataset(part).iter_texts()   # its own format and key, whatever the config's
         else:
             for path in resolve_files(part):
                 yield from iter_file(path, format, text_key)

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.mixture import training_spec
 from llm_jax.data.sources import iter_documents
 
 
@@ -43,7 +44,7 @@ def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
 
 def train_tokenizer(config, target: str) -> tokenizer_lib.Tokenizer:
     c = config.tokenizer
-    texts = iter_documents(config.data.train, config.data.format, config.data.text_key)
+    texts = iter_documents(training_spec(config.data), config.data.format, config.data.text_key)
     return tokenizer_lib.train_tokenizer(texts, target, vocab_size=c.vocab_size, model_type=c.model_type,
                                          character_coverage=c.character_coverage,
                                          max_sentence_chars=c.max_sentence_chars, seed=config.seed)
@@ -53,7 +54,8 @@ def run_tokenizer(config, workdir: str) -> dict:
     """Trains (or reuses) `<workdir>/tokenizer.model` and reports its compression on the first documents."""
     os.makedirs(workdir, exist_ok=True)
     tokenizer = prepare_tokenizer(config, workdir)
-    sample = list(itertools.islice(iter_documents(config.data.train, config.data.format, config.data.text_key), 500))
+    spec = training_spec(config.data)
+    sample = list(itertools.islice(iter_documents(spec, config.data.format, config.data.text_key), 500))
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
     n_chars = sum(len(text) for text in sample)
     report = dict(path=tokenizer.path, vocab_size=tokenizer.vocab_size, sha256=tokenizer.sha256,

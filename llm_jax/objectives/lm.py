@@ -91,6 +91,7 @@ def finish_eval(metrics: dict) -> dict:
 
 
 def build_data(config, tokenizer, workdir: str):
-    """Packed, shuffled, per-process batches of the training corpus plus fixed held-out batches."""
+    """Packed, shuffled, per-process batches of the training corpus plus fixed held-out batches; with
+    `data.mixture`, the components' rows mixed by weight and each component's held-out rows an eval set of its own."""
     return build_lm_data(config.data, tokenizer, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"),
                          seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

@@ -6,6 +6,10 @@ A run directory holds `config.json` (the resolved config), `tokenizer.model`, `m
 `tensorboard/` and `checkpoints/`. Starting again with the same workdir resumes from the latest checkpoint,
 data order included, and continues bit for bit. SIGTERM saves a checkpoint and returns; a non-finite loss
 or gradient stops the run before anything bad is written, leaving the last good checkpoint intact.
+
+Evaluation covers the data's held-out rows; when the data names eval sets with weights (a data mixture's
+components), each set is evaluated on its own and logged as `eval_<name>_<metric>`, and the overall `eval_<metric>`
+is their weighted mean.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
+from llm_jax.data import mixture
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.model import lora
@@ -42,7 +47,9 @@ from llm_jax.train.state import TrainState, create_state, state_shardings
 # Fields that must agree between a checkpoint and the config resuming it.
 # The schedule is built from optim and train.steps, so changing them would silently bend the learning-rate
 # curve mid-run: a different schedule is a new run (start it with train.init_from).
-_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "optim", "train.steps")
+# The mixture decides which row comes next, so changing it mid-run would not continue the same data order.
+_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "data.mixture", "optim",
+                      "train.steps")
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,6 +99,7 @@ def validate(config) -> ModelConfig:
     if config.data.seq_len < 2 or config.data.batch_size < 1:
         raise ValueError(f"data.seq_len={config.data.seq_len} and data.batch_size={config.data.batch_size} "
                          "must be at least 2 and 1")
+    mixture.components(config.data)  # data.train against data.mixture, and every component's fields
     return model_cfg
 
 
@@ -124,7 +132,8 @@ def _check_resumable(config, workdir: str, also: tuple[str, ...] = ()) -> None:
         saved = json.load(f)
     current = json.loads(config.to_json_best_effort())
     for name in _RESUME_MUST_MATCH + tuple(also):
-        if _dotted_dict(saved, name) != _dotted_dict(current, name):
+        # `or None`: a run saved before a field existed (data.mixture) resumes under its empty default.
+        if (_dotted_dict(saved, name) or None) != (_dotted_dict(current, name) or None):
             raise CheckpointError(f"{workdir} holds a run whose {name} is {_dotted_dict(saved, name)}, but the "
                                   f"config now says {_dotted_dict(current, name)}: use a new --workdir")
 
@@ -215,7 +224,11 @@ def run(config, workdir: str) -> dict:
         state = t.create_state()
     train_step, eval_step = t.train_step, t.eval_step
     n_eval = config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize
-    eval_batches = [sharding.global_batch_from_local(b, mesh, rules) for b in data.eval_batches(n_eval)]
+    # Named eval sets (a mixture's components) are evaluated each on its own and their means, weighted as the data
+    # says, are the overall metrics; without them the overall metrics come from the whole held-out set.
+    eval_names = list(data.eval_sets) if data.eval_weights else [""]
+    eval_batches = {name: [sharding.global_batch_from_local(b, mesh, rules) for b in data.eval_batches(n_eval, name)]
+                    for name in eval_names}
 
     tokens_per_step = config.data.batch_size * config.data.seq_len * getattr(objective, "sequences_per_row", 1)
     flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
@@ -234,15 +247,25 @@ def run(config, workdir: str) -> dict:
     log_line(f"{model_cfg.n_layers} layers, {counts['total']:,} params, mesh "
              f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
-    def evaluate(step_params) -> dict:
+    def eval_means(step_params, batches) -> dict:
         # One batch at a time, each waited on: independent eval programs in flight together may run their
         # collectives in a different order on each host (a deadlock seen with 2 CPU processes over gloo).
         sums: dict = {}
-        for batch in eval_batches:
+        for batch in batches:
             for key, value in jax.device_get(eval_step(step_params, batch)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         weight = max(float(sums.pop("weight")), 1.0)
-        return objective.finish_eval({f"eval_{k}": float(v) / weight for k, v in sums.items()})
+        return {f"eval_{k}": float(v) / weight for k, v in sums.items()}
+
+    def evaluate(step_params) -> dict:
+        means = {name: eval_means(step_params, batches) for name, batches in eval_batches.items()}
+        if "" in means:
+            return objective.finish_eval(means[""])
+        overall = {k: sum(w * means[name][k] for name, w in data.eval_weights.items()) for k in means[eval_names[0]]}
+        result = objective.finish_eval(overall)
+        for name, named in means.items():  # eval_loss of set "domain" is logged as eval_domain_loss
+            result.update({f"eval_{name}_{k[len('eval_'):]}": v for k, v in objective.finish_eval(named).items()})
+        return result
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
     interval = dict(start=time.perf_counter(), steps=0, paused=0.0)
