@@ -229,10 +229,11 @@ def test_a_prepared_dataset_of_another_tokenizer(env, tmp_path):
 def test_hosts_write_one_workdir_that_reads_whole(env, tmp_path):
     single = _prepare(env, tmp_path / "single", env["tok"].path)
     hosts = tmp_path / "hosts"
-    _prepare(env, hosts, env["tok"].path, "host_index=0", "host_count=2")
+    # Each host dedups its own files, so host 0 finishes without waiting for host 1 (its corpus has no copies).
+    _prepare(env, hosts, env["tok"].path, "host_index=0", "host_count=2", "dedup_scope=host")
     with pytest.raises(prepared.PreparedDataError, match="1 of 3 shards have no done marker.*shard-00001"):
         pipeline.tokenize_corpus(_prepared_config(str(hosts)), env["tok"], str(tmp_path / "cache"))
-    _prepare(env, hosts, env["tok"].path, "host_index=1", "host_count=2")
+    _prepare(env, hosts, env["tok"].path, "host_index=1", "host_count=2", "dedup_scope=host")
     cache = str(tmp_path / "cache")
     _assert_splits_equal(pipeline.tokenize_corpus(_prepared_config(str(hosts)), env["tok"], cache)[0],
                          pipeline.tokenize_corpus(_prepared_config(single), env["tok"], cache)[0])
