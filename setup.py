@@ -26,7 +26,7 @@ setup(
     extras_require={
         # scaling-fit's PNGs (llm_jax/scaling/plots.py imports it only when drawing; --no-plots needs none)
         "plots": ["matplotlib"],
-        "dev": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },
