@@ -11,12 +11,12 @@ word. It is written as `--files` gzipped jsonl files, and a sentencepiece tokeni
 
 Timed: `run_prepare` of configs/prepare.py:default with every step (privacy, langid, heuristics,
 quality_classifier, toxicity_classifier, blocklist, exact_dedup, minhash_dedup; the two classifiers trained first,
-untimed, by configs/classifier.py's quality and toxicity presets), jsonl and token shards written, in a fresh workdir, once per `--processes` value;
-the phases as run_prepare reports them. MB are the UTF-8 bytes of the documents' text (uncompressed, before any
-step); per core divides by the worker processes. Then each document step alone in this process on a sample
-(`--step-sample` documents, each step seeing every document), MinHash signing and tokenization, so the chain's
-cost can be split by step. And, from the planted labels, the share of each kind of document the chain dropped.
-One JSON line on stdout; the machine facts are in it.
+untimed, by configs/classifier.py's quality and toxicity presets), jsonl and token shards written, in a fresh
+workdir, once per `--processes` value; the phases as run_prepare reports them. MB are the UTF-8 bytes of the
+documents' text (uncompressed, before any step); per core divides by the worker processes. Then each document step
+alone in this process on a sample (`--step-sample` documents, each step seeing every document), MinHash signing and
+tokenization, so the chain's cost can be split by step. And, from the planted labels, the share of each kind of
+document the chain dropped. One JSON line on stdout; the machine facts are in it.
 """
 from __future__ import annotations
 

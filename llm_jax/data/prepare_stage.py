@@ -18,8 +18,9 @@ through three phases, and the steps of `config.steps` (llm_jax/data/prepare/step
 
 then report.json and report.md (llm_jax/data/prepare/report.py): documents, characters and (with a tokenizer)
 tokens in and out of every step, the first `report.examples` documents each step dropped with the reason, a
-histogram of every score, and the input errors. The signatures are computed in parallel and the decisions taken in file order, so every output is the same
-whatever `processes` is, and the same on every run of the same input and config.
+histogram of every score, and the input errors. The signatures are computed in parallel and the decisions taken in
+file order, so every output is the same whatever `processes` is, and the same on every run of the same input and
+config.
 
 Resuming: phase 1 writes a shard's directory under a temporary name and renames it when complete; phase 2 does the
 same with its whole directory; phase 3 writes every file under a temporary name and the shard's done marker last. A
