@@ -28,7 +28,8 @@ Presets:
     toxicity  positives: grammar documents with invented abusive sentences, some words obfuscated; negatives: clean
               grammar documents; word and character 3-5-gram features. The mean of embeddings dilutes one abusive
               sentence by the document's length: the report's by-length table shows recall falling from short to
-              long documents (about 1.0 under 30 words, 0.7 over 120 on the default data)
+              long documents (about 1.0 under 30 words, 0.7 over 120 on the default data); scored as their
+              highest-scoring paragraph (prepare's pooling=max_paragraph, also in the report) they keep it near 1.0
     smoke     the test suite's: a quality classifier on few documents, small buckets and dimension
 
 Every document whose text hashes into the lowest `holdout_fraction` is held out (classifier_stage.py), and the

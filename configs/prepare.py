@@ -24,7 +24,9 @@ Classifier steps (not in the default steps: they need a trained model). Train, t
 
 `quality_classifier` drops a document whose score is below the threshold, `toxicity_classifier` one whose score is
 at or above it; `threshold=None` uses the one saved with the model (`--config.toxicity_classifier.threshold=0.8`
-sets another). prepare.json records each model's sha256: a rerun with another model refuses the workdir.
+sets another). `pooling=max_paragraph` scores a document as its highest-scoring paragraph instead of its mean, for
+a signal confined to one paragraph (the classifier's report measures both). prepare.json records each model's
+sha256: a rerun with another model refuses the workdir.
 
 Every field of a step's section is a field of that block's config dataclass (llm_jax/data/prepare/*.py), filled
 here with its default so that overrides are typed; a rule whose threshold is None is off (override with a number

@@ -71,6 +71,9 @@ def format_line(step: int, total: int, metrics: dict) -> str:
                      ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}")):
         if key in metrics:
             parts.append(f"{key} " + fmt.format(metrics[key]))
+            if key == "eval_loss":   # a data mixture's components, each evaluated on its own: eval_<name>_loss
+                parts += [f"{k} {v:.4f}" for k, v in metrics.items()
+                          if k.startswith("eval_") and k.endswith("_loss") and k != key]
     return "  ".join(parts)
 
 

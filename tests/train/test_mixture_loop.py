@@ -11,7 +11,7 @@ from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus
 from llm_jax.train.checkpoint import CheckpointError
 from llm_jax.train.loop import run
-from llm_jax.train.metrics import read_metrics
+from llm_jax.train.metrics import format_line, read_metrics
 
 MIXTURE = ("data.mixture={'replay': {'train': 'default', 'weight': 0.25, 'eval_fraction': 0.05}, "
            "'domain': {'train': 'default:domain', 'weight': 0.75, 'eval_fraction': 0.05}}")
@@ -100,3 +100,10 @@ def test_a_bad_mixture_fails_before_anything_is_built(small_config, tmp_path):
     with pytest.raises(ConfigError, match=r"data.train='default' and data.mixture \(a\) both name training data"):
         run(small_config("data.mixture={'a': {'train': 'default', 'weight': 1.0}}"), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_the_console_line_shows_each_components_eval_loss():
+    line = format_line(50, 100, {"loss": 2.5, "eval_loss": 2.75, "eval_perplexity": 15.6, "eval_replay_loss": 3.0,
+                                 "eval_domain_loss": 2.5, "eval_domain_perplexity": 12.2, "lr": 1e-3})
+    assert line == ("step 50/100  loss 2.5000  eval_loss 2.7500  eval_replay_loss 3.0000  eval_domain_loss 2.5000  "
+                    "eval_perplexity 15.60  lr 1.00e-03")

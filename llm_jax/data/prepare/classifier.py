@@ -15,6 +15,11 @@ scoring needs only the per-bucket scalar table s = E w (buckets,) and b:
 
 one gather and one mean per document, no matrix product. A document with no features scores σ(b).
 
+The mean dilutes a signal confined to one part of a long document (one abusive paragraph among many clean ones), so
+a document may instead be scored as its highest-scoring paragraph (`pooling="max_paragraph"`; paragraphs are
+separated by blank lines). That raises recall on long documents and, since a document gets as many chances to score
+high as it has paragraphs, the false-positive rate: the classifier's report measures both poolings.
+
 What "positive" means is the training data's: a quality classifier is trained with good documents as positives
 (prepare's `quality_classifier` step drops documents scoring below its threshold), a toxicity classifier with toxic
 ones (`toxicity_classifier` drops those scoring at or above it).
@@ -33,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -42,6 +48,18 @@ from llm_jax.data.prepare.classifier_features import FeatureConfig, feature_ids
 FORMAT = "llm_jax/fasttext-binary-classifier/1"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # a fixed member time: the same weights give the same file bytes
 _SCORING_KEYS = ("settings", "bucket_scores", "bias")
+
+
+# How a document's score is taken: the mean over the whole document (what the model was trained on), or the
+# highest score among its paragraphs, so that one bad paragraph in a long document is not averaged away.
+POOLINGS = ("document", "max_paragraph")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def paragraphs(text: str) -> list[str]:
+    """The text's blank-line-separated paragraphs that hold more than whitespace; [text] when there are none."""
+    found = [p for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+    return found or [text]
 
 
 class ModelFileError(ValueError):
@@ -75,10 +93,22 @@ class Classifier:
         """(n_docs,) p(positive) of each text."""
         return sigmoid(self.logits_of_ids([feature_ids(t, self.features) for t in texts]))
 
-    def score(self, text: str) -> float:
+    def score(self, text: str, pooling: str = "document") -> float:
+        """p(positive) of the text (`pooling="document"`), or of its highest-scoring paragraph ("max_paragraph")."""
+        if pooling == "max_paragraph":
+            return max(self.score(p) for p in paragraphs(text))
+        if pooling != "document":
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         ids = feature_ids(text, self.features)
         mean = float(self.bucket_scores[ids].astype(np.float64).mean()) if len(ids) else 0.0
         return float(sigmoid(mean + self.bias))
+
+    def max_paragraph_scores(self, texts: list[str]) -> np.ndarray:
+        """(n_docs,) the highest p(positive) among each text's paragraphs, scored in one batch."""
+        pieces = [paragraphs(t) for t in texts]
+        scores = self.scores([p for ps in pieces for p in ps])
+        ends = np.cumsum([len(ps) for ps in pieces])
+        return np.array([scores[end - len(ps):end].max() for end, ps in zip(ends, pieces)])
 
 
 def bucket_scores(embeddings_bd: np.ndarray, output_d: np.ndarray) -> np.ndarray:

@@ -11,9 +11,10 @@
     minhash_dedup  drop near duplicates of an earlier document (dedup.py MinHashIndex)
 
 Each step reads its own config section (`config.<step>`), whose fields are those of the block's config dataclass
-(for heuristics: `quality` and `repetition`; for the classifier steps: `model`, the path of a classifier.npz, and
-`threshold`, None for the one saved with the model). The per-document steps come first, in the configured order,
-so that deduplication keeps the first clean copy of a group and never keeps a copy that a filter would drop.
+(for heuristics: `quality` and `repetition`; for the classifier steps: `model`, the path of a classifier.npz,
+`threshold`, None for the one saved with the model, and `pooling`, document or max_paragraph). The per-document
+steps come first, in the configured order, so that deduplication keeps the first clean copy of a group and never
+keeps a copy that a filter would drop.
 
 A per-document step returns an `Outcome`: the text after it, keep or drop with the reason, the scores the report
 histograms, and the rule that dropped it. The dedup steps need every earlier document, so they are not per-document
@@ -109,13 +110,17 @@ def _blocklist(config: heuristics.BlocklistConfig) -> Callable[[str], Outcome]:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierFilterConfig:
-    """A classifier step's config section: the model file, and a threshold that overrides the model's own."""
+    """A classifier step's config section: the model file, a threshold that overrides the model's own, and how a
+    document is scored (classifier.POOLINGS: its mean, or its highest-scoring paragraph)."""
     model: str = ""
     threshold: float | None = None
+    pooling: str = "document"
 
     def __post_init__(self):
         if not isinstance(self.model, str):
             raise TypeError(f"model must be the path of a classifier.npz, got {self.model!r}")
+        if self.pooling not in classifier.POOLINGS:
+            raise ValueError(f"pooling must be one of {classifier.POOLINGS}, got {self.pooling!r}")
         if self.threshold is not None and (isinstance(self.threshold, bool) or
                                            not isinstance(self.threshold, (int, float)) or
                                            not 0.0 <= self.threshold <= 1.0):
@@ -129,6 +134,7 @@ class ClassifierStep:
     sha256: str
     threshold: float
     drop_at_or_above: bool      # toxicity: a high score drops; quality: a low one
+    pooling: str
 
 
 def _plan_classifier(name: str, config: ClassifierFilterConfig) -> ClassifierStep:
@@ -141,7 +147,7 @@ def _plan_classifier(name: str, config: ClassifierFilterConfig) -> ClassifierSte
         raise ConfigError(f"config.{name}.model: {e}") from None
     threshold = model.threshold if config.threshold is None else float(config.threshold)
     return ClassifierStep(os.path.abspath(config.model), classifier.file_sha256(config.model), threshold,
-                          name == "toxicity_classifier")
+                          name == "toxicity_classifier", config.pooling)
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,7 +165,7 @@ def _classifier(name: str, step: ClassifierStep) -> Callable[[str], Outcome]:
     score_name = name.removesuffix("_classifier")
 
     def apply(text: str) -> Outcome:
-        score = model.score(text)
+        score = model.score(text, step.pooling)
         if step.drop_at_or_above and score >= step.threshold:
             return Outcome(text, False, f"{score_name} {score:.3f} >= threshold {step.threshold:g}",
                            {score_name: score}, name)

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_jax.cli import load
 from llm_jax.data import default_corpus
 from llm_jax.data.classifier_stage import heldout_mask
-from llm_jax.data.prepare import classifier, classifier_examples, classifier_metrics
+from llm_jax.data.prepare import classifier, classifier_examples, classifier_metrics, steps
 from llm_jax.data.prepare.classifier_features import FeatureConfig, feature_ids, token_hash, tokenize
 from llm_jax.data.prepare.classifier_train import (TrainConfig, forward_logits, pad_batch, train_classifier,
                                                    weighted_logistic_loss)
@@ -200,3 +201,27 @@ def test_generated_examples_are_deterministic_and_plant_only_invented_words():
     assert len(negative) == 40 and not set(negative) & set(positive)
     with pytest.raises(ValueError, match="unknown generated example kind 'spam'"):
         classifier_examples.generate("spam", 3)
+
+
+def test_max_paragraph_pooling_finds_a_signal_the_mean_dilutes(planted_model):
+    """A planted sentence in one paragraph of a long clean document: the mean over the document dilutes it, the
+    highest-scoring paragraph does not; every score is one paragraph's own."""
+    model = classifier.load_classifier(planted_model[0])
+    texts, labels = _planted(n_docs=40)
+    clean = [t for t, y in zip(texts, labels) if not y]
+    signal = next(t for t, y in zip(texts, labels) if y)
+    text = "\n\n".join(clean[:12] + [signal] + clean[12:24])
+    assert classifier.paragraphs(text) == clean[:12] + [signal] + clean[12:24]
+    assert classifier.paragraphs("one\n \ntwo\n\n\n") == ["one", "two"] and classifier.paragraphs(" ") == [" "]
+    pooled = model.score(text, "max_paragraph")
+    assert pooled == max(model.score(p) for p in classifier.paragraphs(text)) == model.score(signal)
+    assert model.score(text) < 0.5 <= pooled
+    np.testing.assert_allclose(model.max_paragraph_scores([text, signal, clean[0]]),
+                               [pooled, model.score(signal), model.score(clean[0])], rtol=1e-6)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        model.score(text, "min_paragraph")
+    for pooling, kept in (("document", True), ("max_paragraph", False)):   # prepare's step scores as configured
+        config = load("configs/prepare.py:smoke", ["steps=('toxicity_classifier',)", f"toxicity_classifier.pooling="
+                                                   f"{pooling}", f"toxicity_classifier.model={planted_model[0]}"])
+        [(_, apply)] = steps.plan_steps(config).document_steps()
+        assert apply(text).keep is kept

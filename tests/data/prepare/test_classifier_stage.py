@@ -63,8 +63,10 @@ def test_the_smoke_preset_trains_reports_and_repeats_itself(tmp_path, capsys):
     assert [r["threshold"] for r in info["heldout"]["pr_table"]][:3] == [0.05, 0.1, 0.2]
     report = (tmp_path / "a" / "report.md").read_text()
     for section in ("## Held out", "| threshold | precision |", "## False positives", "document length alone",
-                    "By document length"):
+                    "By document length", "## Held out, each document scored as its highest-scoring paragraph"):
         assert section in report
+    pooled = info["heldout"]["max_paragraph"]
+    assert summary["max_paragraph_recall"] == round(pooled["recall"], 4) and len(pooled["by_length"]) == 4
 
 
 def test_the_same_config_writes_the_same_model(signal_model, tmp_path):
@@ -158,6 +160,9 @@ def test_classifier_steps_need_a_model_and_keep_to_it(signal_model, prepare_inpu
     with pytest.raises(ConfigError, match="config.toxicity_classifier.model: classifier file .*nope.npz.* does not"):
         _prepare(spec, str(tmp_path / "a"), "steps=('toxicity_classifier',)",
                  f"toxicity_classifier.model={tmp_path / 'nope.npz'}")
+    with pytest.raises(ConfigError, match=r"pooling must be one of \('document', 'max_paragraph'\), got 'mean'"):
+        _prepare(spec, str(tmp_path / "a"), "steps=('toxicity_classifier',)",
+                 f"toxicity_classifier.model={signal_model[0]}/classifier.npz", "toxicity_classifier.pooling=mean")
     with pytest.raises(ConfigError, match=r"threshold must be None \(the model's own\) or in \[0, 1\], got 3"):
         _prepare(spec, str(tmp_path / "a"), "steps=('toxicity_classifier',)",
                  f"toxicity_classifier.model={signal_model[0]}/classifier.npz", "toxicity_classifier.threshold=3")
