@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -103,16 +103,19 @@ def _eval_membership(texts: Sequence[str], eval_fraction: float) -> np.ndarray:
     Hashing the text (not the index) keeps the split when files are reordered, and puts duplicate documents
     on the same side, so eval never contains a copy of a training document.
     """
-    u = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
-                  for t in texts], dtype=np.float64) / 2.0 ** 64
-    return u < eval_fraction
+    return _hashes_below((t.encode("utf-8") for t in texts), eval_fraction)
 
 
 def _token_eval_membership(split: TokenizedSplit, eval_fraction: float) -> np.ndarray:
     """`_eval_membership` for documents known by their tokens (prepared datasets): the hash of the int32 ids."""
-    u = np.array([int.from_bytes(hashlib.blake2b(np.asarray(d, "<i4").tobytes(), digest_size=8).digest(), "little")
-                  for d in split.docs()], dtype=np.float64) / 2.0 ** 64
-    return u < eval_fraction
+    return _hashes_below((np.asarray(d, "<i4").tobytes() for d in split.docs()), eval_fraction)
+
+
+def _hashes_below(blobs: Iterable[bytes], fraction: float) -> np.ndarray:
+    """(n,) bool: whether each blob's 8-byte blake2b, read as a number in [0, 1), falls below the fraction."""
+    u = np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") for b in blobs],
+                 dtype=np.float64) / 2.0 ** 64
+    return u < fraction
 
 
 def _tokenize(texts: Sequence[str], log_probs: Sequence[float], tokenizer: Tokenizer) -> TokenizedSplit:

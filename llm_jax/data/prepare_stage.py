@@ -58,10 +58,10 @@ from llm_jax.config_lib import ConfigError
 from llm_jax.data.prepare import dedup, inputs, report, shards
 from llm_jax.data.prepare.steps import Outcome, StepPlan, plan_steps
 from llm_jax.data import sources
+from llm_jax.data.prepared import CLEAN, DONE, STAGE_FILE, TOKENS
 from llm_jax.files import write_json_atomic, write_text_atomic
 
-STAGE_FILE = "prepare.json"
-WORK, CLEAN, TOKENS, DONE = "work", "clean", "tokens", "done"
+WORK = "work"
 SIGNATURE_CHUNK_DOCS = 1024
 # Settings that change how the work is spread, not what it produces: a rerun may change them.
 NOT_IN_IDENTITY = ("processes", "host_index", "dedup_wait_seconds")
@@ -92,8 +92,17 @@ class Plan:
     def host_tag(self) -> str:
         return f"host-{self.host_index}-of-{self.host_count}"
 
-    def report_name(self, ext: str) -> str:
-        return f"report.{ext}" if self.host_count == 1 else f"report.{self.host_tag}.{ext}"
+    def owns(self, file: inputs.InputFile) -> bool:
+        return _host_of(file, self.host_count) == self.host_index
+
+    def host_file(self, stem: str, ext: str) -> str:
+        """`<stem>.<ext>`, or `<stem>.host-I-of-N.<ext>` when several hosts write into the workdir."""
+        return f"{stem}.{ext}" if self.host_count == 1 else f"{stem}.{self.host_tag}.{ext}"
+
+
+def _host_of(file: inputs.InputFile, host_count: int) -> int:
+    """The host that filters and writes a file: every host_count-th file, by its index in the whole list."""
+    return file.index % host_count
 
 
 def _hosts(config) -> tuple[int, int]:
@@ -142,7 +151,7 @@ def make_plan(config, workdir: str) -> Plan:
         if f.path in seen:   # its documents would be read, and named, twice
             raise ConfigError(f"config.input.spec={config.input.spec!r} names {f.path} twice")
         seen.add(f.path)
-    mine = tuple(f for f in files if f.index % host_count == host_index)
+    mine = tuple(f for f in files if _host_of(f, host_count) == host_index)
     dedup_files = tuple(files) if config.dedup_scope == "run" else mine
     return Plan(os.path.abspath(workdir), mine, dedup_files, float(wait), steps, config.on_error, processes,
                 host_index, host_count, tokenizer, bool(config.output.jsonl), bool(config.output.parquet), examples,
@@ -327,13 +336,17 @@ def wait_for_filtered(plan: Plan) -> None:
     """Returns once phase 1 of every shard the dedup pass reads is complete, whichever host filters it; raises
     DataError naming the missing shards and their hosts after `dedup_wait_seconds`."""
     deadline = time.monotonic() + plan.dedup_wait_seconds
+    waited = False
     while True:
         missing = [f for f in plan.dedup_files if not os.path.isdir(_shard_dir(plan, f))]
         if not missing:
             return
+        if not waited:
+            _log(f"waiting for {len(missing)} shards of the other hosts (dedup across the run)")
+            waited = True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            named = ", ".join(f"{shards.shard_name(f.index)} ({f.path}, host {f.index % plan.host_count})"
+            named = ", ".join(f"{shards.shard_name(f.index)} ({f.path}, host {_host_of(f, plan.host_count)})"
                               for f in missing[:5])
             raise sources.DataError(
                 f"deduplication across the run waited {plan.dedup_wait_seconds:g} s for other hosts to filter "
@@ -360,7 +373,7 @@ def dedup_pass(plan: Plan) -> str:
         wheres, texts, n_tokens = _read_docs(directory)
         signatures = np.load(os.path.join(directory, "signatures.npy")) if plan.steps.minhash else None
         shingle_sets = _shingle_sets(directory)
-        mine = file.index % plan.host_count == plan.host_index
+        mine = plan.owns(file)
         stats = report.ShardStats(names, plan.examples, plan.example_chars)
         keep = np.ones(len(texts), bool)
         for i, (where, text) in enumerate(zip(wheres, texts)):
@@ -453,7 +466,8 @@ def _clusters(plan: Plan) -> dict[str, list[dict]]:
     return _load_stats(os.path.join(_dedup_dir(plan), "clusters.json"))
 
 
-def build_report(plan: Plan, written: list[dict]) -> dict:
+def build_report(plan: Plan, written: list[dict], clusters: dict[str, list[dict]]) -> dict:
+    """The merged report of this host's shards; `clusters` as `_clusters` gives them."""
     stats, score_files = [], []
     for file in plan.files:
         directory = _shard_dir(plan, file)
@@ -467,8 +481,8 @@ def build_report(plan: Plan, written: list[dict]) -> dict:
     result = report.merge(plan.steps.steps, stats, score_files, plan.examples, plan.bins, bool(plan.tokenizer))
     result["inputs"]["files"] = len(plan.files)
     for step in result["steps"]:
-        if step["step"] in plan.steps.dedup_step_names:
-            step["clusters"] = report.cluster_summary(_clusters(plan)[step["step"]], plan.examples)
+        if step["step"] in clusters:
+            step["clusters"] = report.cluster_summary(clusters[step["step"]], plan.examples)
     tokens = [w["tokens"] for w in written]
     result["output"] = dict(docs=sum(w["docs"] for w in written), chars=sum(w["chars"] for w in written),
                             tokens=sum(tokens) if plan.tokenizer else None,
@@ -498,9 +512,7 @@ def run_prepare(config, workdir: str) -> dict:
     _map(plan, filter_shard, todo)
     lap("filter")
     if plan.steps.dedup_step_names:
-        unfiltered = [f for f in plan.dedup_files if not os.path.isdir(_shard_dir(plan, f))]
-        if unfiltered and not os.path.isdir(_dedup_dir(plan)):
-            _log(f"[{time.perf_counter() - start:7.1f} s] waiting for the other hosts' shards (dedup across the run)")
+        if not os.path.isdir(_dedup_dir(plan)):   # a finished pass needs no one's shards again
             wait_for_filtered(plan)
         lap("wait")
         _log(f"[{time.perf_counter() - start:7.1f} s] deduplicating {len(plan.dedup_files)} shards in file order")
@@ -511,18 +523,19 @@ def run_prepare(config, workdir: str) -> dict:
     _map(plan, write_shard, unwritten)
     written = [write_shard(plan, f) for f in plan.files]   # every shard is done now: this reads the markers
     lap("write")
-    result = build_report(plan, written)
-    write_json_atomic(os.path.join(plan.workdir, plan.report_name("json")), result)
-    write_text_atomic(os.path.join(plan.workdir, plan.report_name("md")), report.to_markdown(result))
-    if plan.steps.dedup_step_names:
-        write_text_atomic(os.path.join(plan.workdir, plan.report_name("json").replace("report", "clusters") + "l"),
+    clusters = _clusters(plan) if plan.steps.dedup_step_names else {}
+    result = build_report(plan, written, clusters)
+    write_json_atomic(os.path.join(plan.workdir, plan.host_file("report", "json")), result)
+    write_text_atomic(os.path.join(plan.workdir, plan.host_file("report", "md")), report.to_markdown(result))
+    if clusters:
+        write_text_atomic(os.path.join(plan.workdir, plan.host_file("clusters", "jsonl")),
                           "".join(json.dumps(dict(step=step, **cluster), ensure_ascii=False) + "\n"
-                                  for step, listed in _clusters(plan).items() for cluster in listed))
+                                  for step, listed in clusters.items() for cluster in listed))
     lap("report")
     output = result["output"]
     _log(f"[{time.perf_counter() - start:7.1f} s] done: {result['inputs']['docs']:,} documents in, "
          f"{output['docs']:,} out, {result['inputs']['errors']} input errors")
-    return dict(workdir=plan.workdir, report=os.path.join(plan.workdir, plan.report_name("md")),
+    return dict(workdir=plan.workdir, report=os.path.join(plan.workdir, plan.host_file("report", "md")),
                 files=len(plan.files), filtered_now=len(todo), docs_in=result["inputs"]["docs"],
                 docs_out=output["docs"], tokens=output["tokens"], input_errors=result["inputs"]["errors"],
                 seconds=round(time.perf_counter() - start, 2), phase_seconds=phases)

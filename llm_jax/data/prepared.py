@@ -24,7 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-STAGE_FILE = "prepare.json"   # prepare_stage.STAGE_FILE; written first, so it marks a prepared workdir
+# The workdir's names, which llm_jax/data/prepare_stage.py writes by (it imports them from here).
+STAGE_FILE = "prepare.json"   # written first, so it marks a prepared workdir
 CLEAN, TOKENS, DONE = "clean", "tokens", "done"
 
 
