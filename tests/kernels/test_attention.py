@@ -69,3 +69,42 @@ def test_auto_picks_per_platform_and_bad_names_are_refused():
     assert resolve_impl("reference", "tpu", jnp.float32) == "reference"
     with pytest.raises(ValueError, match="attention impl 'flash' is not one of"):
         resolve_impl("flash", "cpu", jnp.float32)
+
+
+WINDOW_CASES = [  # (batch, length, heads, kv heads, head dim, window, packed)
+    (2, 32, 4, 2, 16, 5, False),
+    (1, 64, 4, 1, 32, 16, True),
+    (2, 24, 2, 2, 16, 1, False),   # a window of one: each query sees only itself
+    (1, 16, 2, 1, 16, 64, True),   # a window longer than the sequence: plain causal attention
+]
+
+
+def test_the_reference_window_hides_exactly_the_keys_w_or_more_behind():
+    q, k, v, _, _ = _inputs(1, 12, 2, 1, 16, packed=False)
+    got = reference_attention(q, k, v, window=3)
+    for t in range(12):  # query t sees keys t-2..t and nothing else
+        lo = max(0, t - 2)
+        scores = jnp.einsum("hd,sd->hs", q[0, t], k[0, lo:t + 1, 0]) / 4.0
+        want = jnp.einsum("hs,sd->hd", jax.nn.softmax(scores, axis=-1), v[0, lo:t + 1, 0])
+        np.testing.assert_allclose(got[0, t], want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(reference_attention(q, k, v, window=64), reference_attention(q, k, v), atol=1e-6)
+    with pytest.raises(ValueError, match="needs causal attention"):
+        reference_attention(q, k, v, causal=False, window=3)
+
+
+@pytest.mark.parametrize("impl", [i for i in RUNNABLE if i not in ("reference", "cudnn", "pallas")])
+@pytest.mark.parametrize("b, t, h, kv, d, window, packed", WINDOW_CASES)
+def test_a_sliding_window_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, window, packed):
+    q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
+
+    def loss(fn):
+        return lambda q_, k_, v_: jnp.sum(fn(q_, k_, v_, segment_ids_bt=segments, window=window) * dout)
+
+    impl_fn = lambda *a, **kw: attention(*a, impl=impl, **kw)  # noqa: E731
+    np.testing.assert_allclose(impl_fn(q, k, v, segment_ids_bt=segments, window=window),
+                               reference_attention(q, k, v, segment_ids_bt=segments, window=window),
+                               atol=2e-5, rtol=2e-5)
+    grads = jax.grad(loss(impl_fn), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")

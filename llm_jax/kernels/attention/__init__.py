@@ -2,7 +2,9 @@
 
 Layout: q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K (grouped-query attention: each K/V head
 serves H/K query heads, never materialised as H heads). `segment_ids` (B, T) marks packed documents; a
-query attends only to keys of its own segment.
+query attends only to keys of its own segment. `window` W > 0 is sliding-window attention (key s visible to query
+t when t − W < s ≤ t; `reference.py`), served by every path: the flash kernels skip key blocks wholly outside
+the window as they skip those above the diagonal.
 
 Implementations (`model.attention_impl`):
 - `reference`: `reference.py`, plain softmax(q·kᵀ/√D)·v; the definition, materialises (B, H, T, S).
@@ -30,7 +32,7 @@ from llm_jax.kernels.attention.blocks import BlockSizes
 from llm_jax.kernels.attention.decode import pallas_decode_attention
 from llm_jax.kernels.attention.flash import RESIDUAL_NAMES as ATTENTION_RESIDUAL_NAMES
 from llm_jax.kernels.attention.flash import flash_attention
-from llm_jax.kernels.attention.reference import (MASK_VALUE, attention_mask, reference_attention,
+from llm_jax.kernels.attention.reference import (MASK_VALUE, attention_mask, check_window, reference_attention,
                                                  reference_decode_attention)
 from llm_jax.kernels.attention.xla import xla_attention
 
@@ -39,7 +41,7 @@ DECODE_IMPLEMENTATIONS = ("auto", "reference", "pallas")
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 __all__ = ["ATTENTION_RESIDUAL_NAMES", "IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE", "attention",
-           "attention_mask", "cudnn_attention", "decode_attention", "flash_attention", "platform_of",
+           "attention_mask", "check_window", "cudnn_attention", "decode_attention", "flash_attention", "platform_of",
            "reference_attention", "reference_decode_attention", "resolve_impl", "xla_attention"]
 
 
@@ -63,7 +65,7 @@ def resolve_impl(impl: str, platform: str, dtype) -> str:
     return "xla"
 
 
-def cudnn_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True):
+def cudnn_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
     """cuDNN's fused attention via `jax.nn.dot_product_attention`; packed documents become a mask."""
     if jnp.dtype(q_bthd.dtype) not in _HALF_DTYPES:
         raise ValueError(f"cudnn attention needs bfloat16 or float16 inputs, got {q_bthd.dtype}; "
@@ -71,7 +73,9 @@ def cudnn_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True)
     mask = None
     if segment_ids_bt is not None:
         mask = (segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :])
+    check_window(window, causal)
     return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=mask, is_causal=causal,
+                                        local_window_size=(window - 1, 0) if window else None,
                                         implementation="cudnn")
 
 
@@ -108,27 +112,28 @@ def _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules):
     return jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*args)
 
 
-def attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, impl="auto", mesh=None, rules=(),
-              blocks: BlockSizes | None = None):
+def attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0, impl="auto", mesh=None,
+              rules=(), blocks: BlockSizes | None = None):
     """Dispatches to the implementation named by `impl`; see the module docstring."""
     impl = resolve_impl(impl, platform_of(mesh), q_bthd.dtype)
     if impl == "reference":
-        return reference_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal)
+        return reference_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal,
+                                   window=window)
     if impl == "xla":
-        return xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal)
+        return xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window)
     if impl == "pallas":
         def fn(q, k, v, seg):
-            return flash_attention(q, k, v, segment_ids_bt=seg, causal=causal, blocks=blocks)
+            return flash_attention(q, k, v, segment_ids_bt=seg, causal=causal, window=window, blocks=blocks)
     else:
         def fn(q, k, v, seg):
-            return cudnn_attention(q, k, v, segment_ids_bt=seg, causal=causal)
+            return cudnn_attention(q, k, v, segment_ids_bt=seg, causal=causal, window=window)
     if mesh is None or mesh.size == 1:
         return fn(q_bthd, k_bskd, v_bskd, segment_ids_bt)
     return _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules)
 
 
-def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, impl="auto", block_kv: int | None = None,
-                     mesh=None, rules=()):
+def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, window: int = 0, impl="auto",
+                     block_kv: int | None = None, mesh=None, rules=()):
     """New queries against a KV cache (see `decode.py`); `auto` is pallas on TPU and GPU, else reference.
 
     With a mesh, the kernel runs under shard_map: rows over the batch axes, heads over the tensor axes.
@@ -138,10 +143,10 @@ def decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, impl="aut
     if impl == "auto":
         impl = "pallas" if platform_of(mesh) in ("tpu", "gpu", "cuda") else "reference"
     if impl == "reference":
-        return reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
+        return reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, window=window)
 
     def fn(q, k, v, lengths):
-        return pallas_decode_attention(q, k, v, lengths, block_kv=block_kv)
+        return pallas_decode_attention(q, k, v, lengths, window=window, block_kv=block_kv)
     if mesh is None or mesh.size == 1:
         return fn(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
     batch_axes, head_axes = _split_axes(mesh, rules, q_bthd.shape[0], q_bthd.shape[2], k_cache_bksd.shape[1])

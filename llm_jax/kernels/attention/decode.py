@@ -150,9 +150,12 @@ def _check(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b):
         raise ValueError(f"lengths of shape {lengths_b.shape} do not match the batch ({b},)")
 
 
-def pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, block_kv: int | None = None,
-                            backend: str | None = None, interpret: bool = False):
+def pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, window: int = 0,
+                            block_kv: int | None = None, backend: str | None = None, interpret: bool = False):
     """Decode attention through the Pallas kernels; `backend` None picks the family per lowering platform."""
+    if window:
+        raise ValueError(f"the Pallas decode kernel does not support a sliding window yet (window={window}); "
+                         "use model.attention_impl='xla' or 'reference'")
     _check(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
     b, tq, h, d = q_bthd.shape
     n_kv, s = k_cache_bksd.shape[1], k_cache_bksd.shape[2]

@@ -120,9 +120,12 @@ def _flash_bwd(causal, blocks, backend, interpret, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal: bool = True,
+def flash_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal: bool = True, window: int = 0,
                     blocks: blk.BlockSizes | None = None, backend: str | None = None, interpret: bool = False):
     """Softmax attention through the Pallas flash kernels; see the module docstring for the choices."""
+    if window:
+        raise ValueError(f"the Pallas flash kernels do not support a sliding window yet (window={window}); "
+                         "use model.attention_impl='xla' or 'reference'")
     if backend not in BACKENDS:
         raise ValueError(f"flash attention backend {backend!r} is not one of {BACKENDS}")
     _check_shapes(q_bthd, k_bskd, v_bskd, segment_ids_bt, causal)

@@ -3,6 +3,8 @@
 Layout: q (B, T, H, D), k and v (B, S, K, D) with H a multiple of K (grouped-query attention: each K/V head
 serves H/K query heads, never materialised as H heads). `segment_ids` (B, T) marks packed documents; a
 query attends only to keys of its own segment, and segment 0 (padding) attends to nothing of value.
+`window` W > 0 (sliding-window attention, Mistral's and Gemma's local layers) also hides keys W or more
+positions behind the query: key s is visible to query t when t − W < s ≤ t. W = 0 is no window.
 """
 from __future__ import annotations
 
@@ -12,11 +14,21 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
 
 
-def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool):
-    """(B, T, S) bool: key s is visible to query t (causal: s ≤ t; packed: same segment)."""
+def check_window(window: int, causal: bool) -> None:
+    if window < 0:
+        raise ValueError(f"attention window must be ≥ 0 (0: none), got {window}")
+    if window and not causal:
+        raise ValueError(f"a sliding attention window (window={window}) needs causal attention")
+
+
+def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool, window: int = 0):
+    """(B, T, S) bool: key s is visible to query t (causal: s ≤ t; packed: same segment; window: t − W < s)."""
+    check_window(window, causal)
     mask_bts = jnp.ones((b, t, s), dtype=bool)
     if causal:
         mask_bts &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+    if window:
+        mask_bts &= (jnp.arange(t)[:, None] - window < jnp.arange(s)[None, :])[None]
     if segment_ids_bt is not None:
         if s != t:
             raise ValueError(f"segment ids need self-attention; got query length {t} and key length {s}")
@@ -24,7 +36,7 @@ def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool):
     return mask_bts
 
 
-def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True):
+def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
     """softmax(q·kᵀ/√D + mask)·v, computed in float32 and returned in q's dtype."""
     b, t, h, d = q_bthd.shape
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
@@ -33,7 +45,7 @@ def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=T
     q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
     scores_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
                               preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal)
+    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, MASK_VALUE)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd,
@@ -41,14 +53,15 @@ def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=T
     return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b):
+def reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, window: int = 0):
     """Attention of a few new queries against a KV cache, the definition the decode kernels are tested against.
 
     q (B, Tq, H, D): the last Tq tokens of each row, already written into the cache; cache (B, K, S, D)
     (head-major, so a kernel's K/V block is contiguous);
     `lengths_b` (B,) counts each row's valid cache entries (new tokens included). Query t of row b sits at
-    position lengths[b] - Tq + t and sees cache positions ≤ its own.
+    position lengths[b] - Tq + t and sees cache positions ≤ its own (and, with `window` W > 0, > its own − W).
     """
+    check_window(window, True)
     b, tq, h, d = q_bthd.shape
     kv, s = k_cache_bksd.shape[1], k_cache_bksd.shape[2]
     if h % kv:
@@ -59,6 +72,8 @@ def reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b):
                         preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     positions_bt = lengths_b[:, None] - tq + jnp.arange(tq)[None, :]
     visible_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    if window:
+        visible_bts &= jnp.arange(s)[None, None, :] > positions_bt[:, :, None] - window
     scores = jnp.where(visible_bts[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache_bksd.dtype), v_cache_bksd,
