@@ -6,13 +6,16 @@ import dataclasses
 import jax.numpy as jnp
 
 from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes
+from llm_jax.model.families import Family, get_family
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections an adapter may sit on
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """Shape and numerics; `family` (model/families/) says what the architecture changes in the trunk."""
     n_layers: int
     d_model: int
     n_heads: int
@@ -35,6 +38,17 @@ class ModelConfig:
     lora_alpha: float = 16.0       # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0      # dropout on the adapters' input, in training only
     lora_targets: str = "wq,wk,wv,wo"
+    family: str = "llama"
+    sliding_window: int = 0        # W > 0: local layers attend to the last W positions only; 0: no window
+    global_every: int = 0          # with a window: every global_every-th layer is global (Gemma 3); 0: all local
+    rope_local_theta: float = 0.0  # RoPE base of the local layers, unscaled; 0: the global layers' RoPE
+    rope_scaling: str = "none"     # RoPE frequency scaling of the global layers: none | linear | llama3
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0    # llama3 scaling: wavelengths above original/low are divided by factor,
+    rope_high_freq_factor: float = 4.0   # those below original/high kept, the ones between interpolated
+    rope_original_max_len: int = 8192
+    query_scale_dim: float = 0.0   # attention scores are q·k / √query_scale_dim; 0: head_dim
+    max_seq_len: int = 0           # the context the checkpoint was made for (HF max_position_embeddings); 0: unknown
 
     @classmethod
     def from_config(cls, model_config) -> "ModelConfig":
@@ -75,11 +89,41 @@ class ModelConfig:
         if unknown or len(set(targets)) != len(targets):
             fail(f"lora_targets={self.lora_targets!r} must be a comma-separated subset (no repeats) of "
                  f"{','.join(LORA_TARGETS)}" + (f"; unknown: {unknown}" if unknown else ""))
+        try:
+            get_family(self.family)
+        except ValueError as e:
+            fail(str(e))
+        if self.sliding_window < 0:
+            fail(f"sliding_window must be >= 0 (0: none), got {self.sliding_window}")
+        if self.global_every < 0 or (self.global_every and not self.sliding_window):
+            fail(f"global_every={self.global_every} needs a sliding_window > 0 and must be >= 0")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            fail(f"rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+            fail(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if self.query_scale_dim < 0:
+            fail(f"query_scale_dim must be >= 0 (0: head_dim), got {self.query_scale_dim}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 fail(f"{name}={getattr(self, name)!r} is not a dtype")
+
+    @property
+    def family_spec(self) -> Family:
+        return get_family(self.family)
+
+    def layer_is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window (False for every layer without one)."""
+        if not self.sliding_window:
+            return False
+        return not (self.global_every and (layer + 1) % self.global_every == 0)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Local and global layers alternate: a layer's window and RoPE are chosen per layer (Gemma 3)."""
+        kinds = {self.layer_is_local(i) for i in range(self.n_layers)}
+        return len(kinds) == 2
 
     @property
     def attention_blocks(self):

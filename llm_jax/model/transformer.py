@@ -1,5 +1,10 @@
 """A decoder-only transformer: token embedding, pre-norm blocks (RMSNorm, rotary grouped-query attention,
-SwiGLU MLP) scanned over depth, final norm and LM head.
+gated MLP) scanned over depth, final norm and LM head.
+
+`cfg.family` (model/families/) switches what architectures differ in: (1 + w) norms, q/k/v biases, q/k norms,
+GeGLU, embedding scaling, norms after attention and the MLP, sliding-window layers. Where local (windowed) and
+global layers alternate (Gemma 3), the scanned layer is given its kind as a scanned flag and picks the window
+and RoPE table with `lax.cond`, so one compiled layer still serves every depth.
 
 Every weight carries logical axis names (see `llm_jax/sharding.py` for the mapping to the mesh); activations
 are constrained by name at block boundaries. Parameters are kept in `param_dtype` (f32) and cast to the
@@ -21,6 +26,7 @@ from llm_jax import sharding
 from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, attention, decode_attention, platform_of,
                                       resolve_impl)
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.rope import inverse_frequencies, rotary
 
 _REMAT = {
     "full": None,  # save nothing: recompute the block in the backward pass
@@ -90,14 +96,19 @@ def _residual_init(cfg: ModelConfig):
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) · w over the last axis, in f32; the family's `norm_plus_one` makes it · (1 + w), w from 0."""
     cfg: ModelConfig
+    axis_name: str = "norm"
 
     @nn.compact
     def __call__(self, x_btd):
-        scale_d = _param(self, "scale", (x_btd.shape[-1],), ("norm",), self.cfg, nn.initializers.ones)
+        plus_one = self.cfg.family_spec.norm_plus_one
+        init = nn.initializers.zeros if plus_one else nn.initializers.ones
+        scale_d = _param(self, "scale", (x_btd.shape[-1],), (self.axis_name,), self.cfg, init)
         x32 = x_btd.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (x32 * scale_d.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+        scale32 = scale_d.astype(jnp.float32) + (1.0 if plus_one else 0.0)
+        return (x32 * scale32).astype(self.cfg.compute_dtype)
 
 
 def token_matmul(x, w, n_contract: int = 1, preferred_element_type=None):
@@ -141,24 +152,17 @@ def _swiglu_bwd(residuals, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def rotary(x_bthd, positions_bt, theta: float):
-    """Rotates channel pairs (i, i + D/2) by angle position·θ^(-2i/D) (RoFormer, Su et al. 2021)."""
-    half = x_bthd.shape[-1] // 2
-    inv_freq_f = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_btf = positions_bt.astype(jnp.float32)[:, :, None] * inv_freq_f
-    cos, sin = jnp.cos(angle_btf)[:, :, None, :], jnp.sin(angle_btf)[:, :, None, :]
-    x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bthd.dtype)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
     mesh: Mesh | None = None
     rules: Any = ()
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None, local=None):
         """Self-attention over x; with a layer cache `kv` = (k, v), each (B, K, S, D), also returns it updated.
+
+        `local`: whether this layer is a sliding-window one, a Python bool, or a traced one where the layers are
+        scanned and their kinds alternate; None where every layer is alike (`cfg.sliding_window` for all).
 
         - kv None: training and scoring, attention over the T tokens given.
         - kv given, lengths None (prefill): the cache is empty; attention over the prompt itself, whose keys and
@@ -175,27 +179,62 @@ class Attention(nn.Module):
         wv_dkh = _param(self, "wv", (d, k, hd), kv_axes, cfg)
         wo_hkd = _param(self, "wo", (h, hd, d), o_axes, cfg, _residual_init(cfg))
 
+        family = cfg.family_spec
         q_bthd = project(self, "wq", x_btd, wq_dhk, q_axes)
         k_btkd = project(self, "wk", x_btd, wk_dkh, kv_axes)
         v_btkd = project(self, "wv", x_btd, wv_dkh, kv_axes)
-        q_bthd = rotary(q_bthd, positions_bt, cfg.rope_theta)
-        k_btkd = rotary(k_btkd, positions_bt, cfg.rope_theta)
+        if family.qkv_bias:
+            q_bthd, k_btkd, v_btkd = (
+                y + _param(self, name, y.shape[2:], axes[1:], cfg, nn.initializers.zeros).astype(y.dtype)
+                for y, name, axes in ((q_bthd, "bq", q_axes), (k_btkd, "bk", kv_axes), (v_btkd, "bv", kv_axes)))
+        if family.qk_norm:
+            q_bthd = RMSNorm(cfg, "head_dim", name="q_norm")(q_bthd)
+            k_btkd = RMSNorm(cfg, "head_dim", name="k_norm")(k_btkd)
+        inv_freq_f = self._inverse_frequencies(local)
+        q_bthd = rotary(q_bthd, positions_bt, inv_freq_f)
+        k_btkd = rotary(k_btkd, positions_bt, inv_freq_f)
+        if cfg.query_scale_dim:  # the kernels divide by √head_dim; the checkpoint wants √query_scale_dim
+            q_bthd = (q_bthd.astype(jnp.float32) * (hd / cfg.query_scale_dim) ** 0.5).astype(q_bthd.dtype)
         q_bthd = sharding.constrain(q_bthd, ("batch", "length", "act_heads", None), self.mesh, self.rules)
         k_btkd = sharding.constrain(k_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         v_btkd = sharding.constrain(v_btkd, ("batch", "length", "act_kv_heads", None), self.mesh, self.rules)
         if kv is not None and lengths_b is not None:
             kv = tuple(_write_rows(cache, new, lengths_b) for cache, new in zip(kv, (k_btkd, v_btkd)))
-            out_bthd = decode_attention(q_bthd, *kv, lengths_b + x_btd.shape[1], impl=self._decode_impl(),
-                                        mesh=self.mesh, rules=self.rules)
+
+            def attend(window):
+                return lambda q, k, v: decode_attention(q, k, v, lengths_b + x_btd.shape[1], window=window,
+                                                        impl=self._decode_impl(), mesh=self.mesh, rules=self.rules)
+            out_bthd = self._by_layer_kind(attend, local, q_bthd, *kv)
         else:
-            out_bthd = attention(q_bthd, k_btkd, v_btkd, segment_ids_bt=segment_ids_bt, causal=True,
-                                 impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
-                                 blocks=cfg.attention_blocks)
+            def attend(window):
+                return lambda q, k, v: attention(q, k, v, segment_ids_bt=segment_ids_bt, causal=True, window=window,
+                                                 impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
+                                                 blocks=cfg.attention_blocks)
+            out_bthd = self._by_layer_kind(attend, local, q_bthd, k_btkd, v_btkd)
             if kv is not None:
                 kv = tuple(_write_rows(cache, new, jnp.zeros(x_btd.shape[:1], jnp.int32))
                            for cache, new in zip(kv, (k_btkd, v_btkd)))
         out_btd = project(self, "wo", out_bthd, wo_hkd, o_axes, n_in=2)
         return out_btd if kv is None else (out_btd, kv)
+
+    def _inverse_frequencies(self, local):
+        """The layer kind's RoPE table; a traced kind selects between the two constant tables."""
+        cfg = self.cfg
+        if local is None:
+            return jnp.asarray(inverse_frequencies(cfg, cfg.layer_is_local(0)))
+        if isinstance(local, bool):
+            return jnp.asarray(inverse_frequencies(cfg, local))
+        return jnp.where(local, inverse_frequencies(cfg, True), inverse_frequencies(cfg, False))
+
+    def _by_layer_kind(self, attend, local, *args):
+        """attend(window)(*args) with this layer's window: static where the kind is known, else a `lax.cond`
+        between the local and the global program (both compiled, one run per layer)."""
+        cfg = self.cfg
+        if local is None:
+            return attend(cfg.sliding_window)(*args)
+        if isinstance(local, bool):
+            return attend(cfg.sliding_window if local else 0)(*args)
+        return jax.lax.cond(local, attend(cfg.sliding_window), attend(0), *args)
 
     def _decode_impl(self) -> str:
         """The Pallas decode kernel where a kernel path serves training attention, else the reference."""
@@ -223,8 +262,9 @@ class MLP(nn.Module):
         w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), down_axes, cfg, _residual_init(cfg))
         gate_btf = project(self, "w_gate", x_btd, w_gate_df, up_axes)
         up_btf = project(self, "w_up", x_btd, w_up_df, up_axes)
-        h_btf = sharding.constrain(swiglu(gate_btf, up_btf), ("batch", "length", "act_mlp"),
-                                   self.mesh, self.rules)
+        gated_btf = (swiglu(gate_btf, up_btf) if cfg.family_spec.activation == "silu"
+                     else jax.nn.gelu(gate_btf, approximate=True) * up_btf)  # GeGLU, tanh GELU (Gemma)
+        h_btf = sharding.constrain(gated_btf, ("batch", "length", "act_mlp"), self.mesh, self.rules)
         return project(self, "w_down", h_btf, w_down_fd, down_axes)
 
 
@@ -234,13 +274,19 @@ class Block(nn.Module):
     rules: Any = ()
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None, local=None):
         """x (B, T, D) -> (x, kv): kv is the layer's updated cache, None without one (see Attention)."""
+        sandwich = self.cfg.family_spec.sandwich_norms
         attn = Attention(self.cfg, self.mesh, self.rules, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt, kv, lengths_b)
+            RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt, kv, lengths_b, local)
         attn_btd, kv = attn if kv is not None else (attn, None)
+        if sandwich:
+            attn_btd = RMSNorm(self.cfg, name="post_attn_norm")(attn_btd)
         x_btd = x_btd + attn_btd
-        x_btd = x_btd + MLP(self.cfg, self.mesh, self.rules, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_btd))
+        mlp_btd = MLP(self.cfg, self.mesh, self.rules, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_btd))
+        if sandwich:
+            mlp_btd = RMSNorm(self.cfg, name="post_mlp_norm")(mlp_btd)
+        x_btd = x_btd + mlp_btd
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
         return x_btd, kv
 
@@ -288,7 +334,7 @@ class Transformer(nn.Module):
             # The layer's cache slice is scanned over (axis 0), like its parameters; the per-layer cache
             # comes back as the scan's output. Each layer draws its own params and (LoRA) dropout masks.
             scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                              in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, self.mesh, self.rules, name="blocks")
         return [block_cls(cfg, self.mesh, self.rules, name=f"block_{i}") for i in range(cfg.n_layers)]
@@ -310,16 +356,21 @@ class Transformer(nn.Module):
         # table split along embed would force XLA to replicate the whole activation.
         table_vd = sharding.constrain(self.embedding, ("vocab", None), self.mesh, self.rules)
         x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(cfg.compute_dtype)
+        if cfg.family_spec.embed_scale:  # √d rounded to the compute dtype first, as the checkpoints' code does
+            x_btd = x_btd * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
         lengths_b = None if cache is None or prefill else cache.lengths
         kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
-            x_btd, kv = self.layers(x_btd, positions_bt, segment_ids_bt, kv, lengths_b)
+            local_l = (jnp.asarray([cfg.layer_is_local(i) for i in range(cfg.n_layers)]) if cfg.mixed_layers
+                       else None)
+            x_btd, kv = self.layers(x_btd, positions_bt, segment_ids_bt, kv, lengths_b, local_l)
         else:
             per_layer = []
             for i, block in enumerate(self.layers):
+                local = cfg.layer_is_local(i) if cfg.mixed_layers else None
                 x_btd, layer_kv = block(x_btd, positions_bt, segment_ids_bt,
-                                        None if kv is None else (kv[0][i], kv[1][i]), lengths_b)
+                                        None if kv is None else (kv[0][i], kv[1][i]), lengths_b, local)
                 per_layer.append(layer_kv)
             if kv is not None:
                 kv = tuple(jnp.stack(parts) for parts in zip(*per_layer))

@@ -1,0 +1,229 @@
+"""`llm-jax import-hf --hf DIR --workdir RUN`: a local Hugging Face checkpoint as an ordinary run directory.
+
+    config.json       the run config: base_config() with config.model mapped field by field from the checkpoint's
+                      config.json by its family (model/families/), data.chat_template "hf" (the tokenizer's own)
+    tokenizer/        the checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json, chat template, ...)
+    checkpoints/0/    the params (orbax), so every stage starts from the run with `train.init_from`, unchanged
+    import.json       where it came from: the source path, every file's sha256, the tensor count and timings
+
+Everything is checked before anything is written: the architecture and every config field the trunk cannot run
+(named with its value), every tensor's presence, shape and dtype, the tokenizer against the embedding. Tensors
+are then streamed one param at a time from the memory-mapped safetensors straight onto the run's mesh
+(`config.mesh`, overridable as for training): one param's full host copy at most, never the whole model twice.
+Params keep the checkpoint's dtype unless `model.param_dtype` is overridden.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llm_jax import runs, sharding
+from llm_jax.configs_common import base_config
+from llm_jax.data.hf_tokenizer import HFTokenizer
+from llm_jax.data.tokenizer import check_vocab
+from llm_jax.hf import weights
+from llm_jax.hf.safetensors_io import CheckpointFilesError, SafetensorsReader
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.families import family_of_hf
+from llm_jax.model.transformer import Transformer
+from llm_jax.train.checkpoint import checkpoint_dir
+
+IMPORT_RECORD = "import.json"
+TOKENIZER_DIR = "tokenizer"
+# Tensors some checkpoints carry that are derived, not learned: skipped.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class HFImportError(ValueError):
+    """A checkpoint that cannot be imported (named with the file, tensor or field and its value)."""
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointFilesError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointFilesError(f"{path}: unreadable ({e})") from e
+
+
+def run_config(hf_dir: str, hf: dict, overrides=()) -> ml_collections.ConfigDict:
+    """The run config of an import: the family's mapping of config.json into base_config(), then `overrides`."""
+    from llm_jax.config_lib import apply_overrides
+    source = os.path.join(hf_dir, "config.json")
+    family = family_of_hf(hf, source)
+    config = base_config()
+    config.model.update(family.from_hf(hf, source), family=family.name,
+                        max_seq_len=int(hf.get("max_position_embeddings") or 0))
+    dtype = hf.get("dtype", hf.get("torch_dtype")) or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CheckpointFilesError(f"{source}: dtype={dtype!r} is not supported (float32, bfloat16, float16)")
+    config.model.param_dtype = dtype
+    config.data.seq_len = int(hf.get("max_position_embeddings") or config.data.seq_len)
+    config.data.chat_template = "hf"
+    config.tokenizer.path = ""
+    config.objective = "lm"
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    apply_overrides(config, list(overrides))
+    return config
+
+
+def _param_paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _param_paths(value, prefix + (key,))
+    else:
+        yield prefix, tree
+
+
+def _sources(cfg: ModelConfig, abstract: dict) -> dict:
+    """Our param path → (HF names, one per stacked layer or a single one, the map)."""
+    out = {}
+    by_global = {m.path: m for m in weights.global_maps(cfg)}
+    by_layer = {m.path: m for m in weights.layer_maps(cfg)}
+    for path, _ in _param_paths(abstract):
+        if path in by_global:
+            out[path] = ([by_global[path].hf], by_global[path], False)
+        elif path[0] == "blocks" and path[1:] in by_layer:
+            m = by_layer[path[1:]]
+            out[path] = ([m.hf.format(i=i) for i in range(cfg.n_layers)], m, True)
+        elif path[0].startswith("block_") and path[1:] in by_layer:
+            m = by_layer[path[1:]]
+            out[path] = ([m.hf.format(i=int(path[0][len("block_"):]))], m, False)
+        else:
+            raise HFImportError(f"param {'/'.join(path)} has no tensor in a {cfg.family} checkpoint")
+    return out
+
+
+def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig, sources: dict, abstract: dict) -> None:
+    """Every expected tensor present with the right shape and a float dtype; no tensor left unread."""
+    flat = dict(_param_paths(abstract))
+    expected = set()
+    for path, (names, m, stacked) in sources.items():
+        want = flat[path].shape[1:] if stacked else flat[path].shape
+        hf_shape = _hf_shape(m, want)
+        for name in names:
+            expected.add(name)
+            shape, dtype = reader.shape_dtype(name)
+            if shape != tuple(hf_shape):
+                raise HFImportError(f"{reader.directory}: tensor {name!r} has shape {list(shape)}, expected "
+                                   f"{list(hf_shape)} from config.json")
+            if dtype not in _DTYPES:
+                raise HFImportError(f"{reader.directory}: tensor {name!r} has dtype {dtype}; expected one of "
+                                   f"{sorted(_DTYPES)}")
+    extra = sorted(n for n in reader.shard_of if n not in expected and not n.endswith(_DERIVED_SUFFIXES)
+                   and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise HFImportError(f"{reader.directory}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not part of a "
+                           f"{cfg.family} model as config.json describes it")
+
+
+def _hf_shape(m: weights.TensorMap, ours: tuple) -> tuple:
+    """The HF shape of one of our shapes, without allocating it (the maps are reshapes and transposes)."""
+    return jax.eval_shape(lambda x: m.to_hf(x), jax.ShapeDtypeStruct(ours, np.float32)).shape
+
+
+def _load_param(reader, names, m, stacked: bool, target) -> jax.Array:
+    """One param, read layer by layer into one host array in our layout, then placed shard by shard."""
+    dtype = np.dtype(target.dtype)
+    if stacked:
+        host = np.empty(target.shape, dtype)
+        for i, name in enumerate(names):
+            host[i] = m.to_ours(reader.read(name)).astype(dtype, copy=False)
+    else:
+        host = np.ascontiguousarray(m.to_ours(reader.read(names[0])).astype(dtype, copy=False))
+    if target.sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, target.sharding, lambda index: host[index])
+
+
+def _nbytes(shape, dtype: str) -> int:
+    return int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
+    """Imports `hf_dir` into `workdir` (see the module docstring); returns the summary also in import.json.
+
+    A workdir that already holds a finished import of the same files returns its summary; of other files, an
+    error. Nothing is written before every check has passed."""
+    t0 = time.perf_counter()
+    hf_dir = os.path.abspath(hf_dir)
+    hf = read_hf_config(hf_dir)
+    config = run_config(hf_dir, hf, overrides)
+    cfg = ModelConfig.from_config(config.model)
+    tokenizer = HFTokenizer.load(hf_dir)
+    check_vocab(tokenizer, cfg.vocab_size)
+    reader = SafetensorsReader(hf_dir)
+    files = sorted(set(reader.shard_of.values()))
+    record_path = os.path.join(workdir, IMPORT_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous.get("source") != hf_dir:
+            raise HFImportError(f"{workdir} already holds an import of {previous.get('source')}: use a new --workdir")
+        return previous
+    if os.path.isdir(checkpoint_dir(workdir)) and os.listdir(checkpoint_dir(workdir)):
+        raise HFImportError(f"{workdir} already holds checkpoints: import into a new --workdir")
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.check_rules(config.mesh_rules)
+    model = Transformer(cfg, mesh, rules)
+    abstract = runs.abstract_params(model, mesh, rules, init_method=Transformer.logits)
+    sources = _sources(cfg, abstract["params"])
+    _check_tensors(reader, cfg, sources, abstract["params"])
+    t_checked = time.perf_counter()
+
+    flat = dict(_param_paths(abstract["params"]))
+    params, n_bytes = {}, 0
+    for path, (names, m, stacked) in sources.items():
+        array = _load_param(reader, names, m, stacked, flat[path])
+        n_bytes += sum(_nbytes(*reader.shape_dtype(n)) for n in names)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = array
+    reader.close()
+    t_loaded = time.perf_counter()
+
+    os.makedirs(workdir, exist_ok=True)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"params": params})))
+    manager.wait_until_finished()
+    manager.close()
+    tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    tokenizer.save(tokenizer_dir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    t_written = time.perf_counter()
+    summary = dict(
+        source=hf_dir, family=cfg.family, architecture=(hf.get("architectures") or [None])[0],
+        files={name: sha256_file(os.path.join(hf_dir, name)) for name in files + ["config.json"]},
+        tokenizer_sha256=tokenizer.sha256, tensors=len(reader.shard_of), bytes=n_bytes,
+        params=int(sum(np.prod(a.shape) for _, a in _param_paths(params))),
+        mesh=dict(mesh.shape), param_dtype=cfg.param_dtype,
+        seconds=dict(check=round(t_checked - t0, 3), load=round(t_loaded - t_checked, 3),
+                     save=round(t_written - t_loaded, 3)),
+        gb_per_s=round(n_bytes / 1e9 / max(t_loaded - t_checked, 1e-9), 3))
+    with open(record_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
