@@ -5,6 +5,8 @@
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
+    llm-jax import-hf --hf /models/Qwen2.5-0.5B-Instruct --workdir runs/qwen [--config.mesh.tensor=2 ...]
+    llm-jax export-hf --run runs/qwen-dpo --out exports/qwen-dpo [--overwrite --dtype bfloat16]
     llm-jax rejection-sample --run runs/sft --reward-run runs/rm --prompts default_task --k 8 --out rs.jsonl
     llm-jax preference-pairs --run runs/sft --judge runs/rm --prompts default_task --k 8 --out pairs.jsonl
     llm-jax pipeline  --config configs/pipeline.py:tiny --workdir runs/pipeline [--config.seed=1 ...]
@@ -18,6 +20,9 @@ held-out precision and recall, and saves it for prepare's classifier steps (see 
 a bad config exits 2, bad example data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
+`import-hf` turns a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 3) into a run directory that every
+stage starts from with `train.init_from` (see llm_jax/hf/import_hf.py); `export-hf` writes any run as a checkpoint
+that transformers and vLLM load (see llm_jax/hf/export_hf.py). Both exit 1 on a checkpoint or run they cannot use.
 `rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
 (see llm_jax/rl/rejection_sampling.py). `preference-pairs` writes a judge's (`gold` or a reward run) best
 against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
@@ -79,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_arguments(sub, max_new_tokens=64, temperature=0.0)
     sub.add_argument("--no-cache", action="store_true",
                      help="re-run the full forward every step instead of the KV cache (slow; a reference)")
+    sub = commands.add_parser("import-hf", help="a local Hugging Face checkpoint as a run directory (see "
+                                                "llm_jax/hf/import_hf.py); --config.* overrides apply to its config")
+    sub.add_argument("--hf", required=True, help="the checkpoint directory (config.json, *.safetensors, tokenizer)")
+    sub.add_argument("--workdir", required=True, help="the run directory to write")
+    sub = commands.add_parser("export-hf", help="write a run as a Hugging Face checkpoint (see llm_jax/hf/export_hf.py)")
+    sub.add_argument("--run", required=True, help="the run directory (imported or trained here)")
+    sub.add_argument("--out", required=True, help="the output directory (refused if not empty, unless --overwrite)")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sub.add_argument("--dtype", help="tensor dtype of the export (default: the run's model.param_dtype)")
+    sub.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
+    sub.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
     sub = commands.add_parser("rejection-sample", help="sample K answers per prompt, keep the reward model's best "
                                                        "as SFT records (see llm_jax/rl/rejection_sampling.py)")
     _best_of_k_arguments(sub, "SFT records")
@@ -170,10 +186,6 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(arg)
         i += 1
     return rest, overrides
-
-
-def load(config_spec: str, overrides: list[str]):
-    return config_lib.apply_overrides(config_lib.load_config(config_spec), overrides)
 
 
 def _sample_command(args, overrides: list[str], run, check=None) -> int:
@@ -296,6 +308,31 @@ def _scaling_fit(args, overrides: list[str]) -> int:
     return 0
 
 
+def _hf_command(args, overrides: list[str]) -> int:
+    """import-hf and export-hf: a checkpoint, run or tokenizer they cannot use exits 1 with one line."""
+    from llm_jax.data.sources import DataError
+    from llm_jax.train.checkpoint import CheckpointError
+    try:
+        if args.command == "import-hf":
+            from llm_jax.hf.import_hf import import_hf
+            result = import_hf(args.hf, args.workdir, overrides)
+        else:
+            if overrides:
+                raise config_lib.ConfigError(f"export-hf reads the run's own config; it takes no overrides "
+                                             f"(got --config.{overrides[0]})")
+            from llm_jax.hf.export_hf import export_hf
+            result = export_hf(args.run, args.out, overwrite=args.overwrite, dtype=args.dtype, step=args.step,
+                               max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    except config_lib.ConfigError as e:
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=str))
+    return 0
+
+
 _SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_sample,
                       "preference-pairs": _preference_pairs}
 
@@ -309,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             return _SAMPLING_COMMANDS[args.command](args, overrides)
         if args.command == "scaling-fit":
             return _scaling_fit(args, overrides)
-        config = load(args.config, overrides)
+        if args.command in ("import-hf", "export-hf"):
+            return _hf_command(args, overrides)
+        config = config_lib.load(args.config, overrides)
     except config_lib.ConfigError as e:
         print(f"llm-jax: {e}", file=sys.stderr)
         return 2

@@ -56,6 +56,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
+def load(config_spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """`file.py[:arg]` with `a.b=value` overrides applied: what `llm-jax train` runs, and every stage of a pipeline
+    or a sweep."""
+    return apply_overrides(load_config(config_spec), overrides)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     """Applies `a.b.c=value` strings (the `--config.` prefix already stripped) in order."""
     for item in overrides:

@@ -66,6 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
         lora_alpha=16.0,
         lora_dropout=0.0,      # on the adapters' input, training steps only
         lora_targets="wq,wk,wv,wo",  # comma-separated subset of wq,wk,wv,wo,w_gate,w_up,w_down
+        # The architecture (llm_jax/model/families/): today's model is "llama"; an imported checkpoint sets these.
+        family="llama",        # llama | mistral | qwen2 | qwen3 | gemma3
+        sliding_window=0,      # local layers attend to the last W positions; 0: no window
+        global_every=0,        # with a window, every global_every-th layer is global (Gemma 3); 0: all local
+        rope_local_theta=0.0,  # RoPE base of the local layers; 0: the global one
+        rope_scaling="none",   # none | linear | llama3 (Llama 3.1's), on the global layers
+        rope_scaling_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+        query_scale_dim=0.0,   # scores are q·k/√query_scale_dim; 0: head_dim
+        max_seq_len=0,         # the checkpoint's context (HF max_position_embeddings); 0: unknown
+        from_init=False,       # take every architecture field from train.init_from's run (runs.inherit_model)
     ))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
@@ -152,6 +162,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+HF_SIZE = "hf"  # a stage's preset for a model imported with `llm-jax import-hf` (or any run: its model is inherited)
+
+
+def hf_stage_base(seed: int, init_from: str) -> ml_collections.ConfigDict:
+    """The base of every stage's `hf` preset: the model taken whole from `train.init_from` (model.from_init, so
+    any imported family), f32 master weights whatever dtype the checkpoint had, and the checkpoint's own chat
+    template and tokenizer."""
+    config = base_config()
+    config.seed = seed
+    config.model.update(from_init=True, param_dtype="float32", dtype="float32")
+    config.train.init_from = init_from
+    config.data.chat_template = "hf"
+    return config
+
+
 def stage_config(arg, *, objective: str, init_from: str, stage_sizes: dict) -> ml_collections.ConfigDict:
     """A post-training stage's config: the pretraining config of the same size (so the params fit the run it
     starts from: one config lineage), the objective, `train.init_from`, and the stage's own settings per size.
@@ -162,10 +187,13 @@ def stage_config(arg, *, objective: str, init_from: str, stage_sizes: dict) -> m
 
     from llm_jax.config_lib import load_config, parse_arg
     arg = parse_arg(arg, size="tiny", steps=-1, seed=0, init_from=init_from)
-    pretrain = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py")
-    config = load_config(f"{pretrain}:size={arg.size},seed={arg.seed}")
+    if arg.size == HF_SIZE:
+        config = hf_stage_base(arg.seed, init_from if arg.init_from == init_from else arg.init_from)
+    else:
+        pretrain = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain.py")
+        config = load_config(f"{pretrain}:size={arg.size},seed={arg.seed}")
+        config.train.init_from = arg.init_from
     config.objective = objective
-    config.train.init_from = arg.init_from
     config.data.update(train="default_task", eval="")
     for section, fields in stage_sizes.get(arg.size, {}).items():
         config[section].update(fields)

@@ -217,7 +217,7 @@ def _plan(config, name: str, workdir: str):
     """What a stage will run, loaded now so that a bad override or option fails before any stage runs."""
     stage = config.stages[name]
     if stage.kind == "train":
-        from llm_jax.cli import load
+        from llm_jax.config_lib import load
         return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
     _judge(config, name, workdir)
     _sampling(stage)

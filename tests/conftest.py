@@ -22,7 +22,7 @@ SMALL_OVERRIDES = [
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory):
     """A 512-piece tokenizer trained on the default corpus, shared by every test that needs a real one."""
-    from llm_jax.cli import load
+    from llm_jax.config_lib import load
     from llm_jax.data.tokenizer_stage import run_tokenizer
     workdir = tmp_path_factory.mktemp("tok")
     return run_tokenizer(load("configs/pretrain.py:tiny", SMALL_OVERRIDES), str(workdir))["path"]
@@ -54,7 +54,7 @@ def _save_run(workdir, config_spec, tokenizer_path, edit, overrides=None, metric
     import orbax.checkpoint as ocp
     from flax import linen as nn
 
-    from llm_jax.cli import load
+    from llm_jax.config_lib import load
     from llm_jax.model.config import ModelConfig
     from llm_jax.model.transformer import Transformer
     from llm_jax.objectives import get_objective

@@ -2,7 +2,8 @@
 import pytest
 
 from llm_jax import config_lib
-from llm_jax.cli import _split_overrides, load
+from llm_jax.cli import _split_overrides
+from llm_jax.config_lib import load
 
 
 def test_sizes_and_the_bench_shape():

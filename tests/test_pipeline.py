@@ -14,17 +14,17 @@ STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
 
 
 def test_sizes_and_stage_overrides():
-    config = cli.load("configs/pipeline.py:tiny", ["seed=3", "stages.ppo.extra=ppo.kl_coef=0.1 train.steps=7"])
+    config = config_lib.load("configs/pipeline.py:tiny", ["seed=3", "stages.ppo.extra=ppo.kl_coef=0.1 train.steps=7"])
     assert tuple(config.order) == STAGES
     assert train_overrides(config, "ppo", "runs/p") == [
         "seed=3", "train.init_from=runs/p/sft", "ppo.reward_run=runs/p/reward", "ppo.kl_coef=0.1", "train.steps=7"]
     assert "data.train=default_task,runs/p/pairs/pairs.jsonl" in train_overrides(config, "reward", "runs/p")
     with pytest.raises(config_lib.ConfigError, match=r"unknown pipeline size 'huge'; known: \['tiny', 'small'\]"):
-        cli.load("configs/pipeline.py:huge", [])
+        config_lib.load("configs/pipeline.py:huge", [])
 
 
 def test_stage_list_checks():
-    config = cli.load("configs/pipeline.py:tiny", [])
+    config = config_lib.load("configs/pipeline.py:tiny", [])
     config.order = ("pretrain", "rlhf")
     with pytest.raises(PipelineError, match=r"stages \['rlhf'\] that config.stages does not define"):
         check_config(config)
@@ -43,7 +43,7 @@ def _mtimes(workdir):
 
 def _small(small_tokenizer, *overrides):
     """The small pipeline sharing the session's tokenizer (pretraining would otherwise train its own)."""
-    return cli.load("configs/pipeline.py:small", [f"stages.pretrain.extra=tokenizer.path={small_tokenizer}",
+    return config_lib.load("configs/pipeline.py:small", [f"stages.pretrain.extra=tokenizer.path={small_tokenizer}",
                                                   *overrides])
 
 

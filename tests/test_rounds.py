@@ -29,10 +29,10 @@ RUN_ARGS = ["--config.stages.sft1.extra=optim.freeze=embedding", "--config.stage
 
 
 def test_stage_list_links_and_base_chain():
-    config = cli.load("configs/rounds.py:tiny", [])
+    config = config_lib.load("configs/rounds.py:tiny", [])
     assert tuple(config.order) == BASE + ROUND_STAGES
     assert [tuple(r) for r in config.rounds] == [("sft",), *ROUNDS]
-    base = cli.load("configs/pipeline.py:tiny", [])
+    base = config_lib.load("configs/pipeline.py:tiny", [])
     assert all(config.stages[n].to_dict() == base.stages[n].to_dict() for n in BASE)
 
     stages = config.stages
@@ -46,7 +46,7 @@ def test_stage_list_links_and_base_chain():
     # seeds differ from the base pairs stage's, which sampled the same SFT model as rs1
     assert [stages[n].seed_offset for n in ("pairs", "rs1", "pairs1", "rs2")] == [0, 1, 1, 2]
 
-    three = cli.load("configs/rounds.py:size=tiny,rounds=3,pairs_judge=reward", [])
+    three = config_lib.load("configs/rounds.py:size=tiny,rounds=3,pairs_judge=reward", [])
     assert three.order[-4:] == ("rs3", "sft3", "pairs3", "dpo3") and three.stages.rs3.run == "{workdir}/dpo2"
     assert (three.stages.pairs3.judge, three.stages.pairs3.min_margin) == ("reward", 0.0)
 
@@ -58,7 +58,7 @@ def test_stage_list_links_and_base_chain():
 ])
 def test_bad_arguments_are_named(arg, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        cli.load(f"configs/rounds.py:{arg}", [])
+        config_lib.load(f"configs/rounds.py:{arg}", [])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -70,7 +70,7 @@ def test_bad_arguments_are_named(arg, message):
 ])
 def test_bad_sampling_options_fail_before_any_stage_runs(tmp_path, override, message):
     with pytest.raises(PipelineError, match=message):
-        run_pipeline(cli.load(SMALL, [override]), str(tmp_path))
+        run_pipeline(config_lib.load(SMALL, [override]), str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 

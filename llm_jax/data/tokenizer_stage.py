@@ -2,8 +2,9 @@
 
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
 
-Every run directory keeps the tokenizer it was trained with as `<workdir>/tokenizer.model`, so a later stage
-that starts from the run (`train.init_from`) inherits it and the whole lineage shares one vocabulary.
+Every run directory keeps the tokenizer it was trained with as `<workdir>/tokenizer.model` (sentencepiece), or
+`<workdir>/tokenizer/` (a Hugging Face tokenizer: an imported checkpoint's, or one `tokenizer.path` names), so a
+later stage that starts from the run (`train.init_from`) inherits it and the whole lineage shares one vocabulary.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import shutil
 
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.data.hf_tokenizer import HFTokenizer
+from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.mixture import training_spec
 from llm_jax.data.sources import iter_documents
 
@@ -21,12 +24,14 @@ class TokenizerMismatch(ValueError):
     """A run directory whose tokenizer differs from the one the config names."""
 
 
-def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-    """The run's tokenizer, kept as `<workdir>/tokenizer.model`: copied from `tokenizer.path`, inherited from
-    `train.init_from`, reused from an earlier attempt of this run, or trained on the training corpus."""
+def prepare_tokenizer(config, workdir: str):
+    """The run's tokenizer, kept as `<workdir>/tokenizer.model` or `<workdir>/tokenizer/`: copied from
+    `tokenizer.path`, inherited from `train.init_from`, reused from an earlier attempt of this run, or trained on
+    the training corpus."""
+    source = config.tokenizer.path or (run_tokenizer_path(config.train.init_from) if config.train.init_from else "")
+    if source and os.path.isdir(source):
+        return _copy_hf_tokenizer(source, workdir)
     target = os.path.join(workdir, "tokenizer.model")
-    source = config.tokenizer.path or (
-        os.path.join(config.train.init_from, "tokenizer.model") if config.train.init_from else "")
     if os.path.exists(target):
         tokenizer = tokenizer_lib.Tokenizer.load(target)
         if source and tokenizer_lib.Tokenizer.load(source).sha256 != tokenizer.sha256:
@@ -40,6 +45,18 @@ def prepare_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
         os.replace(tmp, target)
         return tokenizer_lib.Tokenizer.load(target)
     return train_tokenizer(config, target)
+
+
+def _copy_hf_tokenizer(source: str, workdir: str) -> HFTokenizer:
+    """A Hugging Face tokenizer directory (or a run holding one) as `<workdir>/tokenizer/`; TokenizerMismatch if the
+    workdir already holds another."""
+    tokenizer = load_tokenizer(source)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise TokenizerMismatch(f"{source} holds a sentencepiece model, not a Hugging Face tokenizer directory")
+    try:
+        return HFTokenizer.load(tokenizer.save(workdir))
+    except FileExistsError as e:
+        raise TokenizerMismatch(f"{e}: use a new --workdir") from e
 
 
 def train_tokenizer(config, target: str) -> tokenizer_lib.Tokenizer:

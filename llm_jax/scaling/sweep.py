@@ -145,7 +145,7 @@ def _base_path(config) -> str:
 
 
 def _load_run_config(spec: str, overrides):
-    from llm_jax.cli import load  # the same loading as `llm-jax train` and the pipeline's stages
+    from llm_jax.config_lib import load  # the same loading as `llm-jax train` and the pipeline's stages
     return load(spec, list(overrides))
 
 

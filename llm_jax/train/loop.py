@@ -30,6 +30,7 @@ import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
+from llm_jax.runs import inherit_model
 from llm_jax.data import mixture
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
@@ -86,7 +87,9 @@ class _StopSignal:
 
 
 def validate(config) -> ModelConfig:
-    """Every check that needs no data or compilation, so a bad config fails in a second."""
+    """Every check that needs no data or compilation, so a bad config fails in a second. With model.from_init the
+    model section is first taken from train.init_from's run (`runs.inherit_model`)."""
+    inherit_model(config)
     model_cfg = ModelConfig.from_config(config.model)
     t = config.train
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -104,7 +107,7 @@ def validate(config) -> ModelConfig:
 
 
 # Model fields that shape the params: a run started from another must agree on all of them.
-_PARAM_SHAPING = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
+_PARAM_SHAPING = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
                   "tie_embeddings")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llm_jax import cli, sharding
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 from llm_jax.data.records import Message, PromptExample
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import SamplingConfig
