@@ -38,3 +38,20 @@ def test_counts_match_the_model():
                                                    method=Transformer.logits))
         n = sum(np.size(x) for x in jax.tree.leaves(variables))
         assert n == flops.param_counts(cfg)["total"]
+
+
+def test_every_family_counts_its_own_params_and_windowed_layers_attend_fewer_keys():
+    import dataclasses
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
+        cfg = dataclasses.replace(SMALL, family=family, sliding_window=3 if family in ("mistral", "gemma3") else 0,
+                                  global_every=2 if family == "gemma3" else 0)
+        variables = nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                                   method=Transformer.logits))
+        assert sum(np.size(x) for x in jax.tree.leaves(variables)) == flops.param_counts(cfg)["total"], family
+    # T=6, W=3: rows see 1, 2, 3, 3, 3, 3 keys (mean 2.5) instead of 3.5
+    assert flops.attended_keys(6, 3) == 2.5 and flops.attended_keys(6, 0) == 3.5 == flops.attended_keys(6, 9)
+    mistral = dataclasses.replace(SMALL, family="mistral", sliding_window=3)
+    assert flops.attention_flops_per_token(mistral, 6) == 12 * 2 * 4 * (2.5 + 2.5)
+    gemma = dataclasses.replace(SMALL, family="gemma3", sliding_window=3, global_every=2)  # layer 1 global
+    assert flops.attention_flops_per_token(gemma, 6) == 12 * 2 * 4 * (2.5 + 3.5)
+    assert flops.attention_flops_per_token(SMALL, 6) == 672
