@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -37,7 +36,6 @@ from llm_jax.model.transformer import Transformer
 from llm_jax.train.checkpoint import checkpoint_dir
 
 IMPORT_RECORD = "import.json"
-TOKENIZER_DIR = "tokenizer"
 # Tensors some checkpoints carry that are derived, not learned: skipped.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -209,9 +207,7 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"params": params})))
     manager.wait_until_finished()
     manager.close()
-    tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    tokenizer.save(tokenizer_dir)
+    tokenizer.save(workdir)  # <workdir>/tokenizer/
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     t_written = time.perf_counter()

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
 from llm_jax.configs_common import base_config
 from llm_jax.data import default_corpus, mixture, pipeline, prepare_stage, prepared

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import _save_run
 from llm_jax import sharding
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 from llm_jax.data import default_task
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.objectives.reward import RewardScorer

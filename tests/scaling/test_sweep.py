@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from llm_jax.cli import load, main
+from llm_jax.cli import main
+from llm_jax.config_lib import load
 from llm_jax.model.config import ModelConfig
 from llm_jax.scaling import flops, sweep
 from llm_jax.scaling.sweep import SweepError, expand, run_sweep

@@ -1,7 +1,7 @@
 """A small config shared by the end-to-end loop tests (the small tokenizer is in tests/conftest.py)."""
 import pytest
 
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 from llm_jax.data import default_corpus
 from llm_jax.data.classifier_stage import heldout_mask
 from llm_jax.data.prepare import classifier, classifier_examples, classifier_metrics, steps

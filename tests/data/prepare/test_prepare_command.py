@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from llm_jax.cli import load, main
+from llm_jax.cli import main
+from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus, prepare_stage
 from llm_jax.data.prepare import inputs, report, shards
