@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from llm_jax import cli, sharding
+from llm_jax import cli, config_lib, sharding
 from llm_jax.generate import SamplingConfig, make_full_forward_generate_fn, make_generate_fn
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wall_start = time.perf_counter()
     allocator_tuned = args.host_allocator == "tuned" and hardware.tune_host_allocator()
-    config = cli.load(args.config, overrides)
+    config = config_lib.load(args.config, overrides)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)
     b, p, n = args.batch_size, args.prompt_len, args.new_tokens

@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import cli, runs
+from llm_jax import cli, config_lib, runs
 from llm_jax.rl import losses, ppo_loop
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
@@ -45,7 +45,7 @@ ROLES = ("generate", "score", "train")
 def ppo_config(policy: str, reward: str, overrides: list[str]):
     """`BASE_CONFIG` shaped like the policy run, pointed at both runs, then `overrides` (which win)."""
     shape = [f"model.{name}={value}" for name, value in runs.read_config(policy).model.items()]
-    return cli.load(BASE_CONFIG, [*shape, f"train.init_from={policy}", f"ppo.reward_run={reward}", *overrides])
+    return config_lib.load(BASE_CONFIG, [*shape, f"train.init_from={policy}", f"ppo.reward_run={reward}", *overrides])
 
 
 def iterations(p: ppo_loop.PPO, policy, value):

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from llm_jax.cli import load
+from llm_jax.config_lib import load
 from llm_jax.data import default_corpus
 from llm_jax.data.classifier_stage import run_classifier
 from llm_jax.data.prepare import dedup, langid, shards

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import cli, sharding
+from llm_jax import cli, config_lib, sharding
 from llm_jax.kernels.attention import attention
 from llm_jax.model.transformer import Block, token_matmul
 from llm_jax.objectives import lm
@@ -62,7 +62,7 @@ def main(argv=None):
     want = lambda name: not only or any(name.startswith(p) for p in only)  # noqa: E731
 
     hardware.tune_host_allocator()  # as the throughput benchmark does, before the backend starts
-    config = cli.load(args.config, overrides)
+    config = config_lib.load(args.config, overrides)
     cfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import cli, sharding
+from llm_jax import cli, config_lib, sharding
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
 
     allocator_tuned = args.host_allocator == "tuned" and hardware.tune_host_allocator()
-    config = cli.load(args.config, overrides)
+    config = config_lib.load(args.config, overrides)
     model_cfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)

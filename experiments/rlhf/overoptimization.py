@@ -67,7 +67,7 @@ def _finished(workdir: str, steps: int) -> bool:
 
 
 def run_beta(args, beta: float, overrides: list[str]) -> str:
-    from llm_jax.cli import load
+    from llm_jax.config_lib import load
     from llm_jax.train import loop
     workdir = os.path.join(args.workdir, f"beta_{beta:g}")
     if not _finished(workdir, args.steps):
