@@ -22,11 +22,18 @@ setup(
         "pyarrow",
         "tqdm",
         "zstandard",   # .zst inputs of llm-jax prepare
+        # Hugging Face formats, read and written with their own libraries (import-hf, export-hf, chat templates)
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
     ],
     extras_require={
         # scaling-fit's PNGs (llm_jax/scaling/plots.py imports it only when drawing; --no-plots needs none)
         "plots": ["matplotlib"],
         "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        # live parity against transformers (tests/hf/make_fixtures.py, tests/hf/test_live_transformers.py): torch
+        # from the package registry is the CUDA build (several GB), so CI compares with the committed references
+        "parity": ["torch", "transformers>=5"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },
