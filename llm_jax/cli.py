@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_arguments(sub, max_new_tokens=64, temperature=0.0)
     sub.add_argument("--no-cache", action="store_true",
                      help="re-run the full forward every step instead of the KV cache (slow; a reference)")
+    sub.add_argument("--no-chat-template", action="store_true",
+                     help="feed each prompt's text as it is, tokenized as the checkpoint's tokenizer does (a BOS "
+                          "where it adds one), and stop at its end-of-sequence ids")
     sub = commands.add_parser("import-hf", help="a local Hugging Face checkpoint as a run directory (see "
                                                 "llm_jax/hf/import_hf.py); --config.* overrides apply to its config")
     sub.add_argument("--hf", required=True, help="the checkpoint directory (config.json, *.safetensors, tokenizer)")
@@ -218,7 +221,7 @@ def _generate(args, overrides: list[str]) -> int:
     from llm_jax.generation_io import generate_file
     return _sample_command(args, overrides, lambda sampling: generate_file(
         args.run, args.prompts, args.out, sampling, batch_size=args.batch_size, seed=args.seed, step=args.step,
-        use_cache=not args.no_cache))
+        use_cache=not args.no_cache, chat_template=not args.no_chat_template))
 
 
 def _rejection_sample(args, overrides: list[str]) -> int:

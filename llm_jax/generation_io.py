@@ -2,7 +2,9 @@
 
     llm-jax generate --run runs/sft --prompts prompts.jsonl --out answers.jsonl [--max-new-tokens 64 ...]
 
-Prompts are read with `records.iter_prompt_examples` (jsonl, jsonl.gz or parquet; `{"prompt": str | messages,
+With `--no-chat-template` each prompt's text is fed as it is, tokenized the way the checkpoint's tokenizer does (a
+BOS where it adds one; `encode_with_specials`), and sampling stops at its end-of-sequence ids: completion prompts,
+base models. Otherwise prompts are read with `records.iter_prompt_examples` (jsonl, jsonl.gz or parquet; `{"prompt": str | messages,
 ...}`) and rendered with the run's chat template (`config.data.chat_template`, else chatml_min) as
 `[bos] turns <|assistant|>`. Everything is read and rendered before the params are restored, so a bad record
 fails at once, naming its file:line.
@@ -28,6 +30,7 @@ Rows, one per prompt in file order:
     log_probs    one per token, under softmax(logits / temperature), temperature 1 when greedy (generate.py)
     stopped      whether the answer ended with a stop token (<|end|> or eos) rather than at max_new_tokens
     prompt_tokens  the rendered prompt's length in tokens
+    prompt_token_ids  the rendered prompt's token ids
     gold_score   only for records with a "task" key: `default_task.gold_score(prompt, response)` in [0, 1]
                  (a "task" record whose prompt that scorer rejects fails at reading, naming its file:line)
 
@@ -56,7 +59,7 @@ import orbax.checkpoint as ocp
 from llm_jax import runs, sharding
 from llm_jax.data import chat, records
 from llm_jax.data.sources import DataError, resolve_files
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer, load_tokenizer, run_tokenizer_path
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.train.checkpoint import CheckpointError, checkpoint_dir
 
@@ -86,10 +89,16 @@ def gold_scorer() -> Callable[[str, str], float] | None:
 
 def read_prompts(spec: str, tokenizer: Tokenizer, *, template: str = chat.DEFAULT_TEMPLATE,
                  max_len: int | None = None, format: str = "auto",
-                 scorer: Callable[[str, str], float] | None = None) -> list[RenderedPrompt]:
-    """Every prompt the spec names, rendered; DataError naming file:line for a bad or too long one."""
+                 scorer: Callable[[str, str], float] | None = None, chat_template: bool = True) -> list[RenderedPrompt]:
+    """Every prompt the spec names, rendered; DataError naming file:line for a bad or too long one.
+
+    `chat_template=False`: each prompt is one text, tokenized as it is the way the checkpoint's tokenizer does
+    (`encode_with_specials`: a BOS where it adds one), for completion-style prompts and base models."""
     rendered = []
     for example in records.iter_prompt_examples(spec, format):
+        if not chat_template:
+            rendered.append(_raw_prompt(example, tokenizer, max_len))
+            continue
         tokens = chat.render_prompt(example.prompt, tokenizer, template, where=example.where)
         truncated = max_len is not None and len(tokens) > max_len
         if truncated:
@@ -106,6 +115,25 @@ def read_prompts(spec: str, tokenizer: Tokenizer, *, template: str = chat.DEFAUL
     if not rendered:
         raise DataError(f"{spec}: no prompts (the file has no records)")
     return rendered
+
+
+def padding_id(tokenizer: Tokenizer) -> int:
+    """The id right-padding a batch: pad, else eos for tokenizers without one (Llama 3); padded positions are
+    never attended to or scored, but must be an id the embedding has."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+
+def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: int | None) -> RenderedPrompt:
+    messages = example.prompt
+    if len(messages) != 1 or messages[0].role != "user":
+        raise DataError(f"{example.where}: without a chat template a prompt must be one text, got "
+                        f"{len(messages)} messages ({', '.join(m.role for m in messages)})")
+    tokens = np.asarray(tokenizer.encode_with_specials(messages[0].content), np.int32)
+    if max_len is not None and len(tokens) > max_len:
+        raise DataError(f"{example.where}: the prompt has {len(tokens)} tokens, more than the context of {max_len}")
+    if not len(tokens):
+        raise DataError(f"{example.where}: the prompt is empty")
+    return RenderedPrompt(example, tokens, False, False)
 
 
 def padded_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -160,7 +188,7 @@ def response_row(prompt: RenderedPrompt, tokens: np.ndarray, log_probs: np.ndarr
         row["prompt"] = [dataclasses.asdict(m) for m in messages]
     row.update(metadata=prompt.example.metadata, response=response, tokens=ids,
                log_probs=[float(x) for x in log_probs[:length]], stopped=stopped,
-               prompt_tokens=len(prompt.tokens))
+               prompt_tokens=len(prompt.tokens), prompt_token_ids=[int(i) for i in prompt.tokens])
     if prompt.scored and scorer is not None:
         row["gold_score"] = float(scorer(prompt_text(messages), response))
     return row
@@ -184,17 +212,20 @@ def checkpoint_step(run_dir: str, step: int | None) -> int | None:
         manager.close()
 
 
-def prepare_sampling(run_dir: str, config, sampling: SamplingConfig, batch_size: int, mesh=None, rules=None):
+def prepare_sampling(run_dir: str, config, sampling: SamplingConfig, batch_size: int, mesh=None, rules=None,
+                     chat_template: bool = True):
     """(rules, batch shards, tokenizer, chat template, sampling stopping at the template's end) for sampling
-    from a run in batches of `batch_size` on `mesh`; the batch must divide over the mesh's batch shards."""
+    from a run in batches of `batch_size` on `mesh`; the batch must divide over the mesh's batch shards.
+    Without the chat template, sampling stops at the tokenizer's end-of-sequence ids."""
     if mesh is not None and rules is None:
         rules = sharding.check_rules(config.mesh_rules)
     shards = batch_shards(mesh, rules)
     if batch_size % shards:
         raise ValueError(f"batch_size={batch_size} does not divide over the mesh's {shards} batch shards")
-    tokenizer = Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+    tokenizer = load_tokenizer(run_tokenizer_path(run_dir))
     template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
-    sampling = dataclasses.replace(sampling, stop_ids=tuple(chat.stop_ids(tokenizer, template)))
+    stops = chat.stop_ids(tokenizer, template) if chat_template else tokenizer.eos_ids
+    sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))
     return rules, shards, tokenizer, template, sampling
 
 
@@ -211,7 +242,8 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, sampling: SamplingConfig, *,
                   batch_size: int = 32, seed: int = 0, step: int | None = None, use_cache: bool = True,
-                  mesh=None, rules=None, format: str = "auto", progress: bool = True) -> dict:
+                  mesh=None, rules=None, format: str = "auto", progress: bool = True,
+                  chat_template: bool = True) -> dict:
     """Generates an answer to every prompt of `prompts_spec` with the run's model; writes the rows (module
     docstring) to `out_path` (default <run>/generations/<prompts name>.jsonl) and returns a summary."""
     if batch_size < 1:
@@ -220,13 +252,13 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
     config = runs.read_config(run_dir)
     rules, shards, tokenizer, template, sampling = prepare_sampling(run_dir, config, sampling, batch_size, mesh,
-                                                                    rules)
+                                                                    rules, chat_template)
     context = int(config.data.seq_len)
     stops = sampling.stop_ids
     scorer = gold_scorer()
     try:
         prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
-                               scorer=scorer)
+                               scorer=scorer, chat_template=chat_template)
     except chat.ExampleTooLong as e:
         raise DataError(f"{e}, the run's context (data.seq_len in {run_dir}/config.json)") from e
     longest = max(len(p.tokens) for p in prompts)
@@ -242,7 +274,7 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
     rows, shapes, n_tokens = [], set(), 0
     n_batches = -(-len(prompts) // batch_size)
     start = time.perf_counter()
-    for i, (n, tokens_bp, lengths_b) in enumerate(batches(prompts, batch_size, tokenizer.pad_id, shards)):
+    for i, (n, tokens_bp, lengths_b) in enumerate(batches(prompts, batch_size, padding_id(tokenizer), shards)):
         out = generate(run.model, run.params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling,
                        use_cache=use_cache)
         tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))

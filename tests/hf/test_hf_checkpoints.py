@@ -184,3 +184,28 @@ def test_export_refuses_a_non_empty_directory(imported, tmp_path):
     with pytest.raises(ExportError, match="is not empty"):
         export_hf(imported["qwen2"][1], str(tmp_path / "out"))
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_generate_renders_prompts_as_transformers_does(imported, family, tmp_path, capsys):
+    """The prompt ids of `generate` equal transformers': its chat template with the generation prompt, and with
+    --no-chat-template the text tokenized as AutoTokenizer does (a BOS where it adds one)."""
+    with open(os.path.join(fixture(family), "reference.json")) as f:
+        reference = json.load(f)
+    conversation = reference["conversations"][2]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": conversation["messages"][:-1]}) + "\n")
+    raw = tmp_path / "raw.jsonl"
+    # the rendered conversation as plain text: transformers' ids of it (add_special_tokens=False), after a BOS
+    # where the tokenizer adds one
+    raw.write_text(json.dumps({"prompt": conversation["text"]}) + "\n")
+    raw_ids = [reference["bos_token_id"]] * reference["add_bos"] + conversation["ids"]
+    run_dir = imported[family][1]
+    for spec, extra, want in ((prompts, [], conversation["prompt_ids"]), (raw, ["--no-chat-template"], raw_ids)):
+        out = tmp_path / f"{spec.stem}_out.jsonl"
+        assert cli.main(["generate", "--run", run_dir, "--prompts", str(spec), "--out", str(out),
+                         "--max-new-tokens", "4", *extra]) == 0
+        row = json.loads(out.read_text())
+        assert row["prompt_token_ids"] == want
+        assert len(row["tokens"]) == len(row["log_probs"]) == 4
+    capsys.readouterr()
