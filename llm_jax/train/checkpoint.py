@@ -3,9 +3,11 @@
 the reward model) can start from them without knowing this run's optimizer."""
 from __future__ import annotations
 
+import json
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from llm_jax.train.state import TrainState
@@ -89,8 +91,35 @@ def latest_step(run_dir: str) -> int | None:
         manager.close()
 
 
+def _lora_config(run_dir: str):
+    """The run's ModelConfig when it trained LoRA adapters (its checkpoint holds them), else None."""
+    from llm_jax.model.config import ModelConfig
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if not model.get("lora_rank"):
+        return None
+    import ml_collections
+    return ModelConfig.from_config(ml_collections.ConfigDict(model))
+
+
+def _has_adapters(tree) -> bool:
+    from llm_jax.model.lora import ADAPTER_SUFFIX
+    if not isinstance(tree, dict):
+        return False
+    return any(str(k).endswith(ADAPTER_SUFFIX) or _has_adapters(v) for k, v in tree.items())
+
+
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
-    """The params of another run (its latest checkpoint unless `step`), placed on `abstract_params`' shardings."""
+    """The params of another run (its latest checkpoint unless `step`), placed on `abstract_params`' shardings.
+
+    From a LoRA run into a model without adapters (the next stage, an export), each adapter is merged into its
+    weight first (W + α/r·A·B, `lora.merge`): the run's learning is in its adapters."""
+    lora_cfg = _lora_config(run_dir)
+    if lora_cfg is not None and not _has_adapters(abstract_params):
+        return _restore_merged(run_dir, abstract_params, lora_cfg, step)
     directory = checkpoint_dir(run_dir)
     if not os.path.isdir(directory):
         raise CheckpointError(f"run directory {run_dir!r} has no checkpoints/ folder to start from")
@@ -107,3 +136,36 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
         manager.close()
     return restored["params"]
 
+
+
+def _restore_merged(run_dir: str, abstract_params, lora_cfg, step: int | None):
+    """A LoRA run's params with its adapters folded in, cut to the keys of `abstract_params` and placed on its
+    dtypes and shardings."""
+    from llm_jax.model import lora
+    directory = checkpoint_dir(run_dir)
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step() if step is None else step
+    manager.close()
+    if step is None:
+        raise CheckpointError(f"run directory {run_dir!r} holds no finished checkpoint")
+    path = os.path.join(directory, str(step), "params")
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree, is_leaf=lambda x: hasattr(x, "shape"))
+    full = ocp.StandardCheckpointer().restore(path, saved)
+    merged = lora.merge(full, lora_cfg)
+
+    def place(target, source, where=()):
+        if isinstance(target, dict):
+            missing = [k for k in target if k not in source]
+            if missing:
+                raise CheckpointError(f"params in {path} have no {'/'.join(map(str, where + (missing[0],)))}")
+            return {k: place(v, source[k], where + (k,)) for k, v in target.items()}
+        if tuple(source.shape) != tuple(target.shape):
+            raise CheckpointError(f"param {'/'.join(map(str, where))} in {path} has shape {source.shape}, "
+                                  f"expected {target.shape}")
+        value = source.astype(target.dtype)
+        sharding = getattr(target, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None else value
+
+    return place(abstract_params, merged)
