@@ -92,7 +92,7 @@ def test_the_reference_window_hides_exactly_the_keys_w_or_more_behind():
         reference_attention(q, k, v, causal=False, window=3)
 
 
-@pytest.mark.parametrize("impl", [i for i in RUNNABLE if i not in ("reference", "cudnn", "pallas")])
+@pytest.mark.parametrize("impl", [i for i in RUNNABLE if i not in ("reference", "cudnn")])
 @pytest.mark.parametrize("b, t, h, kv, d, window, packed", WINDOW_CASES)
 def test_a_sliding_window_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, window, packed):
     q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)

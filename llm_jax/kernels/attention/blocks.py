@@ -1,10 +1,15 @@
-"""Block geometry shared by the flash kernels: block sizes, sequence padding, causal block bounds, masks.
+"""Block geometry shared by the flash kernels: block sizes, sequence padding, causal and window block bounds, masks.
 
 Kernels see (B, H, T, D) queries and (B, K, S, D) keys/values, cut into `block_q` query rows and `block_kv`
 key columns. Under a causal mask a key block is
 - skipped when it lies wholly above the diagonal (its first key is after the block's last query),
 - visible without a mask when it lies wholly below (its last key is at or before the block's first query),
 - masked element-wise only on the diagonal.
+A sliding window W > 0 (key s visible to query t when t − W < s ≤ t) cuts the other side the same way: a key
+block wholly before the window of every query of the block is skipped, one wholly inside the window of every
+query needs no window mask, and the blocks on the window's edge are masked element-wise. So each query block
+sees a contiguous range of key blocks (`key_block_range`), each key block is seen by a contiguous range of query
+blocks (`query_block_range`), and the kernels iterate those ranges only.
 """
 from __future__ import annotations
 
@@ -58,6 +63,15 @@ def div(a, b):
     return jax.lax.div(a, b)
 
 
+def _maximum(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def minimum(a, b):
+    """min(a, b), a Python int where both are (grid sizes are computed from it), else traced."""
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
 def last_visible_block(q_block, block_q: int, block_kv: int):
     """Index of the last key block that the query block can see under a causal mask."""
     return div(q_block * block_q + block_q - 1, block_kv)
@@ -68,9 +82,48 @@ def first_visible_block(kv_block, block_q: int, block_kv: int):
     return div(kv_block * block_kv, block_q)
 
 
-def block_is_visible(q_start, k_start, block_q: int):
-    """Some key of the block is at or before the query block's last query."""
-    return k_start <= q_start + block_q - 1
+def first_key_block_in_window(q_start, block_kv: int, window: int):
+    """Index of the first key block holding a key inside the window of the query at `q_start` (0 without one).
+
+    `q_start` is the earliest query of a tile (a query block's first row, or a decode tile's earliest position),
+    whose window reaches furthest back: key q_start − W + 1.
+    """
+    if not window:
+        return 0
+    return div(_maximum(q_start - window + 1, 0), block_kv)
+
+
+def last_query_block_in_window(kv_block, block_q: int, block_kv: int, window: int, n_q: int):
+    """Index of the last query block that sees some key of the key block under the window (n_q − 1 without one).
+
+    The block's last key k is the last one to leave the window: query k + W − 1 is the last to see it.
+    """
+    if not window:
+        return n_q - 1
+    return minimum(div(kv_block * block_kv + block_kv - 1 + window - 1, block_q), n_q - 1)
+
+
+def key_block_range(q_block, block_q: int, block_kv: int, n_kv: int, causal: bool, window: int):
+    """(first, last), inclusive: the key blocks the query block sees; every block between sees some key."""
+    first = first_key_block_in_window(q_block * block_q, block_kv, window)
+    last = last_visible_block(q_block, block_q, block_kv) if causal else n_kv - 1
+    return first, last
+
+
+def query_block_range(kv_block, block_q: int, block_kv: int, n_q: int, causal: bool, window: int):
+    """(first, last), inclusive: the query blocks that see some key of the key block."""
+    first = first_visible_block(kv_block, block_q, block_kv) if causal else 0
+    return first, last_query_block_in_window(kv_block, block_q, block_kv, window, n_q)
+
+
+def most_blocks_in_a_range(block_range, n: int) -> int:
+    """The longest of `block_range(x)` over x < n: the steps a grid axis iterating those ranges needs."""
+    return max(last - first + 1 for first, last in map(block_range, range(n)))
+
+
+def most_blocks_touched(span: int, block: int) -> int:
+    """The most `block`-sized blocks that `span` ≥ 1 consecutive positions touch, over every alignment."""
+    return (span - 2) // block + 2
 
 
 def block_is_below_diagonal(q_start, k_start, block_kv: int):
@@ -78,11 +131,38 @@ def block_is_below_diagonal(q_start, k_start, block_kv: int):
     return k_start + block_kv - 1 <= q_start
 
 
-def causal_mask(q_start, k_start, shape, q_axis: int = 0):
-    """bool `shape`: key position ≤ query position; queries run along `q_axis` (1 for transposed scores)."""
+def block_is_inside_window(q_start, k_start, block_q: int, window: int):
+    """Every key of the block is inside the window of every query of the query block (always without one):
+    its first key is less than W behind the block's last query, so no window mask is needed."""
+    if not window:
+        return True
+    return k_start + window >= q_start + block_q
+
+
+def first_key_block_inside_window(q_start, block_q: int, block_kv: int, window: int):
+    """Index of the first key block wholly inside the window of every query of the query block at `q_start`
+    (0 without one): the first whose first key is less than W behind the block's last query."""
+    if not window:
+        return 0
+    return div(_maximum(q_start + block_q - window + block_kv - 1, 0), block_kv)
+
+
+def end_of_query_blocks_inside_window(k_start, block_q: int, window: int, n_q: int):
+    """One past the last query block whose every query holds the key block at `k_start` wholly inside its
+    window (n_q without one): the block's first key leaves the window first, after query k_start + W − 1."""
+    if not window:
+        return n_q
+    return minimum(div(k_start + window, block_q), n_q)
+
+
+def causal_mask(q_start, k_start, shape, q_axis: int = 0, window: int = 0):
+    """bool `shape`: key position ≤ query position (and > query position − `window` with one); queries run
+    along `q_axis` (1 for transposed scores)."""
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-    return k_pos <= q_pos
+    if not window:
+        return k_pos <= q_pos
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 def and_masks(*masks):

@@ -3,14 +3,18 @@
 For generation (PPO rollouts, rejection sampling, evaluation): the new tokens' keys and values are already
 written into the cache, q is (B, Tq, H, D) with Tq small (1 for plain sampling), the cache is head-major
 (B, K, S, D), and `lengths` (B,) counts each row's valid entries. Query t of row b sits at position
-lengths[b] - Tq + t and sees the cache up to it (`reference_decode_attention` is the definition).
+lengths[b] - Tq + t and sees the cache up to it (`reference_decode_attention` is the definition); with a
+sliding window W > 0 it sees positions > its own − W only.
 
 One program serves one (row, K/V head): the G query heads of the group and the Tq new tokens form the
 G·Tq rows of a single score tile, so the cache is read once per K/V head, not once per query head, and
-cache blocks past a row's length are neither computed nor loaded.
-- TPU: cache blocks on an "arbitrary" grid axis; the lengths are scalar-prefetched so the index map can
-  point skipped steps at the block already resident.
-- GPU (Triton): a loop over the row's blocks, bounded by its length.
+cache blocks past a row's length, or wholly before the window of the row's earliest new token, are neither
+computed nor loaded; positions on the window's edge are masked element-wise.
+- TPU: cache blocks on an "arbitrary" grid axis, starting at the row's first block inside the window; the
+  lengths are scalar-prefetched so the index map can find that block and point skipped steps at the block
+  already resident. With a window the axis is only as long as the most blocks Tq + W − 1 positions can touch,
+  so a step costs O(W) however long the cache.
+- GPU (Triton): a loop over the row's blocks, from the first inside the window to the last within its length.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from llm_jax.kernels.attention import blocks as blk
 from llm_jax.kernels.attention.flash_tpu import fold_scores, init_softmax_scratch
-from llm_jax.kernels.attention.reference import MASK_VALUE
+from llm_jax.kernels.attention.reference import MASK_VALUE, check_window
 
 NUM_LANES = blk.NUM_LANES
 DEFAULT_BLOCK_KV = {"tpu": 512, "triton": 64}
@@ -43,19 +47,32 @@ def _online_softmax_step(q, k, v, visible, m, l, acc, scale):
 
 
 # ----------------------------------------------------------------------------------------------------- TPU
+def _first_block(length, tq: int, block_kv: int, window: int):
+    """The first cache block inside the window of a row's earliest new token (position length − Tq)."""
+    return blk.first_key_block_in_window(length - tq, block_kv, window)
+
+
+def _visible(k_start, pos, shape, window: int):
+    """bool `shape`: cache position ≤ the row's position `pos` (a column), and > pos − W with a window."""
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+    if not window:
+        return k_pos <= pos
+    return (k_pos <= pos) & (k_pos > pos - window)
+
+
 def _tpu_kernel(lengths_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_scratch, l_scratch, acc_scratch, *,
-                scale, block_kv):
+                scale, block_kv, tq, window):
     row, j = pl.program_id(0), pl.program_id(2)
-    k_start = j * block_kv
+    length = lengths_ref[row]
+    k_start = (_first_block(length, tq, block_kv, window) + j) * block_kv
     head_dim = acc_scratch.shape[-1]
 
     pl.when(j == 0)(lambda: init_softmax_scratch(m_scratch, l_scratch, acc_scratch))
 
-    @pl.when(k_start < lengths_ref[row])
+    @pl.when(k_start < length)
     def _step():
         rows = q_ref.shape[0]
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
-        visible = k_pos <= blk.lanes(pos_ref[...], block_kv)
+        visible = _visible(k_start, blk.lanes(pos_ref[...], block_kv), (rows, block_kv), window)
         s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32) * scale
         fold_scores(blk.apply_mask(s, visible), v_ref[...], m_scratch, l_scratch, acc_scratch)
 
@@ -66,27 +83,30 @@ def _tpu_kernel(lengths_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_scratch, l_s
         o_ref[...] = (acc_scratch[...] * blk.lanes(1.0 / l, head_dim)).astype(o_ref.dtype)
 
 
-def _tpu_decode(q, k_cache, v_cache, positions, lengths, *, scale, block_kv, interpret):
+def _tpu_decode(q, k_cache, v_cache, positions, lengths, *, scale, block_kv, tq, window, interpret):
     b, n_kv, rows, d = q.shape
     s = k_cache.shape[2]
+    # The Tq new tokens see Tq + W − 1 positions together, touching at most this many blocks.
+    steps = min(blk.most_blocks_touched(tq + window - 1, block_kv), s // block_kv) if window else s // block_kv
 
     def cache_block(row, n, j, lengths_ref):
-        last = blk.div(jnp.maximum(lengths_ref[row] - 1, 0), block_kv)
-        return (row, n, jnp.minimum(j, last), 0)
+        length = lengths_ref[row]
+        last = blk.div(jnp.maximum(length - 1, 0), block_kv)
+        return (row, n, jnp.minimum(_first_block(length, tq, block_kv, window) + j, last), 0)
 
     q_spec = pl.BlockSpec((None, None, rows, d), lambda row, n, j, lengths_ref: (row, n, 0, 0))
     cache_spec = pl.BlockSpec((None, None, block_kv, d), cache_block)
     pos_spec = pl.BlockSpec((None, None, rows, NUM_LANES), lambda row, n, j, lengths_ref: (row, n, 0, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(b, n_kv, s // block_kv),
+        grid=(b, n_kv, steps),
         in_specs=[q_spec, cache_spec, cache_spec, pos_spec],
         out_specs=q_spec,
         scratch_shapes=[pltpu.VMEM((rows, NUM_LANES), jnp.float32), pltpu.VMEM((rows, NUM_LANES), jnp.float32),
                         pltpu.VMEM((rows, d), jnp.float32)])
     positions = jnp.broadcast_to(positions[:, None, :, None], (b, n_kv, rows, NUM_LANES))
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, scale=scale, block_kv=block_kv),
+        functools.partial(_tpu_kernel, scale=scale, block_kv=block_kv, tq=tq, window=window),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
@@ -96,7 +116,7 @@ def _tpu_decode(q, k_cache, v_cache, positions, lengths, *, scale, block_kv, int
 
 
 # --------------------------------------------------------------------------------------------------- Triton
-def _triton_kernel(length_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, *, scale, block_kv):
+def _triton_kernel(length_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, *, scale, block_kv, tq, window):
     q, pos = q_ref[...], pos_ref[...]
     rows = q.shape[0]
     length = length_ref[...]
@@ -104,21 +124,22 @@ def _triton_kernel(length_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, *, scale, bl
     def body(j, carry):
         k_start = pl.multiple_of(j * block_kv, block_kv)
         keys = pl.ds(k_start, block_kv)
-        visible = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1) <= pos[:, None]
+        visible = _visible(k_start, pos[:, None], (rows, block_kv), window)
         return _online_softmax_step(q, k_ref[keys, :], v_ref[keys, :], visible, *carry, scale)
 
     carry = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
              jnp.zeros(q.shape, jnp.float32))
-    _, l, acc = lax.fori_loop(0, blk.div(length + block_kv - 1, block_kv), body, carry)
+    _, l, acc = lax.fori_loop(_first_block(length, tq, block_kv, window), blk.div(length + block_kv - 1, block_kv),
+                              body, carry)
     o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
 
 
-def _triton_decode(q, k_cache, v_cache, positions, lengths, *, scale, block_kv, interpret):
+def _triton_decode(q, k_cache, v_cache, positions, lengths, *, scale, block_kv, tq, window, interpret):
     b, n_kv, rows, d = q.shape
     s = k_cache.shape[2]
     q_spec = pl.BlockSpec((None, None, rows, d), lambda row, n: (row, n, 0, 0))
     return pl.pallas_call(
-        functools.partial(_triton_kernel, scale=scale, block_kv=block_kv),
+        functools.partial(_triton_kernel, scale=scale, block_kv=block_kv, tq=tq, window=window),
         grid=(b, n_kv),
         in_specs=[pl.BlockSpec((None,), lambda row, n: (row,)), q_spec,
                   pl.BlockSpec((None, None, s, d), lambda row, n: (row, n, 0, 0)),
@@ -153,12 +174,11 @@ def _check(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b):
 def pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, window: int = 0,
                             block_kv: int | None = None, backend: str | None = None, interpret: bool = False):
     """Decode attention through the Pallas kernels; `backend` None picks the family per lowering platform."""
-    if window:
-        raise ValueError(f"the Pallas decode kernel does not support a sliding window yet (window={window}); "
-                         "use model.attention_impl='xla' or 'reference'")
+    check_window(window, True)
     _check(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b)
     b, tq, h, d = q_bthd.shape
     n_kv, s = k_cache_bksd.shape[1], k_cache_bksd.shape[2]
+    window = window if window < s else 0  # it hides nothing of the cache: skip its mask work
     group = h // n_kv
     rows = group * tq
     padded_rows = max(16, 1 << (rows - 1).bit_length())  # Triton's dot wants ≥ 16 rows; TPU wants 8s
@@ -174,7 +194,8 @@ def pallas_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, *, wi
         if s % bk:
             raise ValueError(f"decode attention: cache length {s} is not a multiple of the block size {bk}; "
                              f"allocate the cache in multiples of {bk}")
-        return _FAMILIES[family](q_, k_, v_, pos_, len_, scale=d ** -0.5, block_kv=bk, interpret=interpret)
+        return _FAMILIES[family](q_, k_, v_, pos_, len_, scale=d ** -0.5, block_kv=bk, tq=tq, window=window,
+                                 interpret=interpret)
 
     args = (q_bkmd, k_cache_bksd, v_cache_bksd, positions, lengths)
     if backend is not None:

@@ -11,8 +11,14 @@ function lowers for TPU and for GPU alike, even from a CPU host:
 - anything else (CPU): `flash_tpu` in interpret mode, for tests; production CPU runs use `impl="xla"`.
 `backend="tpu"` or `"triton"` forces one family (with `interpret=True` to run it on CPU).
 
+A sliding window W > 0 (causal only; key s visible to query t when t − W < s ≤ t) is a static argument of
+every kernel: key blocks wholly outside the window are skipped like those above the diagonal (not computed, not
+loaded; on TPU not even iterated, so long sequences cost O(T·W)), blocks on the window's edge get an
+element-wise mask, and those wholly inside it and below the diagonal none (`blocks.py` has the geometry). A
+window at least as long as the sequence is plain causal attention and runs as such.
+
 Sequences that are not a multiple of the block size are padded to one; padded keys get their own segment
-(or fall after every real query under a causal mask), so they never receive weight.
+(or fall after every real query under a causal mask, which a window only narrows), so they never receive weight.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.kernels.attention import blocks as blk
 from llm_jax.kernels.attention import flash_tpu, flash_triton
+from llm_jax.kernels.attention.reference import check_window
 
 FAMILIES = {"tpu": flash_tpu, "triton": flash_triton}
 # Names of the forward's residuals, for remat policies that keep them (model.remat="dots_attention").
@@ -62,16 +69,16 @@ def _pad(q, k, v, segment_ids, causal: bool, blocks: blk.BlockSizes):
             segment_ids)
 
 
-def _family_forward(family, q, k, v, segment_ids, *, causal, blocks, interpret):
+def _family_forward(family, q, k, v, segment_ids, *, causal, window, blocks, interpret):
     blocks = (blocks or blk.DEFAULT_BLOCKS[family]).fitted(max(q.shape[2], k.shape[2]))
     t = q.shape[2]
     qp, kp, vp, seg = _pad(q, k, v, segment_ids, causal, blocks)
     out, lse = FAMILIES[family].forward(qp, kp, vp, seg, scale=q.shape[-1] ** -0.5, causal=causal,
-                                        blocks=blocks, interpret=interpret)
+                                        window=window, blocks=blocks, interpret=interpret)
     return out[:, :, :t], lse[:, :, :t]
 
 
-def _family_backward(family, q, k, v, segment_ids, out, lse, do, *, causal, blocks, interpret):
+def _family_backward(family, q, k, v, segment_ids, out, lse, do, *, causal, window, blocks, interpret):
     blocks = (blocks or blk.DEFAULT_BLOCKS[family]).fitted(max(q.shape[2], k.shape[2]))
     t, s = q.shape[2], k.shape[2]
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -79,7 +86,7 @@ def _family_backward(family, q, k, v, segment_ids, out, lse, do, *, causal, bloc
     padded = qp.shape[2]
     dq, dk, dv = FAMILIES[family].backward(
         qp, kp, vp, seg, blk.pad_sequence(lse, 2, padded), blk.pad_sequence(delta, 2, padded),
-        blk.pad_sequence(do, 2, padded), scale=q.shape[-1] ** -0.5, causal=causal, blocks=blocks,
+        blk.pad_sequence(do, 2, padded), scale=q.shape[-1] ** -0.5, causal=causal, window=window, blocks=blocks,
         interpret=interpret)
     return dq[:, :, :t], dk[:, :, :s], dv[:, :, :s]
 
@@ -96,22 +103,22 @@ def _by_platform(fn, backend, interpret, *args):
         default=functools.partial(fn, "tpu", interpret=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, segment_ids, causal, blocks, backend, interpret):
-    return _flash_fwd(q, k, v, segment_ids, causal, blocks, backend, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _flash(q, k, v, segment_ids, causal, window, blocks, backend, interpret):
+    return _flash_fwd(q, k, v, segment_ids, causal, window, blocks, backend, interpret)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, causal, blocks, backend, interpret):
-    fwd = functools.partial(_family_forward, causal=causal, blocks=blocks)
+def _flash_fwd(q, k, v, segment_ids, causal, window, blocks, backend, interpret):
+    fwd = functools.partial(_family_forward, causal=causal, window=window, blocks=blocks)
     out, lse = _by_platform(lambda fam, *a, interpret: fwd(fam, *a, interpret=interpret),
                             backend, interpret, q, k, v, segment_ids)
     out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
     return out, (q, k, v, segment_ids, out, lse)
 
 
-def _flash_bwd(causal, blocks, backend, interpret, residuals, do):
+def _flash_bwd(causal, window, blocks, backend, interpret, residuals, do):
     q, k, v, segment_ids, out, lse = residuals
-    bwd = functools.partial(_family_backward, causal=causal, blocks=blocks)
+    bwd = functools.partial(_family_backward, causal=causal, window=window, blocks=blocks)
     dq, dk, dv = _by_platform(lambda fam, *a, interpret: bwd(fam, *a, interpret=interpret),
                               backend, interpret, q, k, v, segment_ids, out, lse, do)
     return dq, dk, dv, None
@@ -123,13 +130,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal: bool = True, window: int = 0,
                     blocks: blk.BlockSizes | None = None, backend: str | None = None, interpret: bool = False):
     """Softmax attention through the Pallas flash kernels; see the module docstring for the choices."""
-    if window:
-        raise ValueError(f"the Pallas flash kernels do not support a sliding window yet (window={window}); "
-                         "use model.attention_impl='xla' or 'reference'")
     if backend not in BACKENDS:
         raise ValueError(f"flash attention backend {backend!r} is not one of {BACKENDS}")
+    check_window(window, causal)
     _check_shapes(q_bthd, k_bskd, v_bskd, segment_ids_bt, causal)
+    window = window if window < q_bthd.shape[1] else 0  # it hides nothing: skip its mask work
     to_heads = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  (B, T, H, D) ↔ (B, H, T, D)
-    out = _flash(to_heads(q_bthd), to_heads(k_bskd), to_heads(v_bskd), segment_ids_bt, causal, blocks,
+    out = _flash(to_heads(q_bthd), to_heads(k_bskd), to_heads(v_bskd), segment_ids_bt, causal, window, blocks,
                  backend, interpret)
     return to_heads(out)
