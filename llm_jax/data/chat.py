@@ -30,17 +30,32 @@ whole: when they alone do not fit, ExampleTooLong (a DataError) names the exampl
 
 Templates are looked up by name (a config string) in TEMPLATES. A template of the same shape (special symbols
 opening each role's turn, one symbol closing every turn) is one more ChatTemplate entry there.
+
+Jinja templates. `data.chat_template` may also be "hf" (the tokenizer's own template, e.g. an imported Hugging Face
+checkpoint's) or a path to a .jinja file; chat_template.py renders them exactly as transformers does. Then
+
+    render_conversation(messages)          encode(render(messages)), the loss mask derived from the rendering
+    render_prompt(messages)                encode(render(messages, add_generation_prompt=True))
+    render_response(text)                  A and the template's end-of-turn token (<|im_end|>, <|eot_id|>, ...)
+    stop_ids()                             the end-of-turn token, then the tokenizer's eos_ids
+    render_pair(prompt, chosen, rejected)  each answer's whole conversation, response_start = len(prompt), the
+                                           masks on the final answer only
+
+with the same loss-mask convention and the same max_len rule (the rendered length must fit; whole early
+exchanges are dropped). The template writes bos itself, so none is added.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from llm_jax.data.chat_template import BoundTemplate, JinjaTemplate, TokenizerTemplate, bind, tokenizer_template
 from llm_jax.data.records import Message
 from llm_jax.data.sources import DataError
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +70,9 @@ TEMPLATES = {t.name: t for t in (
                                 "assistant": ("<|assistant|>",)}, "<|end|>"),
 )}
 DEFAULT_TEMPLATE = "chatml_min"
+TOKENIZER_TEMPLATE = "hf"  # data.chat_template: the tokenizer's own jinja template
 LEARNED_ROLE = "assistant"
+Template = str | ChatTemplate | JinjaTemplate | TokenizerTemplate
 
 
 class ExampleTooLong(DataError):
@@ -73,16 +90,44 @@ class RenderedPair:
     rejected_mask: np.ndarray   # (len(rejected) - 1,) float32
 
 
-def get_template(template: str | ChatTemplate) -> ChatTemplate:
-    if isinstance(template, ChatTemplate):
+def get_template(template: Template) -> ChatTemplate | JinjaTemplate | TokenizerTemplate:
+    """A built-in template by name, "hf" (resolved with a tokenizer), or a .jinja file (read and compiled)."""
+    if isinstance(template, (ChatTemplate, JinjaTemplate, TokenizerTemplate)):
         return template
+    if template == TOKENIZER_TEMPLATE:
+        return TokenizerTemplate()
+    if isinstance(template, str) and template.endswith(".jinja"):
+        return _jinja_file(template)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
+        raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}, "
+                         f"{TOKENIZER_TEMPLATE!r} or a path to a .jinja file")
     return TEMPLATES[template]
 
 
-def check_template(tokenizer: Tokenizer, template: str | ChatTemplate = DEFAULT_TEMPLATE) -> dict[str, int]:
-    """The id of every symbol the template uses; fails naming the tokenizer and the symbol it lacks."""
+@functools.lru_cache(maxsize=8)
+def _jinja_file(path: str) -> JinjaTemplate:
+    return JinjaTemplate.from_file(path)
+
+
+def _bound(template: Template, tokenizer: Tokenizer) -> BoundTemplate | None:
+    """A jinja template (a file's, or the tokenizer's own for "hf") bound to the tokenizer; None for a built-in."""
+    t = get_template(template)
+    if isinstance(t, ChatTemplate):
+        return None
+    if isinstance(t, TokenizerTemplate):
+        if tokenizer.chat_template is None:
+            raise ValueError(f"tokenizer {tokenizer.path} has no chat template, which "
+                             f"data.chat_template={TOKENIZER_TEMPLATE!r} asks for")
+        t = tokenizer_template(tokenizer.chat_template, getattr(tokenizer, "chat_template_origin", tokenizer.path))
+    return bind(t, tokenizer)
+
+
+def check_template(tokenizer: Tokenizer, template: Template = DEFAULT_TEMPLATE) -> dict[str, int]:
+    """The id of every symbol the template uses; fails naming the tokenizer and the symbol it lacks. For a jinja
+    template: its end-of-turn token (none when the template ends a turn with plain text), after rendering a probe."""
+    if (bound := _bound(template, tokenizer)) is not None:
+        end = bound.end_of_turn
+        return {} if end is None else {tokenizer.id_to_piece(end): end}
     t = get_template(template)
     ids = {}
     for symbol in (*(s for marker in t.markers.values() for s in marker), t.end):
@@ -94,15 +139,21 @@ def check_template(tokenizer: Tokenizer, template: str | ChatTemplate = DEFAULT_
     return ids
 
 
-def stop_ids(tokenizer: Tokenizer, template: str | ChatTemplate = DEFAULT_TEMPLATE) -> tuple[int, int]:
+def stop_ids(tokenizer: Tokenizer, template: Template = DEFAULT_TEMPLATE) -> tuple[int, ...]:
+    """The ids that end a response: the template's end of turn, then eos (for jinja: all of tokenizer.eos_ids)."""
+    if (bound := _bound(template, tokenizer)) is not None:
+        return bound.stop_ids
     return check_template(tokenizer, template)[get_template(template).end], tokenizer.eos_id
 
 
-def render_conversation(messages: Sequence[Message], tokenizer: Tokenizer,
-                        template: str | ChatTemplate = DEFAULT_TEMPLATE, max_len: int | None = None,
-                        where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
+def render_conversation(messages: Sequence[Message], tokenizer: Tokenizer, template: Template = DEFAULT_TEMPLATE,
+                        max_len: int | None = None, where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32, loss_mask float32 of len(tokens) - 1) for a conversation ending with an assistant turn."""
     _check_last(messages, "assistant", "a conversation", where)
+    if (bound := _bound(template, tokenizer)) is not None:
+        ids, learned = _fit_messages(messages, lambda kept: bound.conversation(kept, where), lambda r: len(r[0]),
+                                     max_len, where)
+        return np.asarray(ids, np.int32), np.asarray(learned[1:], np.float32)
     turns = _render_turns(messages, tokenizer, template, where)
     turns = _fit(turns, messages, 2, max_len, where)
     tokens = [tokenizer.bos_id] + [i for ids, _ in turns for i in ids] + [tokenizer.eos_id]
@@ -110,25 +161,31 @@ def render_conversation(messages: Sequence[Message], tokenizer: Tokenizer,
     return np.asarray(tokens, np.int32), np.asarray(learned[1:], np.float32)
 
 
-def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer,
-                  template: str | ChatTemplate = DEFAULT_TEMPLATE, max_len: int | None = None,
-                  where: str = "prompt") -> np.ndarray:
+def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer, template: Template = DEFAULT_TEMPLATE,
+                  max_len: int | None = None, where: str = "prompt") -> np.ndarray:
     """[bos] turns <|assistant|>: a prompt ending with a user turn, ready for the model to answer."""
+    if (bound := _bound(template, tokenizer)) is not None:
+        _check_last(messages, "user", "a prompt", where)
+        return np.asarray(_fit_messages(messages, lambda kept: bound.prompt(kept, where), len, max_len, where),
+                          np.int32)
     return _prompt_tokens(messages, tokenizer, template, 0, max_len, where)
 
 
-def render_response(text: str, tokenizer: Tokenizer, template: str | ChatTemplate = DEFAULT_TEMPLATE,
+def render_response(text: str, tokenizer: Tokenizer, template: Template = DEFAULT_TEMPLATE,
                     where: str = "response") -> np.ndarray:
     """A <|end|>: an assistant answer as the model should generate it (no eos: generation stops at <|end|>)."""
+    if (bound := _bound(template, tokenizer)) is not None:
+        return np.asarray(bound.response(text, where), np.int32)
     (ids, _), = _render_turns([Message(LEARNED_ROLE, text)], tokenizer, template, where)
     n_marker = len(get_template(template).markers[LEARNED_ROLE])
     return np.asarray(ids[n_marker:], np.int32)
 
 
 def render_pair(prompt: Sequence[Message], chosen: str, rejected: str, tokenizer: Tokenizer,
-                template: str | ChatTemplate = DEFAULT_TEMPLATE, max_len: int | None = None,
-                where: str = "pair") -> RenderedPair:
+                template: Template = DEFAULT_TEMPLATE, max_len: int | None = None, where: str = "pair") -> RenderedPair:
     """A prompt and two answers to it, each as the full sequence prompt + answer + <|end|> + eos."""
+    if (bound := _bound(template, tokenizer)) is not None:
+        return _jinja_pair(prompt, chosen, rejected, bound, max_len, where)
     answers = [render_response(text, tokenizer, template, where) for text in (chosen, rejected)]
     # The eos and the longer answer must fit beside the prompt; only the prompt's early exchanges may go.
     prompt_ids = _prompt_tokens(prompt, tokenizer, template, 1 + max(len(a) for a in answers), max_len, where)
@@ -144,6 +201,21 @@ def answer_mask(n_tokens: int, response_start: int) -> np.ndarray:
     mask = np.zeros(n_tokens - 1, np.float32)
     mask[response_start - 1:n_tokens - 2] = 1.0
     return mask
+
+
+def _jinja_pair(prompt, chosen, rejected, bound, max_len, where) -> RenderedPair:
+    """Each answer's conversation rendered whole, the mask on the final answer only; both must fit max_len."""
+    _check_last(prompt, "user", "a prompt", where)
+
+    def render(kept):
+        return bound.prompt(kept, where), [bound.conversation((*kept, Message(LEARNED_ROLE, answer)), where,
+                                                              turns=[len(kept)]) for answer in (chosen, rejected)]
+
+    prompt_ids, sides = _fit_messages(prompt, render, lambda r: max(len(ids) for ids, _ in r[1]), max_len, where)
+    (chosen_ids, chosen_learned), (rejected_ids, rejected_learned) = sides
+    return RenderedPair(np.asarray(prompt_ids, np.int32), np.asarray(chosen_ids, np.int32),
+                        np.asarray(rejected_ids, np.int32), len(prompt_ids),
+                        np.asarray(chosen_learned[1:], np.float32), np.asarray(rejected_learned[1:], np.float32))
 
 
 def _prompt_tokens(messages, tokenizer, template, extra, max_len, where) -> np.ndarray:
@@ -180,14 +252,33 @@ def _fit(turns, messages, n_fixed, max_len, where):
     total = n_fixed + sum(len(ids) for ids, _ in turns)
     if max_len is None or total <= max_len:
         return turns
-    first = 1 if messages[0].role == "system" else 0
-    exchange_starts = [i for i in range(first, len(messages)) if messages[i].role == "user"] or [first]
+    first, exchange_starts = _exchange_starts(messages)
     for start in exchange_starts[1:]:
         kept = turns[:first] + turns[start:]
         total = n_fixed + sum(len(ids) for ids, _ in kept)
         if total <= max_len:
             return kept
     raise ExampleTooLong(f"{where}: {total} tokens with only the last exchange kept, more than max_len={max_len}")
+
+
+def _fit_messages(messages, render, length, max_len, where):
+    """render(messages), else render() of the messages kept as _fit keeps them: the first that fits max_len."""
+    result = render(messages)
+    if max_len is None or length(result) <= max_len:
+        return result
+    first, exchange_starts = _exchange_starts(messages)
+    for start in exchange_starts[1:]:
+        result = render([*messages[:first], *messages[start:]])
+        if length(result) <= max_len:
+            return result
+    raise ExampleTooLong(f"{where}: {length(result)} tokens with only the last exchange kept, more than "
+                         f"max_len={max_len}")
+
+
+def _exchange_starts(messages) -> tuple[int, list[int]]:
+    """(index after the system message, the index of every exchange's user turn from there)."""
+    first = 1 if messages[0].role == "system" else 0
+    return first, [i for i in range(first, len(messages)) if messages[i].role == "user"] or [first]
 
 
 def _check_last(messages, role, what, where) -> None:

@@ -5,12 +5,16 @@ user-defined pieces so that later post-training stages (SFT, RM, PPO, DPO) can u
 the tokenizer and invalidating the pretrained embedding. "\\n" is a user-defined piece too: the trainer
 would otherwise treat newlines as sentence boundaries and never learn them, and paragraph breaks matter.
 Text is not normalised and byte fallback is on, so decode(encode(x)) == x for any string.
+
+Hugging Face tokenizers (`hf_tokenizer.HFTokenizer`) have the same interface; `tokenizer_files.load_tokenizer`
+picks the class from the path. A run keeps its sentencepiece model as `<run>/tokenizer.model` (RUN_FILE).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import shutil
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
@@ -19,6 +23,7 @@ SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NEWLINE = "\n"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_TRAINING_CHUNKS = 1_000_000
+RUN_FILE = "tokenizer.model"  # where a run directory keeps its sentencepiece model
 
 
 class Tokenizer:
@@ -51,6 +56,16 @@ class Tokenizer:
         # The C++ side encodes a list on several threads; the result does not depend on the thread count.
         return self._sp.encode(list(texts), num_threads=num_threads)
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """[bos] ids [eos]: a document as pretraining reads it (`pipeline._tokenize`)."""
+        return [BOS_ID, *self.encode(text), EOS_ID]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each token's (start, end) character span in text; the pieces of a character split
+        into bytes share its span (the first ones empty), the word marker opening a text is empty at 0."""
+        mapping = self._sp.encode_as_offset_mapping(text)
+        return list(mapping["ids"]), [tuple(o) for o in mapping["offsets"]]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -68,6 +83,30 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    @property
+    def add_bos(self) -> bool:
+        return True  # encode_with_specials opens every document with bos
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation."""
+        return (EOS_ID,)
+
+    @property
+    def chat_template(self) -> str | None:
+        return None  # the built-in templates of chat.py are written for these symbols
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Named special tokens as a chat template reads them (bos_token, eos_token, ...)."""
+        return {f"{name}_token": self._sp.id_to_piece(i)
+                for name, i in (("bos", BOS_ID), ("eos", EOS_ID), ("unk", UNK_ID), ("pad", PAD_ID))}
+
+    @property
+    def reserved_symbols(self) -> tuple[str, ...]:
+        """Strings that encode() reads as a chat symbol even inside text: message content may not hold them."""
+        return SPECIAL_TOKENS
 
     @property
     def pad_id(self) -> int:
@@ -92,6 +131,20 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         return self._sha256
+
+    def save(self, directory: str) -> str:
+        """Copies the model to `<directory>/tokenizer.model` (kept if already there with the same bytes) and
+        returns that path; FileExistsError if another tokenizer is there."""
+        target = os.path.join(directory, RUN_FILE)
+        if os.path.exists(target):
+            if Tokenizer.load(target).sha256 != self._sha256:
+                raise FileExistsError(f"{target} holds another tokenizer than {self._path}")
+            return target
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{target}.tmp.{os.getpid()}"  # every host may copy at once: each its own temporary, one rename
+        shutil.copyfile(self._path, tmp)
+        os.replace(tmp, target)
+        return target
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._path!r}, vocab_size={self.vocab_size}, sha256={self._sha256[:12]})"
@@ -144,8 +197,8 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, mode
     return Tokenizer(model_bytes, model_path)
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Fails if the tokenizer can emit ids that the model's embedding has no row for."""
+def check_vocab(tokenizer, model_vocab_size: int) -> None:
+    """Fails if the tokenizer (sentencepiece or Hugging Face) can emit ids the model's embedding has no row for."""
     if tokenizer.vocab_size > model_vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces "
                          f"but model.vocab_size={model_vocab_size}")

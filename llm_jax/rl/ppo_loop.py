@@ -39,9 +39,10 @@ from llm_jax.data import chat
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.pipeline import build_lm_data
 from llm_jax.data.post_training import resolve_spec
-from llm_jax.data.tokenizer_stage import prepare_tokenizer
+from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
+from llm_jax.data.tokenizer_stage import TokenizerMismatch, prepare_tokenizer
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (batch_shards, decode_response, gold_scorer, padded_length, prompt_text,
+from llm_jax.generation_io import (batch_shards, decode_response, gold_scorer, padded_length, padding_id, prompt_text,
                                    read_prompts)
 from llm_jax.model import lora
 from llm_jax.model.transformer import Transformer
@@ -84,8 +85,8 @@ class Prompts:
     def read(cls, spec: str, split: str, tokenizer, template: str, max_len: int, limit=None):
         rendered = read_prompts(resolve_spec(spec, "prompts", split), tokenizer, template=template,
                                 max_len=max_len, scorer=gold_scorer())[:limit]
-        tokens = np.full((len(rendered), padded_length(max(len(p.tokens) for p in rendered))), tokenizer.pad_id,
-                         np.int32)
+        tokens = np.full((len(rendered), padded_length(max(len(p.tokens) for p in rendered))),
+                         padding_id(tokenizer), np.int32)
         for i, p in enumerate(rendered):
             tokens[i, :len(p.tokens)] = p.tokens
         return cls(tokens, np.array([len(p.tokens) for p in rendered], np.int32),
@@ -171,10 +172,10 @@ class PPO:
         self.tokenizer = prepare_tokenizer(config, workdir)
         tokenizer_lib.check_vocab(self.tokenizer, self.model_cfg.vocab_size)
         for name, run_dir in (("ppo.reward_run", s.reward_run), ("ppo.reference_run", s.reference_run)):
-            theirs = tokenizer_lib.Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
+            theirs = load_tokenizer(run_tokenizer_path(run_dir))
             if theirs.sha256 != self.tokenizer.sha256:
-                raise tokenizer_lib.TokenizerMismatch(f"{name}={run_dir!r} has another tokenizer than the policy "
-                                                      f"({config.train.init_from!r})")
+                raise TokenizerMismatch(f"{name}={run_dir!r} has another tokenizer than the policy "
+                                        f"({config.train.init_from!r})")
         self.template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
         self.stop_ids = tuple(chat.stop_ids(self.tokenizer, self.template))
         self.sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -183,7 +184,7 @@ class PPO:
         train = Prompts.read(s.prompts, "train", self.tokenizer, self.template, max_prompt)
         evals = Prompts.read(s.eval_prompts, "eval", self.tokenizer, self.template, max_prompt, s.n_eval_prompts)
         width = max(train.tokens.shape[1], evals.tokens.shape[1])  # one compiled shape for training and evals
-        self.prompts, self.eval_prompts = (p.padded(width, self.tokenizer.pad_id) for p in (train, evals))
+        self.prompts, self.eval_prompts = (p.padded(width, padding_id(self.tokenizer)) for p in (train, evals))
         self.seq_len = width + s.max_new_tokens
         self.ptx_data = self._ptx_data() if s.ptx_coef > 0 else None
         self._build_models()

@@ -49,10 +49,10 @@ from llm_jax import runs
 from llm_jax.data import chat, records
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.sources import DataError
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, gold_scorer, prepare_sampling,
-                                   read_prompts, response_row)
+from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, gold_scorer, padding_id,
+                                   prepare_sampling, read_prompts, response_row)
 from llm_jax.objectives import reward
 from llm_jax.train.checkpoint import CheckpointError
 
@@ -92,7 +92,7 @@ def check_runs(policy_run: str, reward_run: str):
     if reward_config.objective != REWARD_OBJECTIVE:
         raise ValueError(f"reward run {reward_run!r} is not a reward model: its config.objective is "
                          f"{reward_config.objective!r}, expected {REWARD_OBJECTIVE!r}")
-    tokenizers = [Tokenizer.load(os.path.join(d, "tokenizer.model")) for d in (policy_run, reward_run)]
+    tokenizers = [load_tokenizer(run_tokenizer_path(d)) for d in (policy_run, reward_run)]
     if tokenizers[0].sha256 != tokenizers[1].sha256:
         raise ValueError(f"policy run {policy_run!r} and reward run {reward_run!r} use different tokenizers "
                          f"({tokenizers[0]!r} vs {tokenizers[1]!r}): the reward model would misread the answers")
@@ -202,7 +202,7 @@ def _sample_all(command: str, policy: runs.Run, prompts: list[Prompt], k: int, s
     rendered = [p.rendered for p in repeated]
     key = jax.random.key(seed)
     n_batches, done, start = -(-len(repeated) // batch_size), 0, time.perf_counter()
-    for i, (n, tokens_bp, lengths_b) in enumerate(batches(rendered, batch_size, tokenizer.pad_id, shards)):
+    for i, (n, tokens_bp, lengths_b) in enumerate(batches(rendered, batch_size, padding_id(tokenizer), shards)):
         out = generate(policy.model, policy.params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling)
         tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
         for row in range(n):
