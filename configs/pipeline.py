@@ -23,6 +23,16 @@ every train stage and seeds the pairs' sampling. `evaluate` adds the gold-scored
 Sizes: `tiny` (the README's run) and `small` (every stage shrunk to a two-layer model and a few steps: the
 test suite's whole chain in a few minutes; its numbers mean nothing).
 
+`hf`: post-training of a Hugging Face checkpoint instead of pretraining. The first stage imports `base`
+(`llm-jax import-hf`), SFT trains on `chats` (your jsonl conversations, rendered in the checkpoint's own chat
+template; default: the embedded task), and pairs, reward, PPO and DPO follow on the embedded task's prompts,
+judged by its gold scorer, every stage with its `hf` preset (the model taken from the run it starts from):
+
+    llm-jax pipeline --config configs/pipeline.py:hf --workdir runs/p --config.base=/models/Qwen2.5-0.5B-Instruct \
+        --config.chats=my_chats.jsonl
+
+`hf_small` is the same chain shrunk to a few steps (the test suite runs it on a tiny fixture checkpoint).
+
 configs/rounds.py builds on this file's stages and builders (`train_stage`, `pairs_stage`, `eval_settings`, the
 SMALL settings), so both pipelines run the same base chain.
 """
@@ -34,6 +44,7 @@ from llm_jax.config_lib import ConfigError, parse_arg
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
+HF_ORDER = ("base", "sft", "pairs", "reward", "ppo", "dpo")
 
 # The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
 # so a test can see their metrics move the right way.
@@ -55,7 +66,22 @@ SMALL = {
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),
 }
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "hf", "hf_small")
+HF_SMALL = {
+    "stages": {
+        "sft": ("data.seq_len=256", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4",
+                "train.eval_batches=2", "optim.warmup_steps=1"),
+        "reward": ("data.seq_len=256", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4",
+                   "train.eval_batches=2", "optim.warmup_steps=1"),
+        "dpo": ("data.seq_len=256", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4",
+                "train.eval_batches=2", "optim.warmup_steps=1"),
+        "ppo": ("data.seq_len=256", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
+                "ppo.max_new_tokens=6"),
+    },
+    "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
+    "eval": dict(n_prompts=8, max_new_tokens=8),
+}
 
 
 def train_stage(spec: str, *overrides: str, evaluate: bool = False) -> dict:
@@ -83,6 +109,8 @@ def eval_settings(size: str) -> ml_collections.ConfigDict:
                                               temperature=1.0, seed=0, batch_size=64))
     if size == "small":
         settings.update(SMALL["eval"])
+    elif size == "hf_small":
+        settings.update(HF_SMALL["eval"])
     return settings
 
 
@@ -90,6 +118,8 @@ def get_config(arg=None):
     arg = parse_arg(arg, size="tiny", seed=0)
     if arg.size not in SIZES:
         raise ConfigError(f"unknown pipeline size {arg.size!r}; known: {list(SIZES)}")
+    if arg.size.startswith("hf"):
+        return hf_config(arg)
     c = ml_collections.ConfigDict()
     c.seed = arg.seed
     c.order = ORDER
@@ -108,4 +138,28 @@ def get_config(arg=None):
         for name, overrides in SMALL["stages"].items():
             c.stages[name].overrides = c.stages[name].overrides + overrides
         c.stages.pairs.update(SMALL["pairs"])
+    return c
+
+
+def hf_config(arg) -> ml_collections.ConfigDict:
+    """The chain from a Hugging Face checkpoint (`base`) instead of pretraining; see the module docstring."""
+    c = ml_collections.ConfigDict()
+    c.seed = arg.seed
+    c.base = ""                # the Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
+    c.chats = "default_task"   # SFT data: jsonl conversations, or the embedded task
+    c.order = HF_ORDER
+    c.stages = ml_collections.ConfigDict(dict(
+        base=dict(kind="import", hf="{base}"),
+        sft=train_stage("sft.py:hf", "train.init_from={workdir}/base", "data.train={chats}", evaluate=True),
+        pairs=pairs_stage("{workdir}/sft"),
+        reward=train_stage("reward.py:hf", "train.init_from={workdir}/sft",
+                           "data.train=default_task,{workdir}/pairs/pairs.jsonl", "data.eval=default_task"),
+        ppo=train_stage("ppo.py:hf", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
+        dpo=train_stage("dpo.py:hf", "train.init_from={workdir}/sft", evaluate=True),
+    ))
+    c.eval = eval_settings(arg.size)
+    if arg.size == "hf_small":
+        for name, overrides in HF_SMALL["stages"].items():
+            c.stages[name].overrides = c.stages[name].overrides + overrides
+        c.stages.pairs.update(HF_SMALL["pairs"])
     return c

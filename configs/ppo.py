@@ -15,6 +15,12 @@ _STAGE = {
                  value_lr=1e-3, n_eval_prompts=256),
         optim=dict(lr=3e-5, schedule="constant", warmup_steps=5, weight_decay=0.0),
         train=dict(steps=40, log_every=1, eval_every=20, checkpoint_every=10)),
+    # An imported checkpoint's SFT run against its reward model (configs/pipeline.py:hf).
+    "hf": dict(
+        ppo=dict(rollout_batch=64, minibatch=16, epochs=2, max_new_tokens=64, kl_coef=0.05, value_from="reward",
+                 n_eval_prompts=128),
+        data=dict(seq_len=512), optim=dict(lr=1e-6, schedule="constant", warmup_steps=5, weight_decay=0.0),
+        train=dict(steps=100, log_every=1, eval_every=50, checkpoint_every=10)),
 }
 
 

@@ -11,6 +11,10 @@ _STAGE = {
     # The likelihood readout: a scalar head alone judges this trunk's answers by their length (reward.py).
     "tiny": dict(reward=dict(readout="likelihood"), data=dict(seq_len=64, batch_size=32), optim=dict(lr=5e-4, warmup_steps=20, weight_decay=0.0),
                  train=dict(steps=300, log_every=10, eval_every=100, checkpoint_every=100, eval_batches=8)),
+    # From an SFT run of an imported checkpoint (configs/pipeline.py:hf): a scalar head on the last token's state.
+    "hf": dict(reward=dict(readout="last"), data=dict(seq_len=512, batch_size=8),
+               optim=dict(lr=1e-5, warmup_steps=10, weight_decay=0.0),
+               train=dict(steps=200, log_every=10, eval_every=100, checkpoint_every=100, eval_batches=8)),
 }
 
 

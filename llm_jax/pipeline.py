@@ -12,6 +12,8 @@ held-out prompts of `config.eval` greedily and sampled, and the gold scorer grad
 score them: `judge` is `gold` (the embedded task's scorer) or `reward` (the reward model of the run `reward_run`):
 
     pairs       on-policy preference pairs, `<stage>/pairs.jsonl` (llm_jax/rl/preference_pairs.py)
+    import      `llm-jax import-hf` of the Hugging Face checkpoint `hf` (the `hf` preset: `{base}`, set with
+                --config.base=DIR) into `<stage>/`, the run the post-training stages start from
     rejection   each prompt's best answer (at least `threshold`, when not None) as SFT records,
                 `<stage>/sft.jsonl` (llm_jax/rl/rejection_sampling.py): the data of the next SFT round. Its
                 stage.json keeps the figures of the table: kept prompts, the judge's and gold's mean scores of
@@ -47,7 +49,7 @@ from llm_jax.files import write_json_atomic, write_text_atomic
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
-KINDS = ("train", "pairs", "rejection")
+KINDS = ("train", "pairs", "rejection", "import")
 JUDGES = ("gold", "reward")
 PAIRS_FILE = "pairs.jsonl"
 REJECTION_FILE = "sft.jsonl"
@@ -57,15 +59,21 @@ class PipelineError(RuntimeError):
     """A pipeline config that cannot run, or a stage that failed (named)."""
 
 
-def _substitute(text: str, workdir: str) -> str:
-    return text.replace("{workdir}", workdir)
+def _substitute(text: str, workdir: str, config=None) -> str:
+    """`{workdir}`, and `{base}` / `{chats}` where the config has those fields (the hf preset's checkpoint and SFT
+    data)."""
+    text = text.replace("{workdir}", workdir)
+    for field in ("base", "chats"):
+        if config is not None and field in config:
+            text = text.replace("{" + field + "}", str(config[field]))
+    return text
 
 
 def train_overrides(config, name: str, workdir: str) -> list[str]:
     """A train stage's overrides as applied: the pipeline's seed first, then `overrides`, then `extra`."""
     stage = config.stages[name]
     overrides = [f"seed={config.seed}", *stage.overrides, *stage.extra.split()]
-    return [_substitute(o, workdir) for o in overrides]
+    return [_substitute(o, workdir, config) for o in overrides]
 
 
 def check_config(config) -> None:
@@ -213,9 +221,27 @@ def _run_rejection(config, name: str, workdir: str, directory: str, _) -> dict:
     return dict(summary=summary, metrics=_numbers(summary))
 
 
+def _import_source(config, name: str, workdir: str) -> str:
+    source = _substitute(config.stages[name].hf, workdir, config)
+    if not source:
+        raise PipelineError(f"stage {name!r} imports a Hugging Face checkpoint, but none is named (set "
+                            "--config.base=DIR)")
+    return source
+
+
+def _run_import(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.hf.import_hf import import_hf
+    summary = import_hf(_import_source(config, name, workdir), directory)
+    return dict(summary=summary, metrics=_numbers(summary))
+
+
 def _plan(config, name: str, workdir: str):
     """What a stage will run, loaded now so that a bad override or option fails before any stage runs."""
     stage = config.stages[name]
+    if stage.kind == "import":  # the checkpoint's config maps to a model, or this fails naming the field
+        from llm_jax.hf.import_hf import read_hf_config, run_config
+        source = _import_source(config, name, workdir)
+        return run_config(source, read_hf_config(source))
     if stage.kind == "train":
         from llm_jax.config_lib import load
         return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
@@ -234,6 +260,8 @@ def _describe(config, name: str, workdir: str) -> str:
     stage = config.stages[name]
     if stage.kind == "train":
         return f"train {os.path.relpath(_substitute(stage.config, workdir))}"
+    if stage.kind == "import":
+        return f"import-hf {_substitute(stage.hf, workdir, config)}"
     judge = stage.judge
     if judge == "reward":
         judge = f"reward model {_substitute(stage.get('reward_run') or '', workdir)}"
@@ -241,7 +269,7 @@ def _describe(config, name: str, workdir: str) -> str:
     return f"{what} from {_substitute(stage.run, workdir)}, judge {judge}, k={stage.k}"
 
 
-_RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection}
+_RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection, "import": _run_import}
 
 
 def _settings(config, name: str) -> dict:
@@ -339,6 +367,8 @@ _ROWS = {  # what the table shows of each kind of stage, from its stage.json met
     "sft": lambda m, s: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
     "pairs": _pairs_row,
     "rejection": _rejection_row,
+    "import": lambda m, s: (f"{s.get('family')} checkpoint, {_f(m.get('params'), ',')} params, "
+                            f"{_f(m.get('gb_per_s'), '.2f')} GB/s"),
     "reward": lambda m, s: (f"held-out pair accuracy {_f(m.get('eval_accuracy'))}, margin "
                             f"{_f(m.get('eval_margin'))}"),
     "ppo": lambda m, s: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
