@@ -66,7 +66,8 @@ SMALL = {
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),
 }
-SIZES = ("tiny", "small", "hf", "hf_small")
+SIZES = ("tiny", "small")
+HF_SIZES = ("hf", "hf_small")
 HF_SMALL = {
     "stages": {
         "sft": ("data.seq_len=256", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4",
@@ -114,30 +115,40 @@ def eval_settings(size: str) -> ml_collections.ConfigDict:
     return settings
 
 
+def post_training_stages(preset: str, start: str, *sft_overrides: str) -> dict:
+    """SFT from the stage `start`, on-policy pairs, reward model, PPO and DPO, every train stage with its `preset`."""
+    return dict(
+        sft=train_stage(f"sft.py:{preset}", f"train.init_from={{workdir}}/{start}", *sft_overrides, evaluate=True),
+        pairs=pairs_stage("{workdir}/sft"),
+        reward=train_stage(f"reward.py:{preset}", "train.init_from={workdir}/sft",
+                           "data.train=default_task,{workdir}/pairs/pairs.jsonl",
+                           "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
+        ppo=train_stage(f"ppo.py:{preset}", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
+        dpo=train_stage(f"dpo.py:{preset}", "train.init_from={workdir}/sft", evaluate=True),
+    )
+
+
+def shrink(c, small: dict) -> None:
+    """Adds a shrunk size's overrides (SMALL, HF_SMALL) to its stages and pairs."""
+    for name, overrides in small["stages"].items():
+        c.stages[name].overrides = c.stages[name].overrides + overrides
+    c.stages.pairs.update(small["pairs"])
+
+
 def get_config(arg=None):
     arg = parse_arg(arg, size="tiny", seed=0)
-    if arg.size not in SIZES:
-        raise ConfigError(f"unknown pipeline size {arg.size!r}; known: {list(SIZES)}")
-    if arg.size.startswith("hf"):
+    if arg.size not in SIZES + HF_SIZES:
+        raise ConfigError(f"unknown pipeline size {arg.size!r}; known: {list(SIZES + HF_SIZES)}")
+    if arg.size in HF_SIZES:
         return hf_config(arg)
     c = ml_collections.ConfigDict()
     c.seed = arg.seed
     c.order = ORDER
-    c.stages = ml_collections.ConfigDict(dict(
-        pretrain=train_stage("pretrain.py:tiny"),
-        sft=train_stage("sft.py:tiny", "train.init_from={workdir}/pretrain", evaluate=True),
-        pairs=pairs_stage("{workdir}/sft"),
-        reward=train_stage("reward.py:tiny", "train.init_from={workdir}/sft",
-                      "data.train=default_task,{workdir}/pairs/pairs.jsonl",
-                      "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
-        ppo=train_stage("ppo.py:tiny", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
-        dpo=train_stage("dpo.py:tiny", "train.init_from={workdir}/sft", evaluate=True),
-    ))
+    c.stages = ml_collections.ConfigDict(dict(pretrain=train_stage("pretrain.py:tiny"),
+                                              **post_training_stages("tiny", "pretrain")))
     c.eval = eval_settings(arg.size)
     if arg.size == "small":
-        for name, overrides in SMALL["stages"].items():
-            c.stages[name].overrides = c.stages[name].overrides + overrides
-        c.stages.pairs.update(SMALL["pairs"])
+        shrink(c, SMALL)
     return c
 
 
@@ -148,18 +159,9 @@ def hf_config(arg) -> ml_collections.ConfigDict:
     c.base = ""                # the Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)
     c.chats = "default_task"   # SFT data: jsonl conversations, or the embedded task
     c.order = HF_ORDER
-    c.stages = ml_collections.ConfigDict(dict(
-        base=dict(kind="import", hf="{base}"),
-        sft=train_stage("sft.py:hf", "train.init_from={workdir}/base", "data.train={chats}", evaluate=True),
-        pairs=pairs_stage("{workdir}/sft"),
-        reward=train_stage("reward.py:hf", "train.init_from={workdir}/sft",
-                           "data.train=default_task,{workdir}/pairs/pairs.jsonl", "data.eval=default_task"),
-        ppo=train_stage("ppo.py:hf", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
-        dpo=train_stage("dpo.py:hf", "train.init_from={workdir}/sft", evaluate=True),
-    ))
+    c.stages = ml_collections.ConfigDict(dict(base=dict(kind="import", hf="{base}"),
+                                              **post_training_stages("hf", "base", "data.train={chats}")))
     c.eval = eval_settings(arg.size)
     if arg.size == "hf_small":
-        for name, overrides in HF_SMALL["stages"].items():
-            c.stages[name].overrides = c.stages[name].overrides + overrides
-        c.stages.pairs.update(HF_SMALL["pairs"])
+        shrink(c, HF_SMALL)
     return c

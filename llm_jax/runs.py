@@ -60,8 +60,9 @@ def abstract_params(model: nn.Module, mesh=None, rules=(), init_method=None):
     dummy = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(lambda k: model.init(k, dummy, method=init_method), jax.random.key(0))
     params = nn.unbox(boxed)
-    if mesh is None:
-        return params
+    if mesh is None:  # one device; a target sharding lets orbax restore a run saved on any other mesh
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params)
     shardings = sharding.tree_shardings(sharding.param_logical_specs(boxed), mesh, rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 

@@ -19,7 +19,7 @@ def test_sizes_and_stage_overrides():
     assert train_overrides(config, "ppo", "runs/p") == [
         "seed=3", "train.init_from=runs/p/sft", "ppo.reward_run=runs/p/reward", "ppo.kl_coef=0.1", "train.steps=7"]
     assert "data.train=default_task,runs/p/pairs/pairs.jsonl" in train_overrides(config, "reward", "runs/p")
-    with pytest.raises(config_lib.ConfigError, match=r"unknown pipeline size 'huge'; known: \['tiny', 'small'\]"):
+    with pytest.raises(config_lib.ConfigError, match=r"unknown pipeline size 'huge'; known: \['tiny', 'small', 'hf', 'hf_small'\]"):
         config_lib.load("configs/pipeline.py:huge", [])
 
 

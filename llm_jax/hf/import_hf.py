@@ -38,6 +38,7 @@ from llm_jax.train.checkpoint import checkpoint_dir
 IMPORT_RECORD = "import.json"
 # Tensors some checkpoints carry that are derived, not learned: skipped.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+SAVE_CONCURRENT_GB = 1
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -132,18 +133,29 @@ def _hf_shape(m: weights.TensorMap, ours: tuple) -> tuple:
     return jax.eval_shape(lambda x: m.to_hf(x), jax.ShapeDtypeStruct(ours, np.float32)).shape
 
 
-def _load_param(reader, names, m, stacked: bool, target) -> jax.Array:
-    """One param, read layer by layer into one host array in our layout, then placed shard by shard."""
+def _load_param(reader, names, m: weights.TensorMap, stacked: bool, target) -> jax.Array:
+    """One param placed shard by shard: each device's block is read alone from the safetensors (`hf_block`), so
+    no full host copy of the param is made; a map without blocks reads the tensor whole, one layer at a time."""
     dtype = np.dtype(target.dtype)
-    if stacked:
-        host = np.empty(target.shape, dtype)
-        for i, name in enumerate(names):
-            host[i] = m.to_ours(reader.read(name)).astype(dtype, copy=False)
-    else:
-        host = np.ascontiguousarray(m.to_ours(reader.read(names[0])).astype(dtype, copy=False))
-    if target.sharding is None:
-        return jax.device_put(host)
-    return jax.make_array_from_callback(host.shape, target.sharding, lambda index: host[index])
+
+    def block(name: str, index: tuple) -> np.ndarray:
+        found = m.hf_block(index) if m.hf_block is not None else None
+        if found is None:
+            return m.to_ours(reader.read(name))[index].astype(dtype)
+        hf_index, to_ours = found
+        return np.ascontiguousarray(to_ours(reader.read_block(name, hf_index))).astype(dtype, copy=False)
+
+    def shard(index) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)[:2])
+                      for s, n in zip(index, target.shape))
+        if not stacked:
+            return block(names[0], index)
+        layers = range(index[0].start, index[0].stop)
+        return np.stack([block(names[i], index[1:]) for i in layers]) if layers else np.empty(
+            [s.stop - s.start for s in index], dtype)
+
+    sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.make_array_from_callback(target.shape, sharding, shard)
 
 
 def _nbytes(shape, dtype: str) -> int:
@@ -199,11 +211,14 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = array
-    reader.close()
     t_loaded = time.perf_counter()
 
     os.makedirs(workdir, exist_ok=True)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
+    # At most SAVE_CONCURRENT_GB in flight while writing: orbax copies what it writes, and by default all of it
+    # at once (one more copy of the model at the import's peak).
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True),
+                                    item_handlers={"params": ocp.StandardCheckpointHandler(
+                                        save_concurrent_gb=SAVE_CONCURRENT_GB)})
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"params": params})))
     manager.wait_until_finished()
     manager.close()
