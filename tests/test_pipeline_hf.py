@@ -1,5 +1,6 @@
 """The post-training chain from a Hugging Face checkpoint (configs/pipeline.py:hf_small) on a tiny fixture: import,
-SFT on a user's chats in the checkpoint's own template, pairs, reward model, PPO, DPO; then the export loads back."""
+SFT with LoRA on a user's chats in the checkpoint's own template, pairs, reward model and PPO from the merged SFT
+weights, DPO with LoRA on the user's pairs; then the DPO model exports (adapters merged) and imports again."""
 import json
 import os
 
@@ -24,7 +25,8 @@ def test_the_hf_pipeline_post_trains_an_imported_checkpoint(tmp_path, capsys):
     workdir = str(tmp_path / "p")
     args = ["pipeline", "--config", "configs/pipeline.py:hf_small", "--workdir", workdir, f"--config.base={GEMMA}",
             f"--config.chats={chats}",
-            f"--config.stages.dpo.extra=data.train={pairs} data.eval_fraction=0.2"]
+            "--config.stages.sft.extra=model.lora_rank=4 model.lora_targets=wq,wv,w_up optim.lr=1e-3",
+            f"--config.stages.dpo.extra=data.train={pairs} data.eval_fraction=0.2 model.lora_rank=4"]
     assert cli.main(args) == 0
     table = capsys.readouterr().out
     for stage in ("base", "sft", "pairs", "reward", "ppo", "dpo"):
@@ -34,6 +36,7 @@ def test_the_hf_pipeline_post_trains_an_imported_checkpoint(tmp_path, capsys):
 
     sft = runs.load_run(os.path.join(workdir, "sft"))
     assert sft.model_cfg.family == "gemma3" and sft.model_cfg.param_dtype == "float32"
+    assert sft.model_cfg.lora_rank == 4
     assert sft.config.data.chat_template == "hf" and sft.config.data.train == str(chats)
     # the chats were rendered in Gemma's own template: its turn markers, the loss on the answer and its end
     tokens, mask = chat.render_conversation(
