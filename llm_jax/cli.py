@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sub.add_argument("--dtype", help="tensor dtype of the export (default: the run's model.param_dtype)")
     sub.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
-    sub.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+    sub.add_argument("--max-shard-gb", type=float, default=1.0,
+                     help="safetensors shard size limit (a shard is held on the host before it is written)")
     sub = commands.add_parser("rejection-sample", help="sample K answers per prompt, keep the reward model's best "
                                                        "as SFT records (see llm_jax/rl/rejection_sampling.py)")
     _best_of_k_arguments(sub, "SFT records")

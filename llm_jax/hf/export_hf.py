@@ -26,7 +26,7 @@ from llm_jax.hf import weights
 from llm_jax.hf.safetensors_io import write_sharded
 from llm_jax.model import lora
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+DEFAULT_MAX_SHARD_BYTES = 1024 ** 3  # one shard of tensors is held on the host before it is written
 
 
 class ExportError(ValueError):
