@@ -2,14 +2,15 @@
 
     config.json              the family's config (model/families/), with the tokenizer's bos/eos/pad ids
     model.safetensors        or model-0000i-of-0000n.safetensors + model.safetensors.index.json past
-                             `max_shard_bytes` (a tensor is never split)
+                             `max_shard_bytes` (1 GiB by default; a tensor is never split)
     generation_config.json   bos, eos (every end-of-turn id) and pad
     tokenizer files          an imported run's own (tokenizer.json, tokenizer_config.json, chat template, ...);
                              a run trained here gets a tokenizer.json that reproduces its sentencepiece ids
                              (data/spm_export.py) and its chat template as jinja
 
 LoRA adapters are merged into their weights first (`lora.merge`), so the export is a plain model. Params are
-gathered to the host one at a time and written shard by shard; the tensors keep the run's param dtype unless
+gathered to the host one at a time and written shard by shard (a shard's tensors are held until it is written,
+hence the modest default shard size); the tensors keep the run's param dtype unless
 `dtype` says otherwise. A non-empty output directory is refused unless `overwrite`.
 """
 from __future__ import annotations

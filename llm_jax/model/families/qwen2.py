@@ -10,7 +10,8 @@ def from_hf(hf: dict, source: str) -> dict:
 
 
 def to_hf(cfg) -> dict:
-    return dict(common_to_hf(cfg, FAMILY, "silu"), use_sliding_window=False)
+    return dict(common_to_hf(cfg, FAMILY, "silu"), use_sliding_window=False,
+                layer_types=["full_attention"] * cfg.n_layers)
 
 
 FAMILY = Family("qwen2", hf_model_types=("qwen2",), hf_architecture="Qwen2ForCausalLM", from_hf=from_hf, to_hf=to_hf,

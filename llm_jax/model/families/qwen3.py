@@ -11,7 +11,8 @@ def from_hf(hf: dict, source: str) -> dict:
 
 
 def to_hf(cfg) -> dict:
-    return dict(common_to_hf(cfg, FAMILY, "silu"), use_sliding_window=False, attention_bias=False)
+    return dict(common_to_hf(cfg, FAMILY, "silu"), use_sliding_window=False, attention_bias=False,
+                layer_types=["full_attention"] * cfg.n_layers)
 
 
 FAMILY = Family("qwen3", hf_model_types=("qwen3",), hf_architecture="Qwen3ForCausalLM", from_hf=from_hf, to_hf=to_hf,
