@@ -82,7 +82,7 @@ def test_export_writes_the_checkpoint_back_tensor_for_tensor(imported, family, t
                 "max_position_embeddings", "sliding_window", "layer_types", "query_pre_attn_scalar",
                 "bos_token_id", "pad_token_id"):
         if key in original and original[key] is not None:
-            assert config[key] == original[key], key
+            assert config[key] == original[key] and type(config[key]) is type(original[key]), key
     assert config["architectures"] == original["architectures"]
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(summary["files"])
 

@@ -46,10 +46,15 @@ def to_hf(cfg) -> dict:
     out.pop("hidden_act")
     return dict(out, hidden_activation="gelu_pytorch_tanh", sliding_window=cfg.sliding_window,
                 layer_types=layer_types, sliding_window_pattern=every,
-                query_pre_attn_scalar=cfg.query_scale_dim, rope_local_base_freq=cfg.rope_local_theta,
+                query_pre_attn_scalar=_number(cfg.query_scale_dim), rope_local_base_freq=cfg.rope_local_theta,
                 rope_parameters={"full_attention": global_rope,
                                  "sliding_attention": dict(rope_type="default", rope_theta=cfg.rope_local_theta)},
                 attn_logit_softcapping=None, final_logit_softcapping=None)
+
+
+def _number(x: float):
+    """An integral float as an int: transformers' config classes type query_pre_attn_scalar as int."""
+    return int(x) if float(x).is_integer() else x
 
 
 FAMILY = Family("gemma3", hf_model_types=("gemma3_text",), hf_architecture="Gemma3ForCausalLM", from_hf=from_hf,
