@@ -5,37 +5,38 @@ Llama, Mistral, Qwen and Gemma checkpoints). Scalings of f for contexts past the
 - `linear` (position interpolation, Chen et al. 2023): f / factor.
 - `llama3` (Llama 3.1): wavelengths 2π/f longer than original/low_freq_factor are divided by factor, those
   shorter than original/high_freq_factor kept, and the band between interpolated smoothly.
-Frequencies are computed once in float64 and cast to float32, so each layer kind's table is a constant.
+Frequencies are computed in float32 with jnp, as the checkpoints' own code computes them (and as the models
+trained here always have: their results stay bit for bit what they were).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from llm_jax.model.config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+def inverse_frequencies(cfg: ModelConfig, local: bool = False):
     """(D/2,) float32 f_i of a global layer, or of a local one (its own base, unscaled, where it has one)."""
     half = cfg.head_dim // 2
+    exponents = -jnp.arange(half, dtype=jnp.float32) / half
     if local and cfg.rope_local_theta:
-        return (cfg.rope_local_theta ** (-np.arange(half, dtype=np.float64) / half)).astype(np.float32)
-    inv = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+        return cfg.rope_local_theta ** exponents
+    inv = cfg.rope_theta ** exponents
     if cfg.rope_scaling == "linear":
         inv = inv / cfg.rope_scaling_factor
     elif cfg.rope_scaling == "llama3":
         inv = _llama3_scaled(inv, cfg)
-    return inv.astype(np.float32)
+    return inv
 
 
-def _llama3_scaled(inv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def _llama3_scaled(inv, cfg: ModelConfig):
     factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
     original = cfg.rope_original_max_len
-    wavelength = 2 * np.pi / inv
-    scaled = np.where(wavelength > original / low, inv / factor, inv)
+    wavelength = 2 * jnp.pi / inv
+    scaled = jnp.where(wavelength > original / low, inv / factor, inv)
     smooth = (original / wavelength - low) / (high - low)
     between = (wavelength >= original / high) & (wavelength <= original / low)
-    return np.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return jnp.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 def rotary(x_bthd, positions_bt, inv_freq_f):

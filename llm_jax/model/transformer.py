@@ -218,12 +218,12 @@ class Attention(nn.Module):
         return out_btd if kv is None else (out_btd, kv)
 
     def _inverse_frequencies(self, local):
-        """The layer kind's RoPE table; a traced kind selects between the two constant tables."""
+        """The layer kind's RoPE table; a traced kind selects between the two tables."""
         cfg = self.cfg
         if local is None:
-            return jnp.asarray(inverse_frequencies(cfg, cfg.layer_is_local(0)))
+            return inverse_frequencies(cfg, cfg.layer_is_local(0))
         if isinstance(local, bool):
-            return jnp.asarray(inverse_frequencies(cfg, local))
+            return inverse_frequencies(cfg, local)
         return jnp.where(local, inverse_frequencies(cfg, True), inverse_frequencies(cfg, False))
 
     def _by_layer_kind(self, attend, local, *args):
