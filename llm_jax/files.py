@@ -1,6 +1,8 @@
-"""Files written whole, then renamed: a reader never sees half a file, and an interruption leaves none."""
+"""Files written whole, then renamed: a reader never sees half a file, and an interruption leaves none; and the
+sha256 that identifies a file's bytes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -16,3 +18,12 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=1, default=str) + "\n")
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read a chunk at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,6 +21,7 @@ import shutil
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from llm_jax import runs
 from llm_jax.hf import weights
@@ -40,24 +41,18 @@ def _host(array) -> np.ndarray:
 
 def _tensors(params: dict, cfg, dtype):
     """(HF name, array) for every tensor, one param gathered to the host at a time."""
-    root = params["params"]
+    flat = traverse_util.flatten_dict(params["params"])
     for m in weights.global_maps(cfg):
-        yield m.hf, m.to_hf(_host(_at(root, m.path))).astype(dtype)
+        yield m.hf, m.to_hf(_host(flat[m.path])).astype(dtype)
     for m in weights.layer_maps(cfg):
         if cfg.scan_layers:
-            stacked = _host(_at(root, ("blocks",) + m.path))
+            stacked = _host(flat[("blocks",) + m.path])
             for i in range(cfg.n_layers):
                 yield m.hf.format(i=i), m.to_hf(stacked[i]).astype(dtype)
             del stacked
         else:
             for i in range(cfg.n_layers):
-                yield m.hf.format(i=i), m.to_hf(_host(_at(root, (f"block_{i}",) + m.path))).astype(dtype)
-
-
-def _at(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
+                yield m.hf.format(i=i), m.to_hf(_host(flat[(f"block_{i}",) + m.path])).astype(dtype)
 
 
 def hf_config(cfg, run_config, tokenizer) -> dict:

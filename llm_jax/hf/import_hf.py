@@ -16,7 +16,6 @@ FSDP 4 × tensor 2: experiments/benchmarks/README.md). Params keep the checkpoin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,11 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from llm_jax import runs, sharding
 from llm_jax.configs_common import base_config
 from llm_jax.data.hf_tokenizer import HFTokenizer
 from llm_jax.data.tokenizer import check_vocab
+from llm_jax.files import file_sha256
 from llm_jax.hf import weights
 from llm_jax.hf.safetensors_io import CheckpointFilesError, SafetensorsReader
 from llm_jax.model.config import ModelConfig
@@ -80,20 +81,12 @@ def run_config(hf_dir: str, hf: dict, overrides=()) -> ml_collections.ConfigDict
     return config
 
 
-def _param_paths(tree, prefix=()):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _param_paths(value, prefix + (key,))
-    else:
-        yield prefix, tree
-
-
-def _sources(cfg: ModelConfig, abstract: dict) -> dict:
+def _sources(cfg: ModelConfig, flat: dict) -> dict:
     """Our param path → (HF names, one per stacked layer or a single one, the map)."""
     out = {}
     by_global = {m.path: m for m in weights.global_maps(cfg)}
     by_layer = {m.path: m for m in weights.layer_maps(cfg)}
-    for path, _ in _param_paths(abstract):
+    for path in flat:
         if path in by_global:
             out[path] = ([by_global[path].hf], by_global[path], False)
         elif path[0] == "blocks" and path[1:] in by_layer:
@@ -107,10 +100,10 @@ def _sources(cfg: ModelConfig, abstract: dict) -> dict:
     return out
 
 
-def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig, sources: dict, abstract: dict) -> None:
-    """Every expected tensor present with the right shape and a float dtype; no tensor left unread."""
-    flat = dict(_param_paths(abstract))
-    expected = set()
+def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig, sources: dict, flat: dict) -> int:
+    """Every expected tensor present with the right shape and a float dtype, no tensor left unread; returns the
+    bytes of the tensors to read."""
+    expected, n_bytes = set(), 0
     for path, (names, m, stacked) in sources.items():
         want = flat[path].shape[1:] if stacked else flat[path].shape
         hf_shape = _hf_shape(m, want)
@@ -123,11 +116,13 @@ def _check_tensors(reader: SafetensorsReader, cfg: ModelConfig, sources: dict, a
             if dtype not in _DTYPES:
                 raise HFImportError(f"{reader.directory}: tensor {name!r} has dtype {dtype}; expected one of "
                                    f"{sorted(_DTYPES)}")
+            n_bytes += int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
     extra = sorted(n for n in reader.shard_of if n not in expected and not n.endswith(_DERIVED_SUFFIXES)
                    and not (cfg.tie_embeddings and n == "lm_head.weight"))
     if extra:
         raise HFImportError(f"{reader.directory}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not part of a "
                            f"{cfg.family} model as config.json describes it")
+    return n_bytes
 
 
 def _hf_shape(m: weights.TensorMap, ours: tuple) -> tuple:
@@ -148,8 +143,7 @@ def _load_param(reader, names, m: weights.TensorMap, stacked: bool, target) -> j
         return np.ascontiguousarray(to_ours(reader.read_block(name, hf_index))).astype(dtype, copy=False)
 
     def shard(index) -> np.ndarray:
-        index = tuple(slice(*s.indices(n)[:2])
-                      for s, n in zip(index, target.shape))
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, target.shape))
         if not stacked:
             return block(names[0], index)
         layers = range(index[0].start, index[0].stop)
@@ -158,18 +152,6 @@ def _load_param(reader, names, m: weights.TensorMap, stacked: bool, target) -> j
 
     sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.make_array_from_callback(target.shape, sharding, shard)
-
-
-def _nbytes(shape, dtype: str) -> int:
-    return int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
-
-
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
@@ -200,19 +182,13 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
     rules = sharding.check_rules(config.mesh_rules)
     model = Transformer(cfg, mesh, rules)
     abstract = runs.abstract_params(model, mesh, rules, init_method=Transformer.logits)
-    sources = _sources(cfg, abstract["params"])
-    _check_tensors(reader, cfg, sources, abstract["params"])
+    flat = traverse_util.flatten_dict(abstract["params"])
+    sources = _sources(cfg, flat)
+    n_bytes = _check_tensors(reader, cfg, sources, flat)
     t_checked = time.perf_counter()
 
-    flat = dict(_param_paths(abstract["params"]))
-    params, n_bytes = {}, 0
-    for path, (names, m, stacked) in sources.items():
-        array = _load_param(reader, names, m, stacked, flat[path])
-        n_bytes += sum(_nbytes(*reader.shape_dtype(n)) for n in names)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = array
+    params = traverse_util.unflatten_dict({path: _load_param(reader, names, m, stacked, flat[path])
+                                           for path, (names, m, stacked) in sources.items()})
     t_loaded = time.perf_counter()
 
     os.makedirs(workdir, exist_ok=True)
@@ -230,9 +206,9 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
     t_written = time.perf_counter()
     summary = dict(
         source=hf_dir, family=cfg.family, architecture=(hf.get("architectures") or [None])[0],
-        files={name: sha256_file(os.path.join(hf_dir, name)) for name in files + ["config.json"]},
+        files={name: file_sha256(os.path.join(hf_dir, name)) for name in files + ["config.json"]},
         tokenizer_sha256=tokenizer.sha256, tensors=len(reader.shard_of), bytes=n_bytes,
-        params=int(sum(np.prod(a.shape) for _, a in _param_paths(params))),
+        params=int(sum(np.prod(a.shape) for a in flat.values())),
         mesh=dict(mesh.shape), param_dtype=cfg.param_dtype,
         seconds=dict(check=round(t_checked - t0, 3), load=round(t_loaded - t_checked, 3),
                      save=round(t_written - t_loaded, 3)),

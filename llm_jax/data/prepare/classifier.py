@@ -34,7 +34,6 @@ The file, `classifier.npz` (written byte-for-byte the same for the same weights,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -44,6 +43,7 @@ import zipfile
 import numpy as np
 
 from llm_jax.data.prepare.classifier_features import FeatureConfig, feature_ids
+from llm_jax.files import file_sha256
 
 FORMAT = "llm_jax/fasttext-binary-classifier/1"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)   # a fixed member time: the same weights give the same file bytes
@@ -137,14 +137,6 @@ def save_classifier(path: str, params: dict, features: FeatureConfig, threshold:
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), buffer.getvalue())
     os.replace(tmp, path)
     return file_sha256(path)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_arrays(path: str, keys) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from llm_jax.config_lib import ConfigError
 from llm_jax.data.prepare import classifier, dedup, heuristics, langid, privacy
+from llm_jax.files import file_sha256
 
 CLASSIFIER_STEPS = ("quality_classifier", "toxicity_classifier")
 PER_DOCUMENT_STEPS = ("privacy", "heuristics", "langid", "blocklist") + CLASSIFIER_STEPS
@@ -146,14 +147,14 @@ def _plan_classifier(name: str, config: ClassifierFilterConfig) -> ClassifierSte
     except classifier.ModelFileError as e:
         raise ConfigError(f"config.{name}.model: {e}") from None
     threshold = model.threshold if config.threshold is None else float(config.threshold)
-    return ClassifierStep(os.path.abspath(config.model), classifier.file_sha256(config.model), threshold,
+    return ClassifierStep(os.path.abspath(config.model), file_sha256(config.model), threshold,
                           name == "toxicity_classifier", config.pooling)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_checked(path: str, sha256: str) -> classifier.Classifier:
     """The model a worker scores with, refused if the file changed since the run was planned."""
-    now = classifier.file_sha256(path)
+    now = file_sha256(path)
     if now != sha256:
         raise ConfigError(f"classifier {path} changed during the run (sha256 {sha256[:12]}… planned, "
                           f"{now[:12]}… now)")
