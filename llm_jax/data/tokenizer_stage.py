@@ -11,10 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.data.hf_tokenizer import HFTokenizer
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.mixture import training_spec
 from llm_jax.data.sources import iter_documents
@@ -29,34 +27,17 @@ def prepare_tokenizer(config, workdir: str):
     `tokenizer.path`, inherited from `train.init_from`, reused from an earlier attempt of this run, or trained on
     the training corpus."""
     source = config.tokenizer.path or (run_tokenizer_path(config.train.init_from) if config.train.init_from else "")
-    if source and os.path.isdir(source):
-        return _copy_hf_tokenizer(source, workdir)
-    target = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(target):
-        tokenizer = tokenizer_lib.Tokenizer.load(target)
-        if source and tokenizer_lib.Tokenizer.load(source).sha256 != tokenizer.sha256:
-            raise TokenizerMismatch(f"{target} differs from the configured tokenizer {source}: use a new --workdir")
-        return tokenizer
     if source:
         if not os.path.exists(source):
             raise FileNotFoundError(f"tokenizer {source!r} does not exist")
-        tmp = f"{target}.tmp.{os.getpid()}"  # every host may copy at once: each its own temporary, one rename
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        try:  # either kind keeps an earlier copy of the same bytes and refuses another tokenizer
+            return load_tokenizer(load_tokenizer(source).save(workdir))
+        except FileExistsError as e:
+            raise TokenizerMismatch(f"{e} (the configured {source}): use a new --workdir") from e
+    target = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(target):
         return tokenizer_lib.Tokenizer.load(target)
     return train_tokenizer(config, target)
-
-
-def _copy_hf_tokenizer(source: str, workdir: str) -> HFTokenizer:
-    """A Hugging Face tokenizer directory (or a run holding one) as `<workdir>/tokenizer/`; TokenizerMismatch if the
-    workdir already holds another."""
-    tokenizer = load_tokenizer(source)
-    if not isinstance(tokenizer, HFTokenizer):
-        raise TokenizerMismatch(f"{source} holds a sentencepiece model, not a Hugging Face tokenizer directory")
-    try:
-        return HFTokenizer.load(tokenizer.save(workdir))
-    except FileExistsError as e:
-        raise TokenizerMismatch(f"{e}: use a new --workdir") from e
 
 
 def train_tokenizer(config, target: str) -> tokenizer_lib.Tokenizer:
