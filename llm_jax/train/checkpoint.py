@@ -8,8 +8,11 @@ import os
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from llm_jax.model import lora
+from llm_jax.model.config import ModelConfig
 from llm_jax.train.state import TrainState
 
 
@@ -93,7 +96,6 @@ def latest_step(run_dir: str) -> int | None:
 
 def _lora_config(run_dir: str):
     """The run's ModelConfig when it trained LoRA adapters (its checkpoint holds them), else None."""
-    from llm_jax.model.config import ModelConfig
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return None
@@ -101,15 +103,13 @@ def _lora_config(run_dir: str):
         model = json.load(f).get("model", {})
     if not model.get("lora_rank"):
         return None
-    import ml_collections
     return ModelConfig.from_config(ml_collections.ConfigDict(model))
 
 
 def _has_adapters(tree) -> bool:
-    from llm_jax.model.lora import ADAPTER_SUFFIX
     if not isinstance(tree, dict):
         return False
-    return any(str(k).endswith(ADAPTER_SUFFIX) or _has_adapters(v) for k, v in tree.items())
+    return any(str(k).endswith(lora.ADAPTER_SUFFIX) or _has_adapters(v) for k, v in tree.items())
 
 
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
@@ -141,7 +141,6 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
 def _restore_merged(run_dir: str, abstract_params, lora_cfg, step: int | None):
     """A LoRA run's params with its adapters folded in, cut to the keys of `abstract_params` and placed on its
     dtypes and shardings."""
-    from llm_jax.model import lora
     directory = checkpoint_dir(run_dir)
     manager = ocp.CheckpointManager(directory)
     step = manager.latest_step() if step is None else step
