@@ -37,13 +37,16 @@ def _inputs(b, t, h, kv, d, packed, seed=0):
 @pytest.mark.parametrize("b, t, h, kv, d, causal, packed", CASES)
 def test_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, causal, packed):
     q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
+    _check_against_reference(impl, q, k, v, dout, segment_ids_bt=segments, causal=causal)
 
+
+def _check_against_reference(impl, q, k, v, dout, **options):
+    """`attention(impl=impl, **options)` against the reference: the output and the three gradients."""
     def loss(fn):
-        return lambda q_, k_, v_: jnp.sum(fn(q_, k_, v_, segment_ids_bt=segments, causal=causal) * dout)
+        return lambda q_, k_, v_: jnp.sum(fn(q_, k_, v_, **options) * dout)
 
     impl_fn = lambda *a, **kw: attention(*a, impl=impl, **kw)  # noqa: E731
-    np.testing.assert_allclose(impl_fn(q, k, v, segment_ids_bt=segments, causal=causal),
-                               reference_attention(q, k, v, segment_ids_bt=segments, causal=causal),
+    np.testing.assert_allclose(impl_fn(q, k, v, **options), reference_attention(q, k, v, **options),
                                atol=2e-5, rtol=2e-5)
     grads = jax.grad(loss(impl_fn), argnums=(0, 1, 2))(q, k, v)
     ref_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
@@ -96,15 +99,4 @@ def test_the_reference_window_hides_exactly_the_keys_w_or_more_behind():
 @pytest.mark.parametrize("b, t, h, kv, d, window, packed", WINDOW_CASES)
 def test_a_sliding_window_matches_the_reference_forward_and_gradients(impl, b, t, h, kv, d, window, packed):
     q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
-
-    def loss(fn):
-        return lambda q_, k_, v_: jnp.sum(fn(q_, k_, v_, segment_ids_bt=segments, window=window) * dout)
-
-    impl_fn = lambda *a, **kw: attention(*a, impl=impl, **kw)  # noqa: E731
-    np.testing.assert_allclose(impl_fn(q, k, v, segment_ids_bt=segments, window=window),
-                               reference_attention(q, k, v, segment_ids_bt=segments, window=window),
-                               atol=2e-5, rtol=2e-5)
-    grads = jax.grad(loss(impl_fn), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
-    for name, got, want in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+    _check_against_reference(impl, q, k, v, dout, segment_ids_bt=segments, window=window)

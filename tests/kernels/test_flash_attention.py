@@ -53,9 +53,13 @@ def _value_and_grads(fn, q, k, v, dout):
 @pytest.mark.parametrize("b, t, h, kv, d, causal, packed, blocks", CASES)
 def test_family_matches_the_reference(family, b, t, h, kv, d, causal, packed, blocks):
     q, k, v, dout, segments = _inputs(b, t, h, kv, d, packed)
-    flash = lambda *a: flash_attention(*a, segment_ids_bt=segments, causal=causal, blocks=blocks,  # noqa: E731
-                                       backend=family, interpret=True)
-    ref = lambda *a: reference_attention(*a, segment_ids_bt=segments, causal=causal)  # noqa: E731
+    _check_family(family, blocks, q, k, v, dout, segment_ids_bt=segments, causal=causal)
+
+
+def _check_family(family, blocks, q, k, v, dout, **options):
+    """The family's kernels (interpret mode) against the reference with `options`: output and three gradients."""
+    flash = lambda *a: flash_attention(*a, blocks=blocks, backend=family, interpret=True, **options)  # noqa: E731
+    ref = lambda *a: reference_attention(*a, **options)  # noqa: E731
     for name, got, want in zip(["out", "dq", "dk", "dv"], _value_and_grads(flash, q, k, v, dout),
                                _value_and_grads(ref, q, k, v, dout)):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
@@ -126,12 +130,7 @@ WINDOW_CASES = [  # (batch, length, heads, kv heads, window, packed, blocks); he
 @pytest.mark.parametrize("b, t, h, kv, window, packed, blocks", WINDOW_CASES)
 def test_family_with_a_window_matches_the_reference(family, b, t, h, kv, window, packed, blocks):
     q, k, v, dout, segments = _inputs(b, t, h, kv, 16, packed)
-    flash = lambda *a: flash_attention(*a, segment_ids_bt=segments, window=window, blocks=blocks,  # noqa: E731
-                                       backend=family, interpret=True)
-    ref = lambda *a: reference_attention(*a, segment_ids_bt=segments, window=window)  # noqa: E731
-    for name, got, want in zip(["out", "dq", "dk", "dv"], _value_and_grads(flash, q, k, v, dout),
-                               _value_and_grads(ref, q, k, v, dout)):
-        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)
+    _check_family(family, blocks, q, k, v, dout, segment_ids_bt=segments, window=window)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
