@@ -21,10 +21,24 @@ def _log_softmax_at(logits_btv, targets_bt):
     return _log_softmax_at_fwd(logits_btv, targets_bt)[0]
 
 
-def _log_softmax_at_fwd(logits_btv, targets_bt):
-    max_bt = jnp.max(logits_btv, axis=-1)
-    lse_bt = max_bt + jnp.log(jnp.sum(jnp.exp(logits_btv - max_bt[..., None]), axis=-1))
+def _target_and_other_max(logits_btv, targets_bt):
+    """(z[target], max over the other tokens of z), the latter −inf with a one-token vocabulary.
+
+    The loss and `argmax_hits` both take them with this one function on the same f32 logits, so under jit XLA
+    computes them once (common-subexpression elimination): the accuracy costs no pass of its own.
+    """
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    vocab_v = jax.lax.broadcasted_iota(targets_bt.dtype, logits_btv.shape, logits_btv.ndim - 1)
+    others_btv = jnp.where(vocab_v == targets_bt[..., None], -jnp.inf, logits_btv)
+    return target_logit_bt, jnp.max(others_btv, axis=-1)
+
+
+def _log_softmax_at_fwd(logits_btv, targets_bt):
+    # max(z[y], max of the others) is exactly max(z): the softmax shift is unchanged, and it shares its pass
+    # with the accuracy's strict comparison.
+    target_logit_bt, other_max_bt = _target_and_other_max(logits_btv, targets_bt)
+    max_bt = jnp.maximum(target_logit_bt, other_max_bt)
+    lse_bt = max_bt + jnp.log(jnp.sum(jnp.exp(logits_btv - max_bt[..., None]), axis=-1))
     return target_logit_bt - lse_bt, (logits_btv, targets_bt, lse_bt)
 
 
@@ -46,14 +60,18 @@ def token_log_probs(logits_btv, targets_bt):
 
 
 def argmax_hits(logits_btv, targets_bt):
-    """1 where the target's logit is the largest (an exact tie with another token also counts), else 0.
+    """1 where the target's logit is strictly larger than every other token's, else 0.
 
-    This equals `argmax(logits) == target` except on exact ties; it needs only the max the loss already takes,
-    where `jnp.argmax`'s (value, index) reduction was a separate pass over the (B, T, V) logits that took
-    about 5% of a CPU train step at the `bench` shape.
+    An exact tie with another token is a miss: a collapsed model whose logits are all equal predicts nothing,
+    and must not score accuracy 1.0. (`argmax(logits) == target` would instead count a tie as a hit when the
+    target happens to have the lowest index.) The comparison is against the max over the other tokens, which
+    the loss's forward takes with the same function (`_target_and_other_max`), so it costs no extra pass over
+    the (B, T, V) logits, where `jnp.argmax`'s (value, index) reduction was a separate pass that took about 5%
+    of a CPU train step at the `bench` shape. The f32 cast matches `token_log_probs` so the two are one
+    computation; it is exact, so the comparison is the same as in the logits' own dtype.
     """
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return target_logit_bt >= jnp.max(logits_btv, axis=-1)
+    target_logit_bt, other_max_bt = _target_and_other_max(logits_btv.astype(jnp.float32), targets_bt)
+    return target_logit_bt > other_max_bt
 
 
 def cross_entropy(logits_btv, targets_bt, loss_mask_bt):
