@@ -1,5 +1,5 @@
 r"""A fastText-style document classifier for data preparation's `quality_classifier` and `toxicity_classifier`
-steps (llm_jax/data/classifier_stage.py; the model in llm_jax/data/prepare/classifier.py).
+steps (llm_jax/data/prepare/classifier_stage.py; the model in llm_jax/data/prepare/classifier.py).
 
     llm-jax classifier --config configs/classifier.py:quality --workdir runs/quality_clf
     llm-jax classifier --config configs/classifier.py:toxicity --workdir runs/toxicity_clf

@@ -1,4 +1,5 @@
-r"""Data preparation: raw documents to cleaned, deduplicated and tokenized shards (llm_jax/data/prepare_stage.py).
+r"""Data preparation: raw documents to cleaned, deduplicated and tokenized shards
+(llm_jax/data/prepare/prepare_stage.py).
 
     llm-jax prepare --config configs/prepare.py:default --workdir runs/data
     llm-jax prepare --config configs/prepare.py:default,processes=8 --workdir runs/web \

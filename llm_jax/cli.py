@@ -14,10 +14,10 @@
     llm-jax scaling-fit results.csv --n-col N --d-col D --loss-col loss --approach 3 [--bootstrap 1000]
 
 `prepare` cleans, deduplicates and tokenizes raw documents into shards with a report, resuming where it stopped
-(see llm_jax/data/prepare_stage.py); a bad config exits 2, bad input data 1.
+(see llm_jax/data/prepare/prepare_stage.py); a bad config exits 2, bad input data 1.
 `classifier` trains a fastText-style quality or toxicity classifier on positive and negative examples, reports
-held-out precision and recall, and saves it for prepare's classifier steps (see llm_jax/data/classifier_stage.py);
-a bad config exits 2, bad example data 1.
+held-out precision and recall, and saves it for prepare's classifier steps
+(see llm_jax/data/prepare/classifier_stage.py); a bad config exits 2, bad example data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `import-hf` turns a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 3) into a run directory that every
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
                             ("tokenizer", "train a sentencepiece tokenizer on the config's corpus"),
                             ("prepare", "clean, filter, deduplicate and tokenize raw documents into shards and a "
-                                        "report (see llm_jax/data/prepare_stage.py)")):
+                                        "report (see llm_jax/data/prepare/prepare_stage.py)")):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", required=True, help="path/to/config.py[:arg]")
         sub.add_argument("--workdir", required=True, help="the run directory")
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
     sub = commands.add_parser("classifier", help="train a fastText-style document classifier for prepare's quality "
-                                                 "and toxicity steps (see llm_jax/data/classifier_stage.py)")
+                                                 "and toxicity steps (see llm_jax/data/prepare/classifier_stage.py)")
     sub.add_argument("--config", required=True, help="path/to/classifier.py[:arg]")
     sub.add_argument("--workdir", required=True, help="where classifier.npz, classifier.json and report.md go")
     sub = commands.add_parser("pipeline", help="every stage of a pipeline config, each in <workdir>/<stage>, "
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         return _sweep(config, args)
     if args.command == "classifier":
-        from llm_jax.data.classifier_stage import run_classifier
+        from llm_jax.data.prepare.classifier_stage import run_classifier
         return _data_command("classifier", run_classifier, config, args.workdir)
     if args.distributed:
         import jax
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before any other JAX call: every process then sees the global device set and mesh.
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.command == "prepare":
-        from llm_jax.data.prepare_stage import run_prepare
+        from llm_jax.data.prepare.prepare_stage import run_prepare
         return _data_command("prepare", run_prepare, config, args.workdir)
     if args.command == "tokenizer":
         from llm_jax.data.tokenizer_stage import run_tokenizer

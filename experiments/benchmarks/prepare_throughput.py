@@ -38,10 +38,10 @@ import numpy as np
 
 from llm_jax.config_lib import load
 from llm_jax.data import default_corpus
-from llm_jax.data.classifier_stage import run_classifier
+from llm_jax.data.prepare.classifier_stage import run_classifier
 from llm_jax.data.prepare import dedup, langid, shards
 from llm_jax.data.prepare.steps import plan_steps
-from llm_jax.data.prepare_stage import run_prepare
+from llm_jax.data.prepare.prepare_stage import run_prepare
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 BLOCKED = ("casino", "viagra")

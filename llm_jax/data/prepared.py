@@ -3,7 +3,7 @@
     data.train = "runs/data"              one prepared dataset
     data.train = "runs/data,runs/more"    several, read one after another
 
-The workdir's layout is llm_jax/data/prepare_stage.py's: clean/shard-NNNNN.{jsonl,parquet},
+The workdir's layout is llm_jax/data/prepare/prepare_stage.py's: clean/shard-NNNNN.{jsonl,parquet},
 tokens/shard-NNNNN.{tokens,offsets}.npy, done/shard-NNNNN.json, and prepare.json, which lists every input file
 (shard N is input N) and the sha256 of the tokenizer the token shards were written with. Hosts of a multi-host
 preparation each write their shards under these global names into one workdir; a reader takes every shard, and
@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-# The workdir's names, which llm_jax/data/prepare_stage.py writes by (it imports them from here).
+# The workdir's names, which llm_jax/data/prepare/prepare_stage.py writes by (it imports them from here).
 STAGE_FILE = "prepare.json"   # written first, so it marks a prepared workdir
 CLEAN, TOKENS, DONE = "clean", "tokens", "done"
 

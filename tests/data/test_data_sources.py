@@ -78,7 +78,7 @@ def test_missing_file_empty_glob_and_bad_files(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl.gz:1: cannot read"):
         list(iter_documents(str(tmp_path / "bad.jsonl.gz")))
     (tmp_path / "x.parquet.gz").write_bytes(b"")
-    with pytest.raises(DataError, match="x.parquet.gz: gzipped parquet is not supported"):
+    with pytest.raises(DataError, match="x.parquet.gz: compressed parquet is not supported"):
         list(iter_documents(str(tmp_path / "x.parquet.gz")))
     with pytest.raises(DataError, match="ints.parquet: no column 'body'"):
         list(iter_documents(str(tmp_path / "ints.parquet"), text_key="body"))

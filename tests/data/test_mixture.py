@@ -8,7 +8,8 @@ import pytest
 from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
 from llm_jax.configs_common import base_config
-from llm_jax.data import default_corpus, mixture, pipeline, prepare_stage, prepared
+from llm_jax.data import default_corpus, mixture, pipeline, prepared
+from llm_jax.data.prepare import prepare_stage
 from llm_jax.data.tokenizer import train_tokenizer
 
 N_DOCS, N_DOMAIN_DOCS = 300, 200

@@ -8,7 +8,7 @@ and returns a decision a report can count, histogram and quote.
     classifier*.py a fastText-style linear classifier over hashed n-grams (quality, toxicity): features, the model
                    file and NumPy scoring, JAX/optax training, metrics, and the generated example documents
 
-and what `llm-jax prepare` (llm_jax/data/prepare_stage.py) builds from them:
+and what `llm-jax prepare` (llm_jax/data/prepare/prepare_stage.py) builds from them:
 
     inputs.py      the input files and their documents, each with its file and line, bad records skipped or fatal
     steps.py       the configured chain of steps, checked and built from the config's sections

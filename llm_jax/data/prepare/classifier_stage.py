@@ -84,7 +84,7 @@ def read_examples(config, name: str) -> Examples:
     """The documents of `config.<name>` (module docstring, step 1)."""
     section = config[name]
     spec = section.spec.strip()
-    errors: list[inputs.InputError] = []
+    errors: list[DataError] = []
     if spec.startswith(classifier_examples.PREFIX):
         kind = spec[len(classifier_examples.PREFIX):]
         if kind not in classifier_examples.KINDS:

@@ -36,9 +36,10 @@ until every host's shards are filtered, then runs the same ordered pass over all
 decisions, so the union of the hosts' outputs is exactly what one host would write. `dedup_scope="host"` dedups each
 host's files alone and waits for no one.
 
-Bad input (inputs.py): with `on_error="stop"` the first unreadable file or broken record stops the command with its
-file and line, and every shard already complete stays on disk; with `"skip"` the record (or the rest of the file) is
-skipped, counted and listed in the report.
+Bad input (inputs.py, read by llm_jax/data/sources.py): with `on_error="stop"` the first unreadable file (corrupt
+or truncated gzip or zstd, broken parquet) or broken record stops the command with one DataError naming its file and
+line, and every shard already complete stays on disk; with `"skip"` the record (or the rest of the file) is skipped,
+counted and listed in the report.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from llm_jax.config_lib import ConfigError
 from llm_jax.data.prepare import dedup, inputs, report, shards
 from llm_jax.data.prepare.steps import Outcome, StepPlan, plan_steps
 from llm_jax.data import sources
+from llm_jax.data.sources import DataError
 from llm_jax.data.prepared import CLEAN, DONE, STAGE_FILE, TOKENS
 from llm_jax.files import write_json_atomic, write_text_atomic
 
@@ -270,7 +272,7 @@ def _filter_into(plan: Plan, file: inputs.InputFile, tmp: str) -> None:
     stats = report.ShardStats(plan.steps.steps, plan.examples, plan.example_chars)
     minhash = plan.steps.minhash
     pending, kept_hashes, signatures = [], [], []   # shingle hashes are kept only for exact_jaccard
-    errors: list[inputs.InputError] = []
+    errors: list[DataError] = []
     tokenizer = _load_tokenizer(plan.tokenizer) if plan.tokenizer else None
 
     def count_tokens(text: str) -> int:   # as a token shard holds the document: [bos] ids [eos]
@@ -302,7 +304,7 @@ def _filter_into(plan: Plan, file: inputs.InputFile, tmp: str) -> None:
         if minhash.exact_jaccard:
             np.savez(os.path.join(tmp, "shingles.npz"), counts=np.array([len(h) for h in kept_hashes], np.int64),
                      hashes=np.concatenate(kept_hashes or [np.zeros(0, np.uint64)]))
-    stats.errors = [dataclasses.asdict(e) for e in errors]
+    stats.errors = [inputs.error_record(e) for e in errors]
     with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as f:
         json.dump(stats.to_json(), f, indent=1)
     np.savez(os.path.join(tmp, "scores.npz"), **stats.score_arrays())

@@ -6,7 +6,7 @@
     blocklist      drop documents with blocked words (heuristics.py)
     quality_classifier   drop documents a fastText-style quality classifier scores below its threshold
     toxicity_classifier  drop documents a toxicity classifier scores at or above its threshold (classifier.py;
-                         both trained by `llm-jax classifier`, llm_jax/data/classifier_stage.py)
+                         both trained by `llm-jax classifier`, llm_jax/data/prepare/classifier_stage.py)
     exact_dedup    drop exact duplicates of an earlier document (dedup.py ExactIndex)
     minhash_dedup  drop near duplicates of an earlier document (dedup.py MinHashIndex)
 

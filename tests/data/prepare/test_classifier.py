@@ -12,7 +12,7 @@ import pytest
 
 from llm_jax.config_lib import load
 from llm_jax.data import default_corpus
-from llm_jax.data.classifier_stage import heldout_mask
+from llm_jax.data.prepare.classifier_stage import heldout_mask
 from llm_jax.data.prepare import classifier, classifier_examples, classifier_metrics, steps
 from llm_jax.data.prepare.classifier_features import FeatureConfig, feature_ids, token_hash, tokenize
 from llm_jax.data.prepare.classifier_train import (TrainConfig, forward_logits, pad_batch, train_classifier,

@@ -10,8 +10,9 @@ import pytest
 from llm_jax.cli import main
 from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
-from llm_jax.data import default_corpus, prepare_stage
-from llm_jax.data.classifier_stage import run_classifier
+from llm_jax.data import default_corpus
+from llm_jax.data.prepare import prepare_stage
+from llm_jax.data.prepare.classifier_stage import run_classifier
 
 SIGNAL = "zorblax"
 # One-sentence documents, like the examples the model learns from: in a long document the mean of embeddings

@@ -13,8 +13,8 @@ import pytest
 from llm_jax.cli import main
 from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
-from llm_jax.data import default_corpus, prepare_stage
-from llm_jax.data.prepare import inputs, report, shards
+from llm_jax.data import default_corpus
+from llm_jax.data.prepare import inputs, prepare_stage, report, shards
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
