@@ -1,7 +1,7 @@
 r"""Training throughput and MFU of the real train step (model, loss, gradients, optimizer) on synthetic batches.
 
     python experiments/benchmarks/train_throughput.py --config configs/pretrain.py:bench [--steps 10] \
-        [--warmup 2] [--config.model.scan_layers=False ...]
+        [--warmup 2] [--json out.json] [--config.model.scan_layers=False ...]
 
 Builds the config's mesh and `build_training(...)` exactly as `llm-jax train` does, feeds random packed batches
 of the config's shape (no tokenizer or corpus), compiles once, warms up, times `--steps` steps (each waited on
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tuned: hardware.tune_host_allocator() before the backend starts (see its docstring)")
     parser.add_argument("--matmul_n", type=int, default=2048, help="side of the square matmul that sets the "
                                                                       "CPU reference rate")
+    parser.add_argument("--json", help="also write the result as JSON to this path")
     args = parser.parse_args(rest)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         load_avg_1m=os.getloadavg()[0], **run_facts(devices),
     )
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
