@@ -32,6 +32,10 @@ their results (see llm_jax/pipeline.py); its overrides apply to the pipeline con
 results table, `<workdir>/results.csv` (see llm_jax/scaling/sweep.py); its overrides apply to the sweep config.
 `scaling-fit` fits a scaling law (Kaplan's, or Chinchilla's Approach 1, 2 or 3) to a CSV of runs, prints the
 coefficients with bootstrap intervals as JSON and writes plots (see llm_jax/scaling/fit.py and report.py).
+
+Exit codes, every command: 0 done; 2 a bad config, override, option or mesh (nothing was written); 1 bad input
+data, a missing or damaged checkpoint or run, a diverged run, a full disk, or another failure. The error is one
+line on stderr naming the thing and its value; `--debug` (anywhere on the line) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from llm_jax import config_lib
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train with the objective the config names (resumes automatically)"),
                             ("tokenizer", "train a sentencepiece tokenizer on the config's corpus"),
@@ -341,8 +346,42 @@ _SAMPLING_COMMANDS = {"generate": _generate, "rejection-sample": _rejection_samp
                       "preference-pairs": _preference_pairs}
 
 
+# Errors in what the user asked for (the config, its overrides, the mesh it names): exit 2. Everything else that
+# stops a command (bad data, a damaged or missing checkpoint, a diverged run, a full disk) exits 1.
+def _config_errors() -> tuple:
+    from llm_jax.sharding import ShardingError
+    return (config_lib.ConfigError, ShardingError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Runs one command; every error is one line on stderr naming the thing and the value (exit 2 for the config,
+    1 otherwise), its traceback only with --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"llm-jax {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every command's errors become one line
+        if debug:
+            raise
+        print(f"llm-jax {command}: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _config_errors()) else 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line; a type the project does not raise itself (a bug, most likely) is named,
+    with the way to see its traceback."""
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    if type(error).__module__.startswith("llm_jax") or isinstance(error, (ValueError, OSError, RuntimeError)):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text} (rerun with --debug for the traceback)"
+
+
+def _main(argv: list[str]) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
@@ -376,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)
     else:
-        from llm_jax.train.loop import run
+        from llm_jax.train.loop import run, validate
+        try:  # the config alone, before any data, tokenizer or compilation: a bad value exits 2
+            validate(config)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from e
         result = run(config, args.workdir)
     print(json.dumps(result, default=str))
     return 0

@@ -155,6 +155,11 @@ def base_config() -> ml_collections.ConfigDict:
         init_from="",          # a run directory whose latest params start this run (continued pretraining,
                                # SFT from pretraining, reward and DPO from SFT)
         progress_bar=True,
+        resume_overrides="",   # fields a resume may change on purpose, e.g. "optim.lr" (train/run_record.py)
+        # The divergence guard (train/guard.py): a spike is loss > factor × its recent median (and > median +
+        # margin nats) or grad_norm > grad factor × its median; `patience` spiking steps in a row stop the run.
+        spike_loss_factor=3.0, spike_loss_margin=1.0, spike_grad_factor=100.0, spike_patience=3,
+        spike_window=100, spike_min_history=3,   # spike_loss_factor=0: off
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))

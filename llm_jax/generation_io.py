@@ -54,14 +54,13 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from llm_jax import runs, sharding
 from llm_jax.data import chat, records
 from llm_jax.data.sources import DataError, resolve_files
 from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer, load_tokenizer, run_tokenizer_path
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.train.checkpoint import CheckpointError, checkpoint_dir
+from llm_jax.train.checkpoint import CheckpointError, intact_step
 
 PAD_MULTIPLE = 16  # prompt lengths are padded up to this: one compilation serves many batches
 
@@ -202,14 +201,8 @@ def default_out_path(run_dir: str, spec: str) -> str:
 
 
 def checkpoint_step(run_dir: str, step: int | None) -> int | None:
-    """The step `load_run` restores: `step`, or the latest finished checkpoint (None if there is none)."""
-    if step is not None or not os.path.isdir(checkpoint_dir(run_dir)):
-        return step
-    manager = ocp.CheckpointManager(checkpoint_dir(run_dir))
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    """The step `load_run` restores: `step`, or the newest intact checkpoint (None if there is none)."""
+    return intact_step(run_dir, step)
 
 
 def prepare_sampling(run_dir: str, config, sampling: SamplingConfig, batch_size: int, mesh=None, rules=None,

@@ -33,50 +33,7 @@ def small_overrides():
     return list(SMALL_OVERRIDES)
 
 
-# A policy that stops about 4 samples in 5 within 8 tokens (K samples of a prompt differ, some stop, some run to
-# max_new_tokens) and a reward model whose random head rewards answers differently; shared by the tests of the
-# commands that sample K answers per prompt (tests/rl). data.seq_len=48 fits the prompts and 8 new tokens.
-RL_MODEL_OVERRIDES = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1",
-                      "model.d_ff=128", "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=48"]
-# × the final hidden state's ≈ 7.7 in dim 0: p(<|end|>) ≈ e^4.6 / (e^4.6 + 511) ≈ 0.17 a step, so about 4 samples
-# in 5 stop within 8 tokens
-END_LOGIT_GAP = 0.6
-
-
-def _save_run(workdir, config_spec, tokenizer_path, edit, overrides=None, metrics=()):
-    """A run directory (config.json, tokenizer.model, one checkpoint, and metrics.jsonl holding `metrics`) of a
-    fresh model of `config_spec` (with `overrides`, the RL model by default) edited by `edit`."""
-    import json
-    import shutil
-
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
-    from llm_jax.config_lib import load
-    from llm_jax.model.config import ModelConfig
-    from llm_jax.model.transformer import Transformer
-    from llm_jax.objectives import get_objective
-    from llm_jax.train.checkpoint import checkpoint_dir
-
-    config = load(config_spec, list(RL_MODEL_OVERRIDES if overrides is None else overrides)
-                  + [f"tokenizer.path={tokenizer_path}"])
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    if metrics:
-        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
-    shutil.copy(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
-    model = getattr(get_objective(config.objective), "model_class", Transformer)(ModelConfig.from_config(config.model))
-    params = nn.unbox(model.init(jax.random.key(len(config.objective)), jnp.zeros((1, 8), jnp.int32)))
-    params = edit(params)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    manager.wait_until_finished()
-    manager.close()
-    return str(workdir)
+from run_fixtures import END_LOGIT_GAP, save_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +59,6 @@ def tiny_rl_runs(small_tokenizer, tmp_path_factory):
         return {"params": {**p, "reward_head": head_d}}
 
     root = tmp_path_factory.mktemp("rl_runs")
-    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, stopping_policy)
-    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, random_head)
+    policy = save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, stopping_policy)
+    rm = save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, random_head)
     return policy, rm

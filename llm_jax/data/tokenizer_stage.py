@@ -11,7 +11,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
+import sys
 
+from llm_jax.data import hf_tokenizer
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.mixture import training_spec
@@ -22,22 +25,47 @@ class TokenizerMismatch(ValueError):
     """A run directory whose tokenizer differs from the one the config names."""
 
 
-def prepare_tokenizer(config, workdir: str):
+def prepare_tokenizer(config, workdir: str, vocab_size: int | None = None, fresh: bool = False):
     """The run's tokenizer, kept as `<workdir>/tokenizer.model` or `<workdir>/tokenizer/`: copied from
     `tokenizer.path`, inherited from `train.init_from`, reused from an earlier attempt of this run, or trained on
-    the training corpus."""
+    the training corpus.
+
+    A named tokenizer is checked against the model's `vocab_size` before anything is copied, so a wrong path
+    leaves the workdir as it was. With `fresh` (the workdir holds no checkpoint: nothing was trained with the
+    copy there), a copy left by an earlier attempt with another tokenizer is replaced; otherwise it is refused."""
     source = config.tokenizer.path or (run_tokenizer_path(config.train.init_from) if config.train.init_from else "")
     if source:
         if not os.path.exists(source):
             raise FileNotFoundError(f"tokenizer {source!r} does not exist")
+        tokenizer = load_tokenizer(source)
+        if vocab_size is not None:
+            tokenizer_lib.check_vocab(tokenizer, vocab_size)
         try:  # either kind keeps an earlier copy of the same bytes and refuses another tokenizer
-            return load_tokenizer(load_tokenizer(source).save(workdir))
+            return load_tokenizer(tokenizer.save(workdir))
         except FileExistsError as e:
-            raise TokenizerMismatch(f"{e} (the configured {source}): use a new --workdir") from e
+            if not fresh:
+                raise TokenizerMismatch(f"{e} (the configured {source}): use a new --workdir") from e
+            print(f"{workdir} held another tokenizer from an earlier attempt that saved no checkpoint: "
+                     f"replacing it with {source}", file=sys.stderr)
+            _remove_copies(workdir)
+            return load_tokenizer(tokenizer.save(workdir))
     target = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(target):
-        return tokenizer_lib.Tokenizer.load(target)
-    return train_tokenizer(config, target)
+        tokenizer = tokenizer_lib.Tokenizer.load(target)
+    else:
+        tokenizer = train_tokenizer(config, target)
+    if vocab_size is not None:
+        tokenizer_lib.check_vocab(tokenizer, vocab_size)
+    return tokenizer
+
+
+def _remove_copies(workdir: str) -> None:
+    path = os.path.join(workdir, tokenizer_lib.RUN_FILE)
+    if os.path.isfile(path):
+        os.remove(path)
+    directory = os.path.join(workdir, hf_tokenizer.RUN_DIR)
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
 
 
 def train_tokenizer(config, target: str) -> tokenizer_lib.Tokenizer:

@@ -36,6 +36,7 @@ from llm_jax.hf.safetensors_io import CheckpointFilesError, SafetensorsReader
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.families import family_of_hf
 from llm_jax.model.transformer import Transformer
+from llm_jax.train import manifest
 from llm_jax.train.checkpoint import checkpoint_dir
 
 IMPORT_RECORD = "import.json"
@@ -200,6 +201,7 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"params": params})))
     manager.wait_until_finished()
     manager.close()
+    manifest.write(os.path.join(checkpoint_dir(workdir), "0"), 0)  # verified by every stage that restores it
     tokenizer.save(workdir)  # <workdir>/tokenizer/
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -51,8 +51,10 @@ from llm_jax.rl import losses, rollout
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
 from llm_jax.train import step as train_step
-from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
-from llm_jax.train.loop import _check_lineage, _check_resumable, _StopSignal, validate
+from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params, saved_steps
+from llm_jax.train import run_record
+from llm_jax.train.loop import validate
+from llm_jax.train.preemption import StopSignal
 from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
 from llm_jax.train.optimizer import make_optimizer, trainable_rule
 from llm_jax.train.state import create_state, state_shardings
@@ -169,8 +171,8 @@ class PPO:
             raise sharding.ShardingError(f"ppo.minibatch={s.minibatch}, ppo.rollout_batch={s.rollout_batch} and "
                                          f"(with ptx) ppo.ptx_batch={s.ptx_batch} must divide over the mesh's "
                                          f"{shards} batch shards")
-        self.tokenizer = prepare_tokenizer(config, workdir)
-        tokenizer_lib.check_vocab(self.tokenizer, self.model_cfg.vocab_size)
+        self.tokenizer = prepare_tokenizer(config, workdir, vocab_size=self.model_cfg.vocab_size,
+                                           fresh=not saved_steps(workdir))
         for name, run_dir in (("ppo.reward_run", s.reward_run), ("ppo.reference_run", s.reference_run)):
             theirs = load_tokenizer(run_tokenizer_path(run_dir))
             if theirs.sha256 != self.tokenizer.sha256:
@@ -227,7 +229,7 @@ class PPO:
         self.ref_model = Transformer(lora.without_lora(cfg), mesh, rules)
         self.ref_params = None
         if not cfg.lora_rank:
-            _check_lineage(config, s.reference_run)
+            run_record.check_lineage(config, s.reference_run)
             self.ref_params = restore_params(s.reference_run, lora.without_adapters(self.policy_abstract.params))
         objective = runs.read_config(s.reward_run).objective
         if objective != "reward":
@@ -243,11 +245,11 @@ class PPO:
 
     def fresh_states(self):
         s, config = self.s, self.config
-        _check_lineage(config, config.train.init_from)
+        run_record.check_lineage(config, config.train.init_from)
         params = restore_params(config.train.init_from, lora.without_adapters(self.policy_abstract.params))
         policy = create_state(self.init_policy, self.policy_opt, self.policy_sh, config.seed, params)
         value_run = s.reward_run if s.value_from == "reward" else config.train.init_from
-        _check_lineage(config, value_run)
+        run_record.check_lineage(config, value_run)
         value_params = reward.params_from_run(value_run, lora.without_adapters(self.value_abstract.params))
         value = create_state(self.init_value, self.value_opt, self.value_sh, config.seed + 1, value_params)
         return policy, value
@@ -352,17 +354,23 @@ class PPO:
 
 
 def run(config, workdir: str) -> dict:
+    resuming = bool(saved_steps(workdir))
+    changes = run_record.resume_changes(config, workdir) if resuming else {}
     os.makedirs(workdir, exist_ok=True)
-    policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=config.ppo.ptx_coef > 0)
-    value_ckpt = Checkpointer(os.path.join(workdir, "value"), config.train.keep_checkpoints, save_data_iterator=False)
-    resume_from = policy_ckpt.latest_step()
-    if resume_from is not None:
-        _check_resumable(config, workdir, also=("ppo",))
     p = PPO(config, workdir)
     s = p.s
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=config.ppo.ptx_coef > 0)
+    value_ckpt = Checkpointer(os.path.join(workdir, "value"), config.train.keep_checkpoints, save_data_iterator=False)
+    # The newest iteration whose policy and value checkpoints are both intact (damaged ones are set aside).
+    value_intact = set(value_ckpt.intact_steps())
+    resume_from = next((step for step in policy_ckpt.intact_steps() if step in value_intact), None)
+    if resuming and resume_from is None:
+        raise CheckpointError(f"no iteration of {workdir} has an intact policy and value checkpoint: start the run "
+                              "again in a new --workdir")
+    for checkpointer in (policy_ckpt, value_ckpt):  # a step whose partner is damaged is saved again, whole
+        for step in checkpointer.manager.all_steps():
+            if resume_from is not None and step > resume_from:
+                checkpointer.set_aside(step, "the other model's checkpoint of this iteration is damaged")
     kl_control = losses.make_kl_controller(s.kl_control, s.kl_coef, s.kl_target, s.kl_horizon)
     ptx_iterator = p.ptx_data.train_iterator() if p.ptx_data is not None else None
     if resume_from is not None:
@@ -372,9 +380,11 @@ def run(config, workdir: str) -> dict:
         except FileNotFoundError as e:
             raise CheckpointError(f"{workdir} has policy checkpoint {resume_from} but no value checkpoint of it") from e
         kl_control.load_state_dict(policy_ckpt.restore_extra(resume_from)["kl_control"])
+        run_record.record(config, workdir, "resume", resume_from, **({"changed": changes} if changes else {}))
         log_line(f"resumed {workdir} from iteration {resume_from}")
     else:
         policy, value = p.fresh_states()
+        run_record.record(config, workdir, "start", 0, init_from=config.train.init_from)
         log_line(f"policy from {config.train.init_from}, value model from "
                  f"{s.reward_run if s.value_from == 'reward' else config.train.init_from}, reward model "
                  f"{s.reward_run} (readout {p.rm_readout}), reference {s.reference_run}")
@@ -399,7 +409,7 @@ def run(config, workdir: str) -> dict:
         value_ckpt.wait()  # the value model first: a policy checkpoint always has its value model
         policy_ckpt.save(policy, ptx_iterator, label=iteration, extra=dict(kl_control=kl_control.state_dict()))
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         try:
             if start == 0:
                 evaluate(0)

@@ -3,42 +3,109 @@
 the reward model) can start from them without knowing this run's optimizer."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
+from llm_jax.train import manifest
+from llm_jax.train.metrics import log_line
 from llm_jax.train.state import TrainState
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing or does not fit the model being built."""
+    """A checkpoint that is missing, damaged, or does not fit the model being built."""
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def damaged_dir(workdir: str) -> str:
+    """Where a run's damaged checkpoints are moved, kept for inspection but out of the way of the steps that
+    replace them."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+
+
+# Steps whose files matched their manifest in this process, by (folder, manifest mtime): a run's checkpoint is
+# read back once however many stages restore it.
+_VERIFIED: set[tuple[str, int]] = set()
+
+
+def _verify(directory: str, step: int, legacy: bool) -> None:
+    """Checks `directory/step` against its manifest (DamagedCheckpoint if it differs). A run none of whose
+    checkpoints has a manifest was saved before manifests existed: its steps pass, unverified."""
+    step_dir = os.path.join(directory, str(step))
+    if legacy and not manifest.has_manifest(step_dir):
+        return
+    key = (step_dir, os.stat(os.path.join(step_dir, manifest.NAME)).st_mtime_ns
+           if manifest.has_manifest(step_dir) else 0)
+    if key in _VERIFIED:
+        return
+    manifest.verify(step_dir)
+    _VERIFIED.add(key)
+
+
+def _is_legacy(directory: str, steps) -> bool:
+    return not any(manifest.has_manifest(os.path.join(directory, str(s))) for s in steps)
+
+
+def _non_finite(tree) -> str | None:
+    """The path of the first floating-point leaf holding a NaN or an infinity (a damaged checkpoint can restore
+    as values near 1e38 and NaN without any error), else None."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves]))
+    for (path, _), ok in zip(leaves, finite):
+        if not ok:
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def _orbax_error_types() -> tuple:
+    """What a restore of files that do not hold what the restore expects raises: orbax's own errors, tensorstore's
+    (ValueError), a missing or unreadable file (OSError), a garbled JSON item."""
+    return (ValueError, KeyError, TypeError, OSError, AttributeError, IndexError)
+
+
 class Checkpointer:
+    """Saves a run's steps with a manifest each (`llm_jax.train.manifest`) and restores the newest intact one.
+
+    A save is asynchronous: the manifest of a step is written once its save has committed, at the next save,
+    `wait` or `close`. `restore` verifies each step newest first against its manifest and its params for finite
+    values; a damaged step is moved to `<workdir>/checkpoints_damaged/` with a warning naming the file, and the
+    one before it is tried, so the run continues exactly as from that step."""
+
     def __init__(self, workdir: str, keep: int, save_data_iterator: bool = True):
+        self.workdir = os.path.abspath(workdir)
         self.directory = checkpoint_dir(workdir)
         self.save_data_iterator = save_data_iterator
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
+        self._sizes: dict[int, int] = {}
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def save(self, state: TrainState, data_iterator=None, label: int | None = None,
              extra: dict | None = None) -> None:
         """Saves under `label` (default the state's step: a loop whose iterations take several optimizer
         updates, PPO, labels by iteration); `extra` is a small JSON dict saved beside it (`restore_extra`)."""
         step = int(state.step) if label is None else int(label)
+        self._seal()
         if step in self.manager.all_steps():
             return
         items = dict(params=ocp.args.StandardSave(state.params),
@@ -48,7 +115,37 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if extra is not None:
             items["extra"] = ocp.args.JsonSave(extra)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        self._sizes[step] = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                                if hasattr(x, "nbytes"))
+        with self._naming_write_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(**items))
+        self._unsealed.append(step)
+
+    def _seal(self) -> None:
+        """Waits for the saves in flight and writes their manifests (process 0; the files are shared)."""
+        if not self._unsealed:
+            return
+        with self._naming_write_errors(self._unsealed[-1]):
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                for step in self._unsealed:
+                    if os.path.isdir(self.step_dir(step)):
+                        manifest.write(self.step_dir(step), step)
+        self._unsealed.clear()
+
+    @contextlib.contextmanager
+    def _naming_write_errors(self, step: int):
+        """A full disk, deep in orbax or tensorstore, becomes one CheckpointError naming the folder and the
+        bytes the step needs."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only a full disk is translated; the rest propagates unchanged
+            if not _is_disk_full(e):
+                raise
+            free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+            raise CheckpointError(f"no space left on the device of {self.directory} while saving step {step}: "
+                                  f"a checkpoint needs about {self._sizes.get(step, 0):,} bytes, "
+                                  f"{free:,} are free") from e
 
     def restore_extra(self, step: int) -> dict:
         """The JSON dict saved with checkpoint `step`."""
@@ -57,8 +154,40 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} has no loop state saved with it: {e}") from e
 
+    def intact_steps(self):
+        """The steps that match their manifests, newest first; each damaged one met on the way is set aside."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        legacy = _is_legacy(self.directory, steps)
+        for step in steps:
+            try:
+                _verify(self.directory, step, legacy)
+            except manifest.DamagedCheckpoint as e:
+                self.set_aside(step, e.reason)
+                continue
+            yield step
+
     def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
-        step = self.latest_step() if step is None else step
+        """The train state of `step`, or of the newest intact step (class docstring); CheckpointError when a
+        chosen step is damaged or none is intact."""
+        if step is not None:
+            legacy = _is_legacy(self.directory, self.manager.all_steps())
+            try:
+                _verify(self.directory, step, legacy)
+            except manifest.DamagedCheckpoint as e:
+                raise CheckpointError(f"checkpoint {e}") from None
+            state, bad = self._restore_step(abstract_state, data_iterator, step)
+            if bad:
+                raise CheckpointError(f"checkpoint {self.step_dir(step)} holds non-finite values in {bad}")
+            return state
+        for step in self.intact_steps():
+            state, bad = self._restore_step(abstract_state, data_iterator, step)
+            if bad is None:
+                return state
+            self.set_aside(step, f"non-finite values in {bad}")
+        raise CheckpointError(f"no checkpoint in {self.directory} is intact (damaged ones were moved to "
+                              f"{damaged_dir(self.workdir)}): start the run again in a new --workdir")
+
+    def _restore_step(self, abstract_state: TrainState, data_iterator, step: int):
         items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                      train_state=ocp.args.StandardRestore(dict(step=abstract_state.step,
                                                                opt_state=abstract_state.opt_state,
@@ -67,31 +196,98 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the configured model and "
-                                  f"optimizer: {e}") from e
+        except _orbax_error_types() as e:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} does not match the configured model and "
+                                  f"optimizer ({_first_line(e)})") from e
         rest = restored["train_state"]
-        return TrainState(step=rest["step"], params=restored["params"], opt_state=rest["opt_state"],
-                          rng=rest["rng"])
+        state = TrainState(step=rest["step"], params=restored["params"], opt_state=rest["opt_state"],
+                           rng=rest["rng"])
+        return state, _non_finite((state.params, state.opt_state))
+
+    def set_aside(self, step: int, reason: str) -> None:
+        """Moves a damaged step out of the checkpoints folder (kept, not deleted) so the run can save that step
+        again, and says so."""
+        target = os.path.join(damaged_dir(self.workdir), str(step))
+        if jax.process_index() == 0:
+            os.makedirs(damaged_dir(self.workdir), exist_ok=True)
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = os.path.join(damaged_dir(self.workdir), f"{step}.{suffix}"), suffix + 1
+            os.replace(self.step_dir(step), target)
+            with open(os.path.join(target, "DAMAGED.txt"), "w", encoding="utf-8") as f:
+                f.write(reason + "\n")
+        self.manager.reload()
+        log_line(f"warning: checkpoint {self.step_dir(step)} is damaged: {reason}; moved it to {target} and "
+                 f"trying the step before it")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._seal()
+        finally:
+            self.manager.close()
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def saved_steps(run_dir: str) -> list[int]:
+    """The committed checkpoint steps of a run, unverified, oldest first (none when it has no checkpoints/)."""
+    directory = checkpoint_dir(run_dir)
+    if not os.path.isdir(directory):
+        return []
+    manager = ocp.CheckpointManager(directory)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def intact_step(run_dir: str, step: int | None = None) -> int | None:
+    """Another run's checkpoint step to read, verified and left untouched: `step` (CheckpointError if it is
+    damaged), else the newest intact one (a warning for each damaged one passed over; None if it has none)."""
+    directory = checkpoint_dir(run_dir)
+    steps = saved_steps(run_dir)[::-1]
+    legacy = _is_legacy(directory, steps)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"run {run_dir!r} has no checkpoint {step} (it has {sorted(steps)})")
+        try:
+            _verify(directory, step, legacy)
+        except manifest.DamagedCheckpoint as e:
+            raise CheckpointError(f"checkpoint {e}") from None
+        return step
+    for candidate in steps:
+        try:
+            _verify(directory, candidate, legacy)
+            return candidate
+        except manifest.DamagedCheckpoint as e:
+            log_line(f"warning: checkpoint {e}; using the step before it")
+    if steps:
+        raise CheckpointError(f"no checkpoint of run {run_dir!r} is intact (steps {sorted(steps)} all differ "
+                              f"from their manifests)")
+    return None
 
 
 def latest_step(run_dir: str) -> int | None:
-    """Another run's latest finished checkpoint step (None if it has none), read without touching it."""
-    directory = checkpoint_dir(run_dir)
-    if not os.path.isdir(directory):
-        return None
-    manager = ocp.CheckpointManager(directory)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    """Another run's newest intact checkpoint step (None if it has none), read without touching it."""
+    return intact_step(run_dir)
 
 
 def _lora_config(run_dir: str):
@@ -113,41 +309,44 @@ def _has_adapters(tree) -> bool:
 
 
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
-    """The params of another run (its latest checkpoint unless `step`), placed on `abstract_params`' shardings.
+    """The params of another run (its newest intact checkpoint unless `step`, `intact_step`), placed on
+    `abstract_params`' shardings, refused if any value is not finite.
 
     From a LoRA run into a model without adapters (the next stage, an export), each adapter is merged into its
     weight first (W + α/r·A·B, `lora.merge`): the run's learning is in its adapters."""
-    lora_cfg = _lora_config(run_dir)
-    if lora_cfg is not None and not _has_adapters(abstract_params):
-        return _restore_merged(run_dir, abstract_params, lora_cfg, step)
-    directory = checkpoint_dir(run_dir)
-    if not os.path.isdir(directory):
+    if not os.path.isdir(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {run_dir!r} has no checkpoints/ folder to start from")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
+    step = intact_step(run_dir, step)
     if step is None:
         raise CheckpointError(f"run directory {run_dir!r} holds no finished checkpoint")
+    lora_cfg = _lora_config(run_dir)
+    if lora_cfg is not None and not _has_adapters(abstract_params):
+        params = _restore_merged(run_dir, abstract_params, lora_cfg, step)
+    else:
+        params = _restore_plain(run_dir, abstract_params, step)
+    bad = _non_finite(params)
+    if bad:
+        raise CheckpointError(f"checkpoint {checkpoint_dir(run_dir)}/{step} holds non-finite values in {bad}")
+    return params
+
+
+def _restore_plain(run_dir: str, abstract_params, step: int):
+    directory = checkpoint_dir(run_dir)
+    manager = ocp.CheckpointManager(directory)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    except (ValueError, KeyError, TypeError) as e:
+    except _orbax_error_types() as e:
         raise CheckpointError(f"params in {directory}/{step} do not fit this model (check the model config "
-                              f"against {run_dir}/config.json): {e}") from e
+                              f"against {run_dir}/config.json): {_first_line(e)}") from e
     finally:
         manager.close()
     return restored["params"]
 
 
-
-def _restore_merged(run_dir: str, abstract_params, lora_cfg, step: int | None):
+def _restore_merged(run_dir: str, abstract_params, lora_cfg, step: int):
     """A LoRA run's params with its adapters folded in, cut to the keys of `abstract_params` and placed on its
     dtypes and shardings."""
-    directory = checkpoint_dir(run_dir)
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    manager.close()
-    if step is None:
-        raise CheckpointError(f"run directory {run_dir!r} holds no finished checkpoint")
-    path = os.path.join(directory, str(step), "params")
+    path = os.path.join(checkpoint_dir(run_dir), str(step), "params")
     metadata = ocp.StandardCheckpointer().metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
     saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree, is_leaf=lambda x: hasattr(x, "shape"))

@@ -40,51 +40,14 @@ from llm_jax.model.transformer import Transformer
 from llm_jax.objectives import get_objective
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
-from llm_jax.train.checkpoint import Checkpointer, CheckpointError, restore_params
+from llm_jax.train import run_record
+from llm_jax.train.checkpoint import Checkpointer, restore_params, saved_steps
+from llm_jax.train.config_checks import check_config
+from llm_jax.train.guard import DivergenceGuard, TrainingDiverged  # noqa: F401 - TrainingDiverged: the loop's error
 from llm_jax.train.metrics import MetricsWriter, format_line, log_line, read_metrics
 from llm_jax.train.optimizer import make_optimizer, trainable_of, trainable_rule
+from llm_jax.train.preemption import StopSignal
 from llm_jax.train.state import TrainState, create_state, state_shardings
-
-# Fields that must agree between a checkpoint and the config resuming it.
-# The schedule is built from optim and train.steps, so changing them would silently bend the learning-rate
-# curve mid-run: a different schedule is a new run (start it with train.init_from).
-# The mixture decides which row comes next, so changing it mid-run would not continue the same data order.
-_RESUME_MUST_MATCH = ("objective", "model", "data.seq_len", "data.batch_size", "data.mixture", "optim",
-                      "train.steps")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
-
-
-class _StopSignal:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: preemption handling is the caller's business
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self) -> bool:
-        """All processes stop together: one process's signal stops every process at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
 
 def validate(config) -> ModelConfig:
     """Every check that needs no data or compilation, so a bad config fails in a second. With model.from_init the
@@ -103,48 +66,8 @@ def validate(config) -> ModelConfig:
         raise ValueError(f"data.seq_len={config.data.seq_len} and data.batch_size={config.data.batch_size} "
                          "must be at least 2 and 1")
     mixture.components(config.data)  # data.train against data.mixture, and every component's fields
+    check_config(config, model_cfg)  # values that cannot be right, and params the mesh cannot split
     return model_cfg
-
-
-# Model fields that shape the params: a run started from another must agree on all of them.
-_PARAM_SHAPING = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
-                  "tie_embeddings")
-
-
-def _check_lineage(config, init_from: str) -> None:
-    """Names every param-shaping model field that differs from the run being started from."""
-    path = os.path.join(init_from, "config.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"train.init_from={init_from!r} is not a run directory: it has no config.json")
-    with open(path) as f:
-        parent = json.load(f).get("model", {})
-    mine = ModelConfig.from_config(config.model)
-    theirs = ModelConfig.from_config(ml_collections.ConfigDict(parent))
-    differ = [f"{name}: {getattr(theirs, name)} there, {getattr(mine, name)} here"
-              for name in _PARAM_SHAPING if getattr(theirs, name) != getattr(mine, name)]
-    if differ:
-        raise CheckpointError(f"train.init_from={init_from!r} has a different model; " + "; ".join(differ))
-
-
-def _check_resumable(config, workdir: str, also: tuple[str, ...] = ()) -> None:
-    """Refuses to resume a run whose fields in _RESUME_MUST_MATCH (and `also`) changed."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    current = json.loads(config.to_json_best_effort())
-    for name in _RESUME_MUST_MATCH + tuple(also):
-        # `or None`: a run saved before a field existed (data.mixture) resumes under its empty default.
-        if (_dotted_dict(saved, name) or None) != (_dotted_dict(current, name) or None):
-            raise CheckpointError(f"{workdir} holds a run whose {name} is {_dotted_dict(saved, name)}, but the "
-                                  f"config now says {_dotted_dict(current, name)}: use a new --workdir")
-
-
-def _dotted_dict(tree: dict, name: str):
-    for part in name.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 @dataclasses.dataclass
@@ -193,38 +116,41 @@ def run(config, workdir: str) -> dict:
     own_loop = getattr(get_objective(config.objective), "run", None)
     if own_loop is not None:  # e.g. PPO: sample, score, update
         return own_loop(config, workdir)
+    # Everything that can be checked is checked before anything is written to the workdir.
     model_cfg = validate(config)
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)
     sharding.check_batch(config.data.batch_size, config.data.seq_len, mesh, rules, config.optim.grad_accum)
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    resuming = checkpointer.latest_step() is not None
-    if resuming:
-        _check_resumable(config, workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
+    resuming = bool(saved_steps(workdir))
+    changes = run_record.resume_changes(config, workdir) if resuming else {}
+    if config.train.init_from and not resuming:
+        run_record.check_lineage(config, config.train.init_from)
     objective = get_objective(config.objective)
-    tokenizer = prepare_tokenizer(config, workdir)
-    tokenizer_lib.check_vocab(tokenizer, model_cfg.vocab_size)
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = prepare_tokenizer(config, workdir, vocab_size=model_cfg.vocab_size, fresh=not resuming)
     data = objective.build_data(config, tokenizer, workdir)
 
     t = build_training(config, model_cfg, mesh, rules)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     train_iter = data.train_iterator()
     if resuming:
         state = checkpointer.restore(t.abstract_state, train_iter)
-        log_line(f"resumed {workdir} from step {int(state.step)}")
+        run_record.record(config, workdir, "resume", int(state.step),
+                          **({"changed": changes, "resume_overrides": config.train.resume_overrides}
+                             if changes else {}))
+        log_line(f"resumed {workdir} from step {int(state.step)}" + (
+            "; changed on purpose: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            if changes else ""))
     elif config.train.init_from:
-        _check_lineage(config, config.train.init_from)
         params_from_run = getattr(objective, "params_from_run", restore_params)
         # A LoRA model takes the run's weights as its base; its adapters start fresh (B = 0: no change yet).
         params = params_from_run(config.train.init_from, lora.without_adapters(t.abstract_state.params))
         state = t.create_state(params)
+        run_record.record(config, workdir, "start", 0, init_from=config.train.init_from)
         log_line(f"started from the params of {config.train.init_from}")
     else:
         state = t.create_state()
+        run_record.record(config, workdir, "start", 0)
     train_step, eval_step = t.train_step, t.eval_step
     n_eval = config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize
     # Named eval sets (a mixture's components) are evaluated each on its own and their means, weighted as the data
@@ -277,27 +203,31 @@ def run(config, workdir: str) -> dict:
     bar = tqdm(total=total, initial=start_step, disable=not show_bar, dynamic_ncols=True)
     last_saved = checkpointer.latest_step()
 
+    guard = DivergenceGuard(config.train)
+
     def drain() -> dict:
-        """Fetches pending metrics, stops on a non-finite value, returns the last step's metrics."""
+        """Fetches pending metrics through the divergence guard (which stops a run that is not finite or
+        spikes), returns the last step's metrics."""
         fetched = jax.device_get(pending)
         pending.clear()
         for at, metrics in fetched:
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                kept = (f"the last good checkpoint, step {last_saved}, is intact in {checkpointer.directory}"
-                        if last_saved is not None else "no checkpoint had been saved yet")
-                raise TrainingDiverged(f"non-finite training values at step {at}: loss={loss}, grad_norm="
-                                       f"{grad_norm}, lr={float(metrics['lr']):.3g}; nothing after it was "
-                                       f"saved and {kept}")
+            guard.check(at, float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["lr"]), last_saved,
+                        checkpointer.directory)
         return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
 
-    def save(step_state):
+    def save(step_state) -> bool:
+        """Saves unless a spike is in progress (the state is suspect); True when saved."""
         nonlocal last_saved
         drain()
+        if guard.spiking:
+            log_line(f"step {int(step_state.step)}: no checkpoint while a loss spike is open (since step "
+                     f"{guard.open_since})")
+            return False
         checkpointer.save(step_state, train_iter)
         last_saved = int(step_state.step)
+        return True
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         try:
             step = start_step
             while step < total:
@@ -335,13 +265,18 @@ def run(config, workdir: str) -> dict:
                         save(state)
                     interval["paused"] += time.perf_counter() - paused_from
                 if stop.agreed():
-                    save(state)
+                    saved = save(state)
                     checkpointer.wait()
                     log_line(f"SIGTERM: saved step {step} to {checkpointer.directory}; rerun the same command "
-                             "to resume")
+                             "to resume" if saved else f"SIGTERM at step {step}, during a loss spike: the newest "
+                             f"checkpoint is step {last_saved}")
+                    run_record.append_history(workdir, "preempted", step, saved=saved)
                     summary.update(stopped_early=True)
                     break
             drain()
+        except TrainingDiverged as e:
+            run_record.append_history(workdir, "diverged", e.step, reason=str(e), last_saved=last_saved)
+            raise
         finally:
             bar.close()
             writer.close()

@@ -46,9 +46,9 @@ def test_transformers_loads_our_export_with_the_same_logits(family, tmp_path):
 
 
 def test_a_run_trained_here_exports_as_llama_that_transformers_serves(tmp_path, small_tokenizer):
-    from conftest import _save_run  # a fresh small model of the pretraining config, saved as a run
+    from run_fixtures import save_run  # a fresh small model of the pretraining config, saved as a run
     run_dir = str(tmp_path / "run")  # weights × 5: logits far from uniform, so the comparison can fail
-    _save_run(run_dir, "configs/pretrain.py:tiny", small_tokenizer, edit=lambda p: jax.tree.map(lambda x: 5 * x, p))
+    save_run(run_dir, "configs/pretrain.py:tiny", small_tokenizer, edit=lambda p: jax.tree.map(lambda x: 5 * x, p))
     export_hf(run_dir, str(tmp_path / "out"))
     run = runs.load_run(run_dir)
     text = "The cat sat on the mat.\nA second line,  with two spaces."

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from conftest import RL_MODEL_OVERRIDES, _save_run
+from run_fixtures import RL_MODEL_OVERRIDES, save_run
 from llm_jax import runs
 from llm_jax.model import lora
 from llm_jax.model.transformer import Transformer
@@ -14,7 +14,7 @@ def test_restoring_a_lora_run_into_a_plain_model_merges_its_adapters(tmp_path, s
         keys = iter(jax.random.split(jax.random.key(3), 64))
         return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), params)
 
-    run_dir = _save_run(tmp_path / "sft_lora", "configs/sft.py:tiny", small_tokenizer, trained_adapters,
+    run_dir = save_run(tmp_path / "sft_lora", "configs/sft.py:tiny", small_tokenizer, trained_adapters,
                         overrides=RL_MODEL_OVERRIDES + ["model.lora_rank=4", "model.lora_targets=wq,wv,w_up"])
     run = runs.load_run(run_dir)
     assert run.model_cfg.lora_rank == 4

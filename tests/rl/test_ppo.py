@@ -13,14 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import _save_run
+from run_fixtures import save_run
 from llm_jax import sharding
 from llm_jax.config_lib import load
 from llm_jax.data import default_task
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl import ppo_loop, rollout
-from llm_jax.train import loop
+from llm_jax.train import loop, preemption
 from llm_jax.train.checkpoint import checkpoint_dir
 
 SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=128",
@@ -35,8 +35,8 @@ def _random_head(params):
 @pytest.fixture(scope="module")
 def runs(small_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_runs")
-    policy = _save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, lambda p: p, SMALL_MODEL)
-    rm = _save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, _random_head, SMALL_MODEL,
+    policy = save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, lambda p: p, SMALL_MODEL)
+    rm = save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, _random_head, SMALL_MODEL,
                    metrics=[{"step": 1, "eval_reward_mean": -20.0, "eval_reward_std": 4.0}])
     prompts = {}
     for split, n in (("train", 24), ("eval", 8)):
@@ -173,7 +173,7 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
 
     # SIGTERM after iteration 1: saved and stopped; the same command resumes and ends where `straight` did
     resumed = str(tmp_path / "resumed")
-    monkeypatch.setattr(loop._StopSignal, "agreed", lambda self: True)
+    monkeypatch.setattr(preemption.StopSignal, "agreed", lambda self: True)
     assert loop.run(_config(runs, *one_device), resumed)["stopped_early"]
     monkeypatch.undo()
     _on_one_device(monkeypatch)
@@ -209,7 +209,7 @@ def test_bad_ppo_settings_are_named(runs, override, message):
 
 def test_dense_shaping_needs_a_reward_model_with_per_token_terms(runs, small_tokenizer, tmp_path, monkeypatch):
     _on_one_device(monkeypatch)
-    last = _save_run(tmp_path / "rm_last", "configs/reward.py:tiny", small_tokenizer, _random_head,
+    last = save_run(tmp_path / "rm_last", "configs/reward.py:tiny", small_tokenizer, _random_head,
                      SMALL_MODEL + ["reward.readout=last"],
                      metrics=[{"step": 1, "eval_reward_mean": 0.0, "eval_reward_std": 1.0}])
     with pytest.raises(ValueError, match="readout 'last'"):

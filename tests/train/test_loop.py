@@ -16,6 +16,7 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.sharding import ShardingError
 from llm_jax.train.checkpoint import CheckpointError
 from llm_jax.train.loop import TrainingDiverged, run
+from llm_jax.train.run_record import ResumeMismatch
 from llm_jax.train.metrics import read_metrics
 
 
@@ -125,14 +126,15 @@ def test_init_from_a_run_of_another_shape_is_refused(small_config, tmp_path):
 
 def test_resuming_with_another_model_is_refused(small_config, tmp_path):
     run(small_config("train.steps=4"), str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"whose model is .* but the config now says"):
+    with pytest.raises(ResumeMismatch, match=r"would change \(model.d_ff: 128 in the run, 256 now\)"):
         run(small_config("model.d_ff=256"), str(tmp_path))
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(small_config, tmp_path):
     with pytest.raises(ValueError, match=r"has 512 pieces but model.vocab_size=300"):
         run(small_config("model.vocab_size=300"), str(tmp_path))
-    assert not (tmp_path / "checkpoints" / "0").exists()
+    assert not (tmp_path / "tokenizer.model").exists()  # checked before anything is written
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused(small_config, tmp_path):

@@ -11,6 +11,7 @@ from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus
 from llm_jax.train.checkpoint import CheckpointError
 from llm_jax.train.loop import run
+from llm_jax.train.run_record import ResumeMismatch
 from llm_jax.train.metrics import format_line, read_metrics
 
 MIXTURE = ("data.mixture={'replay': {'train': 'default', 'weight': 0.25, 'eval_fraction': 0.05}, "
@@ -92,7 +93,7 @@ def test_a_component_eval_equals_the_eval_of_its_corpus_alone(mixture_run, tmp_p
 
 def test_resuming_with_another_mixture_is_refused(mixture_run):
     workdir, config = mixture_run
-    with pytest.raises(CheckpointError, match="whose data.mixture is .* but the config now says"):
+    with pytest.raises(ResumeMismatch, match=r"would change \(data.mixture.domain.weight: .* in the run, 0.5 now"):
         run(config("data.train=", MIXTURE, "data.mixture.domain.weight=0.5"), str(workdir))
 
 
