@@ -42,7 +42,7 @@ _EXTENSION_FORMATS = {".txt": "text", ".text": "text", ".md": "text",
 DEFAULT_SPEC = "default"
 PARQUET_BATCH_ROWS = 1024
 _COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-_ZSTD_CHUNK = 1 << 20
+_ZSTD_CHUNK = 1 << 16   # compressed bytes read at a time
 
 
 class DataError(ValueError):
@@ -148,33 +148,44 @@ class _ZstdReader(io.RawIOBase):
         self._zstandard = zstandard
         self._file = open(path, "rb")
         self._decompressor = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = b""
+        self._pending, self._offset = b"", 0   # decompressed bytes not yet handed out
         self._in_frame = False
+        self._error: Exception | None = None   # raised once the bytes decompressed before it are read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._offset == len(self._pending):
+            if self._error is not None:
+                raise self._error
             chunk = self._file.read(_ZSTD_CHUNK)
             if not chunk:
                 if self._in_frame:
-                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                    raise EOFError("the file ends inside a zstd frame")
                 return 0
-            self._decompress(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+            try:
+                self._decompress(chunk)
+            except self._zstandard.ZstdError as e:
+                self._error = e
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset:self._offset + n]
+        self._offset += n
         return n
 
     def _decompress(self, chunk: bytes) -> None:
-        while chunk:
-            self._pending += self._decompressor.decompress(chunk)
-            self._in_frame = not self._decompressor.eof
-            if self._in_frame:
-                return
-            chunk = self._decompressor.unused_data   # the next frame
-            self._decompressor = self._zstandard.ZstdDecompressor().decompressobj()
+        """The chunk's bytes, frame after frame, become the pending bytes (those before an error too)."""
+        out = []
+        try:
+            while chunk:
+                out.append(self._decompressor.decompress(chunk))
+                self._in_frame = not self._decompressor.eof
+                if self._in_frame:
+                    return
+                chunk = self._decompressor.unused_data   # the next frame
+                self._decompressor = self._zstandard.ZstdDecompressor().decompressobj()
+        finally:
+            self._pending, self._offset = b"".join(out), 0
 
     def close(self) -> None:
         self._file.close()
@@ -187,7 +198,8 @@ def _open_binary(path: str) -> tuple[IO[bytes], tuple[type[BaseException], ...],
     try:
         if codec == "zstd":
             zstandard = _zstandard(path)
-            return io.BufferedReader(_ZstdReader(path, zstandard)), (OSError, EOFError, zstandard.ZstdError), codec
+            reader = io.BufferedReader(_ZstdReader(path, zstandard), buffer_size=_ZSTD_CHUNK)
+            return reader, (OSError, EOFError, zstandard.ZstdError), codec
         if codec == "gzip":
             return gzip.open(path, "rb"), (OSError, EOFError, zlib.error), codec
         return open(path, "rb"), (OSError,), "file"

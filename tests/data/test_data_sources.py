@@ -1,11 +1,16 @@
-"""Reading documents: formats, ordering, and errors that name the file and line."""
+"""Reading documents: formats, ordering, and errors that name the file and line (the bad files of
+tests/data/conftest.py, through the reader and through `llm-jax train`)."""
 import gzip
 import json
+import pickle
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llm_jax.cli import main
+from llm_jax.config_lib import load
 from llm_jax.data import sources
 from llm_jax.data.sources import DataError, iter_documents, resolve_files
 
@@ -91,3 +96,73 @@ def test_default_spec_renders_the_embedded_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.default_corpus, "DEFAULT_N_DOCS", 20)
     docs = list(iter_documents("default", format="parquet", text_key="ignored"))
     assert docs == [t for t, _ in sources.default_corpus.generate_documents(20)]
+
+
+def test_every_bad_file_is_one_data_error_naming_its_file_and_line(bad_file, tmp_path):
+    path = bad_file.write(tmp_path)
+    read = []
+    with pytest.raises(DataError) as caught:
+        for where, _ in sources.iter_file_documents(path):
+            read.append(where)
+    assert re.fullmatch(bad_file.pattern(path), str(caught.value)), str(caught.value)
+    assert caught.value.where.startswith(path) and "\n" not in str(caught.value)
+    # Decompression fails lazily, mid-stream: the documents before the break have been read.
+    assert len(read) >= bad_file.docs_before
+    with pytest.raises(DataError, match=bad_file.pattern(path)):   # the same through a spec
+        list(iter_documents(path))
+
+
+def test_on_error_takes_a_bad_record_and_reading_goes_on(bad_file, tmp_path):
+    path = bad_file.write(tmp_path)
+    skipped = []
+    if bad_file.record:
+        docs = list(sources.iter_file_documents(path, on_error=skipped.append))
+        assert [where for where, _ in docs] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+        assert [e.where for e in skipped] == [f"{path}:3"]
+    else:   # what cannot be read past is raised whatever on_error is
+        with pytest.raises(DataError, match=re.escape(path)):
+            list(sources.iter_file_documents(path, on_error=skipped.append))
+        assert skipped == []
+
+
+def test_a_data_error_keeps_its_place_across_processes():
+    error = pickle.loads(pickle.dumps(DataError("invalid JSON", where="x.jsonl:3")))
+    assert (error.where, error.reason, str(error)) == ("x.jsonl:3", "invalid JSON", "x.jsonl:3: invalid JSON")
+
+
+def test_zstd_of_several_frames_and_crlf_text(tmp_path):
+    import zstandard
+
+    frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": t}).encode() + b"\n") for t in "abc"]
+    (tmp_path / "x.jsonl.zst").write_bytes(b"".join(frames))
+    assert list(iter_documents(str(tmp_path / "x.jsonl.zst"))) == ["a", "b", "c"]
+    (tmp_path / "x.txt").write_bytes(b"one\r\ntwo\r\n\fthree\rfour")
+    assert list(sources.iter_file_documents(str(tmp_path / "x.txt"))) == [
+        (f"{tmp_path / 'x.txt'}: doc 1", "one\ntwo"), (f"{tmp_path / 'x.txt'}: doc 2", "three\nfour")]
+
+
+def _train_config(path: str, tokenizer: str, overrides: list[str]) -> list[str]:
+    return overrides + [f"data.train={path}", f"tokenizer.path={tokenizer}"]
+
+
+def test_train_stops_at_a_bad_file_with_its_name(bad_file, tmp_path, small_tokenizer, small_overrides):
+    from llm_jax.train.loop import run
+
+    path = bad_file.write(tmp_path)
+    with pytest.raises(DataError) as caught:
+        run(load("configs/pretrain.py:tiny", _train_config(path, small_tokenizer, small_overrides)),
+            str(tmp_path / "run"))
+    assert re.fullmatch(bad_file.pattern(path), str(caught.value)), str(caught.value)
+
+
+def test_train_command_exits_1_with_one_line_naming_the_bad_file(bad_file, tmp_path, small_tokenizer,
+                                                                  small_overrides, capsys):
+    """Needs `llm-jax train` to turn a DataError into one line and exit 1 (cli.py main)."""
+    path = bad_file.write(tmp_path)
+    code = main(["train", "--config", "configs/pretrain.py:tiny", "--workdir", str(tmp_path / "run")]
+                + [f"--config.{o}" for o in _train_config(path, small_tokenizer, small_overrides)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in out + err
+    assert len(err.strip().splitlines()) == 1
+    assert re.fullmatch("llm-jax train: " + bad_file.pattern(path), err.strip()), err

@@ -8,9 +8,11 @@ and returns a decision a report can count, histogram and quote.
     classifier*.py a fastText-style linear classifier over hashed n-grams (quality, toxicity): features, the model
                    file and NumPy scoring, JAX/optax training, metrics, and the generated example documents
 
-and what `llm-jax prepare` (llm_jax/data/prepare/prepare_stage.py) builds from them:
+and the commands built from them, `llm-jax prepare` (prepare_stage.py) and `llm-jax classifier` (classifier_stage.py),
+with what prepare uses besides:
 
-    inputs.py      the input files and their documents, each with its file and line, bad records skipped or fatal
+    inputs.py      the input files and their documents (read by llm_jax/data/sources.py), each with its file and
+                   line; bad records and unreadable files skipped or fatal (on_error)
     steps.py       the configured chain of steps, checked and built from the config's sections
     shards.py      the output shards: cleaned jsonl and parquet, tokenized numpy arrays
     report.py      per-step counts, examples of what was dropped, score histograms; report.json and report.md

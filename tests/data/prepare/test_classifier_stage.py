@@ -3,6 +3,7 @@ that has learnt a planted token: they drop the planted documents (toxicity) or k
 their scores, and a workdir refuses a rerun with another model."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -102,6 +103,18 @@ def test_bad_configs_exit_2_and_bad_data_1(override, code, message, tmp_path, ca
     assert main(argv) == code
     assert message in capsys.readouterr().err
 
+
+
+def test_a_bad_example_file_exits_1_with_one_line_naming_it(bad_file, tmp_path, capsys):
+    path = bad_file.write(tmp_path)
+    code = main(["classifier", "--config", "configs/classifier.py:smoke", "--workdir", str(tmp_path / "w"),
+                 f"--config.positive.spec={path}"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("classifier: ")]
+    assert len(lines) == 1 and re.fullmatch("llm-jax classifier: " + bad_file.pattern(path), lines[0]), err
+    assert not os.path.exists(tmp_path / "w" / "classifier.npz")
 
 def _prepare(spec: str, workdir: str, *overrides: str) -> dict:
     config = load("configs/prepare.py:smoke", [f"input.spec={spec}", *overrides])

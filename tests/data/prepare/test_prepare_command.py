@@ -382,3 +382,74 @@ def test_an_unknown_extension_asks_for_the_format(tmp_path, capsys):
     summary = prepare_stage.run_prepare(_config(str(tmp_path / "docs.data.gz"), "", "input.format=text"),
                                         str(tmp_path / "out"))
     assert summary["docs_out"] == 1
+
+
+def _error_lines(err: str) -> list[str]:
+    """stderr without prepare's progress lines."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("prepare: ")]
+
+
+def _good_and_bad_files(tmp_path, bad_file) -> tuple[str, str]:
+    """A good file (shard 0) and then the bad one (shard 1); returns (the spec, the bad file's path)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = raw / "a-good.jsonl"
+    good.write_text("".join(json.dumps({"text": t}) + "\n" for t in CLEAN[:2]))
+    bad = bad_file.write(raw)
+    return f"{good},{bad}", bad
+
+
+def _prepare_command(spec: str, workdir: str, *overrides: str) -> int:
+    return main(["prepare", "--config", CONFIG, "--workdir", workdir, f"--config.input.spec={spec}", *overrides])
+
+
+def _stat_files(directory) -> dict:
+    """name -> (modification time, bytes) of every file in a directory."""
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            result[name] = (os.stat(f.fileno()).st_mtime_ns, f.read())
+    return result
+
+
+def test_a_bad_file_stops_prepare_with_one_line_and_keeps_complete_shards(bad_file, tmp_path, capsys):
+    spec, bad = _good_and_bad_files(tmp_path, bad_file)
+    workdir = str(tmp_path / "out")
+    code = _prepare_command(spec, workdir)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in out + err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and re.fullmatch("llm-jax prepare: " + bad_file.pattern(bad), lines[0]), err
+    assert os.listdir(os.path.join(workdir, "work")) == ["shard-00000"]
+    complete = _stat_files(os.path.join(workdir, "work", "shard-00000"))
+    # A rerun stops at the same file and leaves the complete shard as it was.
+    assert _prepare_command(spec, workdir) == 1
+    assert _error_lines(capsys.readouterr().err) == lines
+    assert _stat_files(os.path.join(workdir, "work", "shard-00000")) == complete
+
+
+def test_a_bad_file_or_record_is_skipped_counted_and_listed(bad_file, tmp_path, capsys):
+    spec, bad = _good_and_bad_files(tmp_path, bad_file)
+    workdir = str(tmp_path / "out")
+    code = _prepare_command(spec, workdir, "--config.on_error=skip")
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "Traceback" not in out + err and _error_lines(err) == []
+    assert json.loads(out)["input_errors"] == 1
+    with open(os.path.join(workdir, "report.json")) as f:
+        inputs_report = json.load(f)["inputs"]
+    [error] = inputs_report["listed_errors"]
+    assert re.fullmatch(bad_file.pattern(bad), f"{error['where']}: {error['message']}"), error
+    # The good file, and what the bad one held before its break (and after a bad record), were read.
+    assert inputs_report["docs"] >= 2 + bad_file.docs_before + (1 if bad_file.record else 0)
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert f"`{error['where']}`: {error['message']}" in f.read()
+
+
+@pytest.mark.parametrize("bad_file", ["corrupt-zst"], indirect=True)
+def test_a_bad_file_read_in_a_worker_process_is_the_same_one_line(bad_file, tmp_path, capsys):
+    spec, bad = _good_and_bad_files(tmp_path, bad_file)
+    assert _prepare_command(spec, str(tmp_path / "out"), "--config.processes=2") == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and re.fullmatch("llm-jax prepare: " + bad_file.pattern(bad), lines[0]), lines
