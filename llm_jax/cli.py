@@ -382,19 +382,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        rest, overrides = _split_overrides(argv)
-        args = _parser().parse_args(rest)
-        if args.command in _SAMPLING_COMMANDS:
-            return _SAMPLING_COMMANDS[args.command](args, overrides)
-        if args.command == "scaling-fit":
-            return _scaling_fit(args, overrides)
-        if args.command in ("import-hf", "export-hf"):
-            return _hf_command(args, overrides)
-        config = config_lib.load(args.config, overrides)
-    except config_lib.ConfigError as e:
-        print(f"llm-jax: {e}", file=sys.stderr)
-        return 2
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if args.command in _SAMPLING_COMMANDS:
+        return _SAMPLING_COMMANDS[args.command](args, overrides)
+    if args.command == "scaling-fit":
+        return _scaling_fit(args, overrides)
+    if args.command in ("import-hf", "export-hf"):
+        return _hf_command(args, overrides)
+    config = config_lib.load(args.config, overrides)
     if args.command == "pipeline":
         return _pipeline(config, args.workdir)
     if args.command == "sweep":

@@ -10,13 +10,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the environment is set)
-
-SMALL_OVERRIDES = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=128",
-    "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=32", "data.batch_size=8",
-    "optim.warmup_steps=2", "train.steps=8", "train.log_every=1", "train.eval_every=4",
-    "train.checkpoint_every=4", "train.eval_batches=2",
-]
+from run_fixtures import END_LOGIT_GAP, SMALL_OVERRIDES, save_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +27,9 @@ def small_overrides():
     return list(SMALL_OVERRIDES)
 
 
-from run_fixtures import END_LOGIT_GAP, save_run  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def tiny_rl_runs(small_tokenizer, tmp_path_factory):
-    """(policy run, reward run) directories of fresh, untrained models saved as checkpoints (see above)."""
+    """(policy run, reward run) directories of fresh, untrained models saved as checkpoints (see tests/run_fixtures.py)."""
     import jax
     import jax.numpy as jnp
 

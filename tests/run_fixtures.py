@@ -2,6 +2,14 @@
 conftest.py: several test folders have a conftest, and `from conftest import` would find whichever came first)."""
 import os
 
+# A model and run small enough to train in seconds, shared by the end-to-end tests.
+SMALL_OVERRIDES = [
+    "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=128",
+    "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=32", "data.batch_size=8",
+    "optim.warmup_steps=2", "train.steps=8", "train.log_every=1", "train.eval_every=4",
+    "train.checkpoint_every=4", "train.eval_batches=2",
+]
+
 # A policy that stops about 4 samples in 5 within 8 tokens (K samples of a prompt differ, some stop, some run to
 # max_new_tokens) and a reward model whose random head rewards answers differently; shared by the tests of the
 # commands that sample K answers per prompt (tests/rl). data.seq_len=48 fits the prompts and 8 new tokens.

@@ -2,10 +2,13 @@
 
     run(config, workdir) -> summary dict
 
-A run directory holds `config.json` (the resolved config), `tokenizer.model`, `metrics.jsonl`,
-`tensorboard/` and `checkpoints/`. Starting again with the same workdir resumes from the latest checkpoint,
-data order included, and continues bit for bit. SIGTERM saves a checkpoint and returns; a non-finite loss
-or gradient stops the run before anything bad is written, leaving the last good checkpoint intact.
+A run directory holds `config.json` (the resolved config), `history.jsonl` (starts, resumes, stops),
+`tokenizer.model`, `metrics.jsonl`, `tensorboard/` and `checkpoints/`. Everything the config alone can show wrong
+is checked before anything is written. Starting again with the same workdir resumes from the newest intact
+checkpoint (verified against its manifest: train/checkpoint.py), data order included, and continues bit for bit;
+a resume that would change the run is refused (train/run_record.py). SIGTERM saves a checkpoint and returns; a
+non-finite or spiking loss or gradient stops the run before anything bad is written (train/guard.py), leaving
+the last good checkpoint intact.
 
 Evaluation covers the data's held-out rows; when the data names eval sets with weights (a data mixture's
 components), each set is evaluated on its own and logged as `eval_<name>_<metric>`, and the overall `eval_<metric>`
