@@ -30,7 +30,9 @@ setup(
     extras_require={
         # scaling-fit's PNGs (llm_jax/scaling/plots.py imports it only when drawing; --no-plots needs none)
         "plots": ["matplotlib"],
-        "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        # ruff and import-linter: the lint and import-cycle checks of .ci/run (ruff.toml, .importlinter)
+        "dev": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "matplotlib", "ruff>=0.16",
+                "import-linter>=2.16"],
         # live parity against transformers (tests/hf/make_fixtures.py, tests/hf/test_live_transformers.py): torch
         # from the package registry is the CUDA build (several GB), so CI compares with the committed references
         "parity": ["torch", "transformers>=5"],

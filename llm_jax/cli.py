@@ -179,7 +179,7 @@ def _sampling_arguments(sub, *, max_new_tokens: int, temperature: float) -> None
     sub.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
     rest, overrides, i = [], [], 0
     while i < len(argv):
@@ -382,7 +382,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = split_overrides(argv)
     args = _parser().parse_args(rest)
     if args.command in _SAMPLING_COMMANDS:
         return _SAMPLING_COMMANDS[args.command](args, overrides)

@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
         rope_scaling_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
         query_scale_dim=0.0,   # scores are q·k/√query_scale_dim; 0: head_dim
         max_seq_len=0,         # the checkpoint's context (HF max_position_embeddings); 0: unknown
-        from_init=False,       # take every architecture field from train.init_from's run (runs.inherit_model)
+        from_init=False,       # take every architecture field from train.init_from's run (train/run_record.inherit_model)
     ))
 
     c.tokenizer = ml_collections.ConfigDict(dict(

@@ -56,6 +56,7 @@ import jax
 import numpy as np
 
 from llm_jax import runs, sharding
+from llm_jax.train import run_record
 from llm_jax.data import chat, records
 from llm_jax.data.sources import DataError, resolve_files
 from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer, load_tokenizer, run_tokenizer_path
@@ -243,7 +244,7 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
-    config = runs.read_config(run_dir)
+    config = run_record.read_run_config(run_dir)
     rules, shards, tokenizer, template, sampling = prepare_sampling(run_dir, config, sampling, batch_size, mesh,
                                                                     rules, chat_template)
     context = int(config.data.seq_len)

@@ -8,8 +8,6 @@ latest (or a chosen) checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
@@ -22,37 +20,8 @@ from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_files import AnyTokenizer, load_tokenizer, run_tokenizer_path
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
-from llm_jax.train.checkpoint import CheckpointError, restore_params
-
-
-def read_config(run_dir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir!r} is not a run directory: it has no config.json")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-# Model fields a run keeps for itself when it takes its architecture from the run it starts from (model.from_init):
-# how it computes and what it adds, never what the params mean.
-OWN_MODEL_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "attention_block_q",
-                    "attention_block_kv", "init_std", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-                    "from_init")
-
-
-def inherit_model(config) -> None:
-    """With `model.from_init`, config.model takes every architecture field of `train.init_from`'s config (an
-    imported checkpoint's family, shape, RoPE, window...), keeping OWN_MODEL_FIELDS: so one `sft.py:hf` config
-    fine-tunes whatever model the run it starts from holds."""
-    if not config.model.get("from_init", False):
-        return
-    if not config.train.init_from:
-        raise ValueError("model.from_init=True takes the model from train.init_from, which is empty")
-    parent = read_config(config.train.init_from).model
-    with config.model.ignore_type():
-        for key, value in parent.items():
-            if key not in OWN_MODEL_FIELDS:
-                config.model[key] = value
+from llm_jax.train.checkpoint import restore_params
+from llm_jax.train.run_record import read_run_config
 
 
 def abstract_params(model: nn.Module, mesh=None, rules=(), init_method=None):
@@ -83,7 +52,7 @@ def load_run(run_dir: str, *, mesh=None, rules=None, step: int | None = None, mo
 
     `overrides` replace model fields that do not change the params (e.g. attention_impl, dtype for serving).
     """
-    config = read_config(run_dir)
+    config = read_run_config(run_dir)
     model_fields = dict(config.model)
     model_fields.update(overrides or {})
     model_cfg = ModelConfig.from_config(ml_collections.ConfigDict(model_fields))

@@ -2,7 +2,7 @@
 import pytest
 
 from llm_jax import config_lib
-from llm_jax.cli import _split_overrides
+from llm_jax.cli import split_overrides
 from llm_jax.config_lib import load
 
 
@@ -48,7 +48,7 @@ def test_bad_config_arguments_are_named():
 
 
 def test_command_line_overrides_are_split_out():
-    rest, overrides = _split_overrides(["train", "--config", "c.py", "--config.optim.lr=1", "--config.train.steps",
+    rest, overrides = split_overrides(["train", "--config", "c.py", "--config.optim.lr=1", "--config.train.steps",
                                         "5", "--workdir", "w"])
     assert rest == ["train", "--config", "c.py", "--workdir", "w"]
     assert overrides == ["optim.lr=1", "train.steps=5"]

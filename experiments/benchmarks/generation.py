@@ -52,7 +52,7 @@ def time_path(make_fn, model, params, prompts_bp, lengths_b, sampling, warmup: i
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = cli._split_overrides(argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pretrain.py:tiny", help="path/to/config.py[:arg]")
     parser.add_argument("--new_tokens", type=int, default=256, help="tokens generated per row")

@@ -81,7 +81,7 @@ def summarise(timed: list[dict], denominator: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = cli._split_overrides(argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="an SFT run directory (the policy and the reference)")
     parser.add_argument("--reward", required=True, help="a reward-model run directory")

@@ -53,7 +53,7 @@ def report(name: str, ms: float, model_flops: float | None = None, **extra) -> N
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = cli._split_overrides(argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--only", default="", help="comma list of part-name prefixes to run")

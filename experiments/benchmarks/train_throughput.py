@@ -51,7 +51,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = cli._split_overrides(argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")

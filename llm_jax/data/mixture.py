@@ -168,3 +168,19 @@ def training_spec(data_config: Any) -> str:
     """One spec naming all the training text: data.train, or every mixture component's (a tokenizer trains on it)."""
     comps = components(data_config)
     return ",".join(c.train for c in comps) if comps else data_config.train
+
+
+def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> LMData:
+    """Everything the LM objectives need from `config.data`: one corpus (data/pipeline.py) or a mixture of several
+    (this module)."""
+    if components(data_config):
+        return build_mixture_data(data_config, tokenizer, cache_dir=cache_dir, seed=seed,
+                                          process_index=process_index, process_count=process_count)
+    batch_size, seq_len = check_batching(data_config, process_index, process_count)
+    train_rows, eval_rows, stats, cache_path = packed_corpus(data_config, tokenizer, cache_dir, seed)
+    if len(train_rows["inputs"]) < batch_size:
+        raise ValueError(f"data.train={data_config.train!r} packs into {len(train_rows['inputs'])} rows of "
+                         f"seq_len={seq_len}, fewer than one batch (data.batch_size={batch_size})")
+    return LMData(train_rows, eval_rows, seed=seed, global_batch_size=batch_size,
+                  process_index=process_index, process_count=process_count, stats=stats, cache_path=cache_path)

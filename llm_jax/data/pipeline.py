@@ -25,7 +25,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from llm_jax.data import default_corpus, prepared, sources
-from llm_jax.data.lm_data import LMData
 from llm_jax.data.packing import PACKED_KEYS, pack_documents
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -97,7 +96,7 @@ def _source_identity(spec: str) -> list:
     return identity
 
 
-def _eval_membership(texts: Sequence[str], eval_fraction: float) -> np.ndarray:
+def eval_membership(texts: Sequence[str], eval_fraction: float) -> np.ndarray:
     """A stable per-document coin: a document is held out iff the hash of its text falls below the fraction.
 
     Hashing the text (not the index) keeps the split when files are reordered, and puts duplicate documents
@@ -106,8 +105,8 @@ def _eval_membership(texts: Sequence[str], eval_fraction: float) -> np.ndarray:
     return _hashes_below((t.encode("utf-8") for t in texts), eval_fraction)
 
 
-def _token_eval_membership(split: TokenizedSplit, eval_fraction: float) -> np.ndarray:
-    """`_eval_membership` for documents known by their tokens (prepared datasets): the hash of the int32 ids."""
+def _tokeneval_membership(split: TokenizedSplit, eval_fraction: float) -> np.ndarray:
+    """`eval_membership` for documents known by their tokens (prepared datasets): the hash of the int32 ids."""
     return _hashes_below((np.asarray(d, "<i4").tobytes() for d in split.docs()), eval_fraction)
 
 
@@ -187,7 +186,7 @@ def _prepared_documents(part: str, tokenizer: Tokenizer, cache_dir: str) -> Toke
         return _load_cache(path, ("all",))["all"]
     print(f"data: {dataset.path} has no token shards of this run's tokenizer (sha256 {tokenizer.sha256}; "
           f"its shards': {dataset.tokenizer_sha256}): tokenizing its cleaned text", file=sys.stderr, flush=True)
-    texts = list(dataset.iter_texts())
+    texts = list(sources.iter_prepared_texts(dataset))
     split = _tokenize(texts, [float("nan")] * len(texts), tokenizer)
     os.makedirs(cache_dir, exist_ok=True)
     _save_cache(path, {"all": split}, key_material)
@@ -215,7 +214,7 @@ def tokenize_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str) -> t
     if data_config.eval:
         splits = dict(train=train, eval=_all_documents(data_config.eval, data_config, tokenizer, cache_dir))
     else:
-        is_eval = _token_eval_membership(train, data_config.eval_fraction)
+        is_eval = _tokeneval_membership(train, data_config.eval_fraction)
         splits = dict(train=train.select(~is_eval), eval=train.select(is_eval))
     return splits, ",".join(p for spec in (data_config.train, data_config.eval) if _is_prepared_spec(spec)
                             for p in sources.split_spec(spec))
@@ -238,7 +237,7 @@ def _tokenize_text_corpus(data_config: Any, tokenizer: Tokenizer,
     if data_config.eval:
         eval_records = list(_iter_records(data_config.eval, data_config.format, data_config.text_key))
     else:
-        is_eval = _eval_membership([t for t, _ in train_records], data_config.eval_fraction)
+        is_eval = eval_membership([t for t, _ in train_records], data_config.eval_fraction)
         eval_records = [r for r, e in zip(train_records, is_eval) if e]
         train_records = [r for r, e in zip(train_records, is_eval) if not e]
     splits = {name: _tokenize([t for t, _ in records], [lp for _, lp in records], tokenizer)
@@ -297,19 +296,3 @@ def packed_corpus(data_config: Any, tokenizer: Tokenizer, cache_dir: str,
     stats.update(n_train_rows=len(train_rows["inputs"]), n_eval_rows=len(eval_rows["inputs"]))
     assert tuple(train_rows) == PACKED_KEYS
     return train_rows, eval_rows, stats, cache_path
-
-
-def build_lm_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> LMData:
-    """Everything the LM objectives need from `config.data`; see the module docstring."""
-    from llm_jax.data import mixture  # it builds on this module
-    if mixture.components(data_config):
-        return mixture.build_mixture_data(data_config, tokenizer, cache_dir=cache_dir, seed=seed,
-                                          process_index=process_index, process_count=process_count)
-    batch_size, seq_len = check_batching(data_config, process_index, process_count)
-    train_rows, eval_rows, stats, cache_path = packed_corpus(data_config, tokenizer, cache_dir, seed)
-    if len(train_rows["inputs"]) < batch_size:
-        raise ValueError(f"data.train={data_config.train!r} packs into {len(train_rows['inputs'])} rows of "
-                         f"seq_len={seq_len}, fewer than one batch (data.batch_size={batch_size})")
-    return LMData(train_rows, eval_rows, seed=seed, global_batch_size=batch_size,
-                  process_index=process_index, process_count=process_count, stats=stats, cache_path=cache_path)

@@ -25,7 +25,8 @@ import numpy as np
 
 from llm_jax.data import chat, records
 from llm_jax.data.packing import pack_documents
-from llm_jax.data.pipeline import LMData, _eval_membership
+from llm_jax.data.lm_data import LMData
+from llm_jax.data.pipeline import eval_membership
 from llm_jax.data.tokenizer import Tokenizer
 
 DEFAULT_TASK_SPEC = "default_task"
@@ -51,7 +52,7 @@ def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterabl
         return examples, list(read(resolve_spec(data_config.eval, kind, "eval")))
     if data_config.train == DEFAULT_TASK_SPEC:
         return examples, list(read(resolve_spec(DEFAULT_TASK_SPEC, kind, "eval")))
-    held_out = _eval_membership([text_of(e) for e in examples], data_config.eval_fraction)
+    held_out = eval_membership([text_of(e) for e in examples], data_config.eval_fraction)
     return ([e for e, h in zip(examples, held_out) if not h], [e for e, h in zip(examples, held_out) if h])
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterator
 
 import numpy as np
 
@@ -38,7 +37,6 @@ def is_prepared_dir(part: str) -> bool:
 
 
 def _shard_name(index: int) -> str:
-    from llm_jax.data.prepare.shards import shard_name
     return shard_name(index)
 
 
@@ -76,7 +74,6 @@ class PreparedDataset:
     def token_documents(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, offsets) of every shard laid end to end, as int32 and int64: document i is
         tokens[offsets[i]:offsets[i + 1]], [bos] + ids + [eos]. Each shard is memory-mapped and copied once."""
-        from llm_jax.data.prepare.shards import read_token_shard
         pieces, offsets, base = [], [np.zeros(1, np.int64)], 0
         for shard in self.shards:
             tokens, shard_offsets = read_token_shard(os.path.join(self.path, TOKENS, shard))
@@ -86,15 +83,13 @@ class PreparedDataset:
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
         return tokens, np.concatenate(offsets).astype(np.int64)
 
-    def iter_texts(self) -> Iterator[str]:
-        """The cleaned documents, shard by shard."""
-        from llm_jax.data import sources
+    def clean_text_files(self) -> tuple[str, list[str]]:
+        """(format, paths) of the cleaned documents, shard by shard (read them with `sources.iter_prepared_texts`)."""
         fmt = self.text_format()
         if fmt is None:
             raise PreparedDataError(f"{self.path}: no cleaned text (clean/shard-*.jsonl or .parquet) for every "
                                     "shard; run prepare with output.jsonl or output.parquet")
-        for shard in self.shards:
-            yield from sources.iter_file(self._file(CLEAN, shard, fmt), fmt, "text")
+        return fmt, [self._file(CLEAN, shard, fmt) for shard in self.shards]
 
     def identity(self) -> list:
         """What a cache of its tokenized text depends on: the preparation's record and every shard's counts."""
@@ -111,3 +106,17 @@ class PreparedDataset:
                 f"{self.path}: its token shards were written with tokenizer sha256 {self.tokenizer_sha256}, the run's "
                 f"tokenizer has sha256 {tokenizer_sha256}, and there is no cleaned text to tokenize again: prepare "
                 "it with this run's tokenizer (output.tokenizer) or with output.jsonl")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def read_token_shard(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, offsets) of `<prefix>.tokens.npy` and `<prefix>.offsets.npy`, the tokens memory-mapped."""
+    tokens = np.load(f"{prefix}.tokens.npy", mmap_mode="r")
+    offsets = np.load(f"{prefix}.offsets.npy")
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{prefix}.offsets.npy does not index {prefix}.tokens.npy ({len(tokens)} tokens; offsets "
+                         f"from {offsets[:1]} to {offsets[-1:]})")
+    return tokens, offsets

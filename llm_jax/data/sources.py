@@ -393,7 +393,14 @@ def iter_documents(spec: str, format: str = "auto", text_key: str = "text") -> I
             for record in default_corpus.iter_corpus_records(corpus):
                 yield record["text"]
         elif prepared.is_prepared_dir(part):
-            yield from prepared.PreparedDataset(part).iter_texts()   # its own format and key, whatever the config's
+            yield from iter_prepared_texts(prepared.PreparedDataset(part))  # its own format and key, whatever the config's
         else:
             for path in resolve_files(part):
                 yield from iter_file(path, format, text_key)
+
+
+def iter_prepared_texts(dataset: "prepared.PreparedDataset") -> Iterator[str]:
+    """The cleaned documents of a `llm-jax prepare` workdir, shard by shard."""
+    fmt, paths = dataset.clean_text_files()
+    for path in paths:
+        yield from iter_file(path, fmt, "text")

@@ -66,7 +66,7 @@ ADAPTER_SUFFIX = "_lora"  # the adapter of `wq` is the module `wq_lora`, with pa
 Trainable = Any  # a rule `params -> bool mask`, a bool mask, or None (every param trains)
 
 
-def _names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
     """The dict keys along a pytree path (jax key entries or plain strings); boxes and attributes skipped."""
     names = []
     for entry in path:
@@ -79,7 +79,7 @@ def _names(path) -> tuple[str, ...]:
 
 def is_trainable(path) -> bool:
     """True on a LoRA adapter's path (`.../attn/wq_lora/a`)."""
-    return any(name.endswith(ADAPTER_SUFFIX) for name in _names(path))
+    return any(name.endswith(ADAPTER_SUFFIX) for name in path_names(path))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,14 +87,14 @@ def _plain_paths(cfg: ModelConfig) -> frozenset:
     plain = Transformer(without_lora(cfg))
     boxed = jax.eval_shape(lambda k: plain.init(k, jnp.zeros((1, 2), jnp.int32), method=Transformer.logits),
                            jax.random.key(0))
-    return frozenset(_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)))
+    return frozenset(path_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)))
 
 
 def trainable_mask(params, cfg: ModelConfig | None = None):
     """A bool per leaf: True at the adapters and, given `cfg`, at every param a plain Transformer lacks."""
     plain = _plain_paths(cfg) if cfg is not None else None
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: is_trainable(path) or (plain is not None and _names(path) not in plain), params)
+        lambda path, _: is_trainable(path) or (plain is not None and path_names(path) not in plain), params)
 
 
 def trainable_for(cfg: ModelConfig):

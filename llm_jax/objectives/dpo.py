@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.data.pipeline import LMData
+from llm_jax.data.lm_data import LMData
 from llm_jax.data.post_training import data_cache_dir, render_preferences, rows_fingerprint
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives.lm import token_log_probs

@@ -11,7 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from llm_jax.data.pipeline import build_lm_data
+from llm_jax.data.mixture import build_lm_data
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.train import step as train_step
 

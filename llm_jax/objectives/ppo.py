@@ -190,7 +190,6 @@ def make_value_loss_fn(model, s: PPOSettings):
     return loss_fn
 
 
-def run(config, workdir: str) -> dict:
-    """PPO has its own loop (sample, score, update), which `llm-jax train` calls for objective "ppo"."""
-    from llm_jax.rl.ppo_loop import run as ppo_run
-    return ppo_run(config, workdir)
+# PPO has its own loop (sample, score, update), which `llm-jax train` runs for objective "ppo". Named, not
+# imported: the loop builds on this module.
+LOOP = "llm_jax.rl.ppo_loop"

@@ -36,8 +36,7 @@ import numpy as np
 
 from llm_jax import runs, sharding
 from llm_jax.data import chat
-from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.data.pipeline import build_lm_data
+from llm_jax.data.mixture import build_lm_data
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.tokenizer_stage import TokenizerMismatch, prepare_tokenizer
@@ -231,7 +230,7 @@ class PPO:
         if not cfg.lora_rank:
             run_record.check_lineage(config, s.reference_run)
             self.ref_params = restore_params(s.reference_run, lora.without_adapters(self.policy_abstract.params))
-        objective = runs.read_config(s.reward_run).objective
+        objective = run_record.read_run_config(s.reward_run).objective
         if objective != "reward":
             raise CheckpointError(f"ppo.reward_run={s.reward_run!r} is a {objective!r} run, not a reward model")
         rm = runs.load_run(s.reward_run, mesh=mesh, rules=rules, model_cls=reward.RewardModel)

@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from llm_jax import runs
+from llm_jax.train import run_record
 from llm_jax.data import chat, records
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.sources import DataError
@@ -70,7 +71,7 @@ def check_sizes(k: int, batch_size: int, min_k: int = 1, why: str = "") -> None:
 def _run_config(run_dir: str, role: str):
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{role} directory {run_dir!r} does not exist")
-    return runs.read_config(run_dir)
+    return run_record.read_run_config(run_dir)
 
 
 def check_policy_run(policy_run: str):

@@ -50,7 +50,7 @@ def fit_kaplan_law(x, loss, *, bootstrap: int = 0, seed: int = 0, confidence: fl
                      int(np.size(x)))
 
 
-def _lowest_per_value(values, loss):
+def lowest_per_value(values, loss):
     """Index of the lowest loss at each distinct value."""
     order = np.lexsort((loss, values))
     first = np.concatenate([[True], np.diff(values[order]) != 0])
@@ -157,7 +157,7 @@ def fit_kaplan(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: flo
     """Every law the runs support. A one-variable law whose loss does not fall along its variable (L(N) on an
     IsoFLOP sweep, say) is skipped with the reason; the joint law, fitted on every run, always is fitted."""
     runs.require(5, "the Kaplan fits")
-    per_n, per_d = _lowest_per_value(runs.n, runs.loss), _lowest_per_value(runs.d, runs.loss)
+    per_n, per_d = lowest_per_value(runs.n, runs.loss), lowest_per_value(runs.d, runs.loss)
     frontier = compute_frontier(runs.flops, runs.loss)
     options = dict(bootstrap=bootstrap, seed=seed, confidence=confidence)
     laws, skipped = {}, {}

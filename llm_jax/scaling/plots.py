@@ -132,9 +132,9 @@ def fitted_law(runs: Runs, law, path: Path, title: str, confidence: float = CONF
 
 
 def kaplan_laws(runs: Runs, kaplan_fit, path: Path, confidence: float = CONFIDENCE) -> str:
-    from llm_jax.scaling.kaplan import _lowest_per_value
+    from llm_jax.scaling.kaplan import lowest_per_value
     figure, axes = _figure(3)
-    per_n, per_d = _lowest_per_value(runs.n, runs.loss), _lowest_per_value(runs.d, runs.loss)
+    per_n, per_d = lowest_per_value(runs.n, runs.loss), lowest_per_value(runs.d, runs.loss)
     panels = ((axes[0], runs.n[per_n], runs.loss[per_n], kaplan_fit.L_N, "parameters N", "L(N) = (N_c/N)^α_N"),
               (axes[1], runs.d[per_d], runs.loss[per_d], kaplan_fit.L_D, "tokens D", "L(D) = (D_c/D)^α_D"),
               (axes[2], runs.flops[kaplan_fit.frontier], runs.loss[kaplan_fit.frontier], kaplan_fit.L_C,

@@ -17,30 +17,23 @@ is their weighted mean.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import signal
 import sys
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
-from llm_jax.runs import inherit_model
 from llm_jax.data import mixture
-from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
-from llm_jax.objectives import get_objective
+from llm_jax.objectives import get_objective, own_loop
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
 from llm_jax.train import run_record
@@ -54,8 +47,8 @@ from llm_jax.train.state import TrainState, create_state, state_shardings
 
 def validate(config) -> ModelConfig:
     """Every check that needs no data or compilation, so a bad config fails in a second. With model.from_init the
-    model section is first taken from train.init_from's run (`runs.inherit_model`)."""
-    inherit_model(config)
+    model section is first taken from train.init_from's run (`run_record.inherit_model`)."""
+    run_record.inherit_model(config)
     model_cfg = ModelConfig.from_config(config.model)
     t = config.train
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -116,9 +109,9 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
 
 
 def run(config, workdir: str) -> dict:
-    own_loop = getattr(get_objective(config.objective), "run", None)
-    if own_loop is not None:  # e.g. PPO: sample, score, update
-        return own_loop(config, workdir)
+    loop = own_loop(get_objective(config.objective))
+    if loop is not None:  # e.g. PPO: sample, score, update
+        return loop(config, workdir)
     # Everything that can be checked is checked before anything is written to the workdir.
     model_cfg = validate(config)
     mesh = sharding.make_mesh(config.mesh)

@@ -49,7 +49,7 @@ def decay_mask(params):
 
 def param_path(path) -> str:
     """A param's path as `optim.freeze` matches it: its dict keys joined by "/" ("params/blocks/mlp/w_up")."""
-    return "/".join(lora._names(path))
+    return "/".join(lora.path_names(path))
 
 
 def freeze_patterns(freeze: str) -> tuple[re.Pattern, ...]:

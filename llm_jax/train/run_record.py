@@ -37,6 +37,12 @@ RESUME_MAY_DIFFER = ("train.log_every", "train.eval_every", "train.checkpoint_ev
                      "model.attention_block_q", "model.attention_block_kv", "model.remat")
 
 
+# What the checkpoint itself is made of (the tokenizer copy in the workdir is checked by its bytes): a change is a new
+# run (start it from this one with train.init_from), never
+# a resume override.
+NEVER_OVERRIDDEN = ("objective", "model")
+
+
 class ResumeMismatch(ConfigError):
     """A resume whose config differs from the run's recorded one in a field that defines the run."""
 
@@ -85,12 +91,16 @@ def resume_changes(config, workdir: str) -> dict[str, tuple]:
     # its default, so it is not a change of this run. `or None` equates the empty values of older configs.
     differ = {name: (saved[name], current[name]) for name in sorted(set(saved) & set(current))
               if (saved[name] or None) != (current[name] or None) and not _covered(name, RESUME_MAY_DIFFER)}
-    refused = {name: values for name, values in differ.items() if not _covered(name, overrides)}
+    refused = {name: values for name, values in differ.items()
+               if not _covered(name, overrides) or _covered(name, NEVER_OVERRIDDEN)}
     if refused:
         listed = "; ".join(f"{name}: {old!r} in the run, {new!r} now" for name, (old, new) in refused.items())
-        raise ResumeMismatch(f"{workdir} holds a run that this config would change ({listed}); use a new --workdir, "
-                             f"or resume with --config.train.resume_overrides={','.join(refused)} to change it "
-                             "on purpose (recorded in history.jsonl)")
+        fixed = [name for name in refused if _covered(name, NEVER_OVERRIDDEN)]
+        how = (f"{', '.join(fixed)} cannot change within a run: use a new --workdir (train.init_from={workdir} "
+               "starts a new run from this one)" if fixed else
+               f"use a new --workdir, or resume with --config.train.resume_overrides={','.join(refused)} to change "
+               "it on purpose (recorded in history.jsonl)")
+        raise ResumeMismatch(f"{workdir} holds a run that this config would change ({listed}); {how}")
     return differ
 
 
@@ -136,3 +146,33 @@ def check_lineage(config, init_from: str) -> None:
               for name in _PARAM_SHAPING if getattr(theirs, name) != getattr(mine, name)]
     if differ:
         raise CheckpointError(f"train.init_from={init_from!r} has a different model; " + "; ".join(differ))
+
+
+def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir!r} is not a run directory: it has no config.json")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+# Model fields a run keeps for itself when it takes its architecture from the run it starts from (model.from_init):
+# how it computes and what it adds, never what the params mean.
+OWN_MODEL_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "attention_block_q",
+                    "attention_block_kv", "init_std", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                    "from_init")
+
+
+def inherit_model(config) -> None:
+    """With `model.from_init`, config.model takes every architecture field of `train.init_from`'s config (an
+    imported checkpoint's family, shape, RoPE, window...), keeping OWN_MODEL_FIELDS: so one `sft.py:hf` config
+    fine-tunes whatever model the run it starts from holds."""
+    if not config.model.get("from_init", False):
+        return
+    if not config.train.init_from:
+        raise ValueError("model.from_init=True takes the model from train.init_from, which is empty")
+    parent = read_run_config(config.train.init_from).model
+    with config.model.ignore_type():
+        for key, value in parent.items():
+            if key not in OWN_MODEL_FIELDS:
+                config.model[key] = value

@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llm_jax.configs_common import base_config
-from llm_jax.data import default_corpus, pipeline
+from llm_jax.data import default_corpus, mixture, pipeline
 from llm_jax.data.packing import PACKED_KEYS
 from llm_jax.data.tokenizer import train_tokenizer
 
@@ -35,7 +35,7 @@ def data_config(**overrides):
 
 def build(env, *, seed=0, cache="cache", **kw):
     config = kw.pop("config", None) or data_config()
-    return pipeline.build_lm_data(config, env["tok"], cache_dir=str(env["root"] / cache), seed=seed, **kw)
+    return mixture.build_lm_data(config, env["tok"], cache_dir=str(env["root"] / cache), seed=seed, **kw)
 
 
 def take(iterator, n):

@@ -38,7 +38,7 @@ def mixture_config(replay=0.25, **overrides):
 
 
 def build(env, config, seed=0, **kw):
-    return pipeline.build_lm_data(config, env["tok"], cache_dir=str(env["root"] / "cache"), seed=seed, **kw)
+    return mixture.build_lm_data(config, env["tok"], cache_dir=str(env["root"] / "cache"), seed=seed, **kw)
 
 
 def component_rows(env, name, train, eval_fraction=0.05, seed=0):

@@ -1153,7 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
             digests = []
             for run in range(2):
                 root = Path(tmp) / f"run{run}"
-                for i, fam in enumerate(args.family):
+                for fam in args.family:
                     make_family(fam, root / fam, args.seed + 1000 * FAMILIES.index(fam))
                 digests.append(tree_digest(root))
             diff = sorted(k for k in set(digests[0]) | set(digests[1]) if digests[0].get(k) != digests[1].get(k))

@@ -103,7 +103,7 @@ def test_block_geometry_skips_exactly_the_invisible_blocks(window):
         key_steps = max(int(full[i * bq:(i + 1) * bq].reshape(bq, n_kv, bk).any(axis=(0, 2)).sum())
                         for i in range(n_q))
         assert blk.most_blocks_in_a_range(
-            lambda i: blk.key_block_range(i, bq, bk, n_kv, True, window), n_q) == key_steps
+            lambda i, bq=bq, bk=bk, n_kv=n_kv: blk.key_block_range(i, bq, bk, n_kv, True, window), n_q) == key_steps
     for span, block in itertools.product([1, 2, 15, 16, 17, 33], [8, 16]):
         touched = max(len({p // block for p in range(start, start + span)}) for start in range(2 * block))
         assert blk.most_blocks_touched(span, block) == touched, (span, block)

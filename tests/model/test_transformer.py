@@ -85,7 +85,7 @@ def test_unscanned_layers_compute_the_same_function():
     blocks = params["params"]["blocks"]
     loop_params = {"params": {k: v for k, v in params["params"].items() if k != "blocks"}}
     for i in range(CFG.n_layers):
-        loop_params["params"][f"block_{i}"] = jax.tree.map(lambda x: x[i], blocks)
+        loop_params["params"][f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
     np.testing.assert_allclose(model.apply(params, tokens, method=Transformer.logits),
                                loop_model.apply(loop_params, tokens, method=Transformer.logits), atol=1e-5)
 

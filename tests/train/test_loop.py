@@ -126,7 +126,8 @@ def test_init_from_a_run_of_another_shape_is_refused(small_config, tmp_path):
 
 def test_resuming_with_another_model_is_refused(small_config, tmp_path):
     run(small_config("train.steps=4"), str(tmp_path))
-    with pytest.raises(ResumeMismatch, match=r"would change \(model.d_ff: 128 in the run, 256 now\)"):
+    with pytest.raises(ResumeMismatch, match=r"would change \(model.d_ff: 128 in the run, 256 now; train.steps: "
+                                             r"4 in the run, 8 now\); model.d_ff cannot change within a run"):
         run(small_config("model.d_ff=256"), str(tmp_path))
 
 

@@ -60,7 +60,7 @@ from llm_jax.data.prepare import dedup, inputs, report, shards
 from llm_jax.data.prepare.steps import Outcome, StepPlan, plan_steps
 from llm_jax.data import sources
 from llm_jax.data.sources import DataError
-from llm_jax.data.prepared import CLEAN, DONE, STAGE_FILE, TOKENS
+from llm_jax.data.prepared import CLEAN, DONE, STAGE_FILE, TOKENS, shard_name
 from llm_jax.files import write_json_atomic, write_text_atomic
 
 WORK = "work"
@@ -209,7 +209,7 @@ def _load_tokenizer(path: str):
 
 
 def _shard_dir(plan: Plan, file: inputs.InputFile) -> str:
-    return os.path.join(plan.workdir, WORK, shards.shard_name(file.index))
+    return os.path.join(plan.workdir, WORK, shard_name(file.index))
 
 
 def _dedup_dir(plan: Plan) -> str:
@@ -220,7 +220,7 @@ def _remove_leftovers(plan: Plan) -> None:
     """Temporaries of this host's interrupted shards (another host's are not ours to touch)."""
     patterns = [f"{_dedup_dir(plan)}.tmp.*"]
     for file in plan.files:
-        name = shards.shard_name(file.index)
+        name = shard_name(file.index)
         patterns += [f"{_shard_dir(plan, file)}.tmp.*", os.path.join(plan.workdir, CLEAN, f"{name}.*.tmp.*"),
                      os.path.join(plan.workdir, TOKENS, f"{name}.*.tmp.*")]
     for pattern in patterns:
@@ -348,7 +348,7 @@ def wait_for_filtered(plan: Plan) -> None:
             waited = True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            named = ", ".join(f"{shards.shard_name(f.index)} ({f.path}, host {_host_of(f, plan.host_count)})"
+            named = ", ".join(f"{shard_name(f.index)} ({f.path}, host {_host_of(f, plan.host_count)})"
                               for f in missing[:5])
             raise sources.DataError(
                 f"deduplication across the run waited {plan.dedup_wait_seconds:g} s for other hosts to filter "
@@ -395,7 +395,7 @@ def dedup_pass(plan: Plan) -> str:
                     break
         if not mine:
             continue
-        prefix = os.path.join(tmp, shards.shard_name(file.index))
+        prefix = os.path.join(tmp, shard_name(file.index))
         np.save(f"{prefix}.keep.npy", keep)
         with open(f"{prefix}.stats.json", "w", encoding="utf-8") as f:
             json.dump(stats.to_json(), f, indent=1)
@@ -410,12 +410,12 @@ def dedup_pass(plan: Plan) -> str:
 # ------------------------------------------------------------------------------------------------ 3: write
 
 def _marker(plan: Plan, file: inputs.InputFile) -> str:
-    return os.path.join(plan.workdir, DONE, f"{shards.shard_name(file.index)}.json")
+    return os.path.join(plan.workdir, DONE, f"{shard_name(file.index)}.json")
 
 
 def write_shard(plan: Plan, file: inputs.InputFile) -> dict:
     """Phase 3 of one shard; returns (and marks the shard done with) its output counts."""
-    name = shards.shard_name(file.index)
+    name = shard_name(file.index)
     marker = _marker(plan, file)
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
@@ -476,7 +476,7 @@ def build_report(plan: Plan, written: list[dict], clusters: dict[str, list[dict]
         shard_stats = _load_stats(os.path.join(directory, "stats.json"))
         score_files.append(os.path.join(directory, "scores.npz"))
         if plan.steps.dedup_step_names:
-            prefix = os.path.join(_dedup_dir(plan), shards.shard_name(file.index))
+            prefix = os.path.join(_dedup_dir(plan), shard_name(file.index))
             shard_stats["steps"].update(_load_stats(f"{prefix}.stats.json")["steps"])
             score_files.append(f"{prefix}.scores.npz")
         stats.append(shard_stats)

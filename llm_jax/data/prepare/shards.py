@@ -6,7 +6,7 @@
     tokens/shard-NNNNN.offsets.npy    (n_docs + 1,) int64: document i is tokens[offsets[i]:offsets[i + 1]]
 
 A tokenized document is [bos] + encode(text) + [eos], as llm_jax/data/pipeline.py tokenizes a corpus, so the pair
-of arrays is a `TokenizedSplit`'s tokens and offsets; `read_token_shard` memory-maps them. Every file is written
+of arrays is a `TokenizedSplit`'s tokens and offsets; `read_token_shard` (data/prepared.py, beside the reader of a prepared workdir) memory-maps them. Every file is written
 under a temporary name and renamed, so a name that exists holds a whole file.
 """
 from __future__ import annotations
@@ -20,10 +20,6 @@ import numpy as np
 from llm_jax.files import write_text_atomic
 
 ENCODE_CHUNK_DOCS = 1024
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,13 +63,3 @@ def tokenize(texts: Sequence[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
 def write_token_shard(prefix: str, tokens: np.ndarray, offsets: np.ndarray) -> None:
     save_npy_atomic(f"{prefix}.tokens.npy", tokens)
     save_npy_atomic(f"{prefix}.offsets.npy", offsets)
-
-
-def read_token_shard(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, offsets) of `<prefix>.tokens.npy` and `<prefix>.offsets.npy`, the tokens memory-mapped."""
-    tokens = np.load(f"{prefix}.tokens.npy", mmap_mode="r")
-    offsets = np.load(f"{prefix}.offsets.npy")
-    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"{prefix}.offsets.npy does not index {prefix}.tokens.npy ({len(tokens)} tokens; offsets "
-                         f"from {offsets[:1]} to {offsets[-1:]})")
-    return tokens, offsets

@@ -15,6 +15,7 @@ from llm_jax.config_lib import load
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus
 from llm_jax.data.prepare import inputs, prepare_stage, report, shards
+from llm_jax.data.prepared import read_token_shard
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -54,7 +55,7 @@ FILES = ("part-0.jsonl", "part-1.jsonl", "part-2.jsonl.gz", "part-3.jsonl")
 
 def _documents_of_files() -> list[list[str]]:
     files = [CLEAN[0:6] + [EMAIL], CLEAN[6:12] + [REPEATED], CLEAN[12:18], CLEAN[18:20]]
-    for step, (index, text) in PLANTED.items():
+    for index, text in PLANTED.values():
         files[index].append(text)
     return files
 
@@ -125,7 +126,7 @@ def _clean_output(workdir) -> list[dict]:
 def test_each_step_drops_its_planted_documents(prepared, spec):
     workdir, summary, report = prepared
     steps = {s["step"]: s for s in report["steps"]}
-    for step, (index, text) in PLANTED.items():
+    for step, (index, _) in PLANTED.items():
         wheres = [e["where"] for e in steps[step]["examples"]]
         assert wheres and all(FILES[index] in w for w in wheres), (step, wheres)
     assert steps["heuristics"]["dropped_by"] == {"words": 1, "dup_line_frac": 1}
@@ -198,7 +199,7 @@ def test_tokenized_shards_decode_to_the_cleaned_text(prepared, tokenizer_path):
     texts = [r["text"] for r in _clean_output(workdir)]
     decoded = []
     for shard in report["output"]["shards"]:
-        tokens, offsets = shards.read_token_shard(os.path.join(workdir, "tokens", shard["shard"]))
+        tokens, offsets = read_token_shard(os.path.join(workdir, "tokens", shard["shard"]))
         assert tokens.dtype == np.uint16 and len(offsets) == shard["docs"] + 1
         for start, end in zip(offsets[:-1], offsets[1:]):
             doc = tokens[start:end]

@@ -19,7 +19,10 @@ QUALITY = h.GopherQualityConfig()
 REPETITION = h.GopherRepetitionConfig()
 
 
-def _verdict(text: str, rule: str, quality=QUALITY, repetition=REPETITION, blocklist=h.BlocklistConfig()):
+BLOCKLIST = h.BlocklistConfig()
+
+
+def _verdict(text: str, rule: str, quality=QUALITY, repetition=REPETITION, blocklist=BLOCKLIST):
     decision = h.check_document(text, h.HeuristicsConfig(quality, repetition, blocklist))
     matching = [v for v in decision.verdicts if v.rule == rule]
     assert len(matching) == 1, f"rule {rule!r} ran {len(matching)} times"
