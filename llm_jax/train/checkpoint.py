@@ -216,6 +216,9 @@ class Checkpointer:
             os.replace(self.step_dir(step), target)
             with open(os.path.join(target, "DAMAGED.txt"), "w", encoding="utf-8") as f:
                 f.write(reason + "\n")
+        if jax.process_count() > 1:  # every process sees the step gone before it looks again
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
         self.manager.reload()
         log_line(f"warning: checkpoint {self.step_dir(step)} is damaged: {reason}; moved it to {target} and "
                  f"trying the step before it")

@@ -38,8 +38,7 @@ RESUME_MAY_DIFFER = ("train.log_every", "train.eval_every", "train.checkpoint_ev
 
 
 # What the checkpoint itself is made of (the tokenizer copy in the workdir is checked by its bytes): a change is a new
-# run (start it from this one with train.init_from), never
-# a resume override.
+# run (start it from this one with train.init_from), never a resume override.
 NEVER_OVERRIDDEN = ("objective", "model")
 
 
