@@ -33,7 +33,7 @@ import numpy as np
 from llm_jax import cli, config_lib, runs
 from llm_jax.rl import losses, ppo_loop
 from llm_jax.scaling import flops
-from llm_jax.train import hardware
+from llm_jax.train import hardware, run_record
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import run_facts  # noqa: E402
@@ -44,7 +44,7 @@ ROLES = ("generate", "score", "train")
 
 def ppo_config(policy: str, reward: str, overrides: list[str]):
     """`BASE_CONFIG` shaped like the policy run, pointed at both runs, then `overrides` (which win)."""
-    shape = [f"model.{name}={value}" for name, value in runs.read_config(policy).model.items()]
+    shape = [f"model.{name}={value}" for name, value in run_record.read_run_config(policy).model.items()]
     return config_lib.load(BASE_CONFIG, [*shape, f"train.init_from={policy}", f"ppo.reward_run={reward}", *overrides])
 
 
