@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import cli, config_lib, runs
+from llm_jax import cli, config_lib
 from llm_jax.rl import losses, ppo_loop
 from llm_jax.scaling import flops
 from llm_jax.train import hardware, run_record
