@@ -182,6 +182,18 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
     assert [m for m in _metrics(resumed) if "seconds_train" not in m] == [
         m for m in logged if "seconds_train" not in m]  # evals equal; timings differ
 
+    # The value model's last checkpoint damaged on disk: both models go back to iteration 1 (the policy's
+    # iteration 2 set aside with it) and end where `straight` did
+    value_params = os.path.join(resumed, "value", "checkpoints", "2", "params")
+    largest = max((os.path.join(d, n) for d, _, names in os.walk(value_params) for n in names), key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(b"\xff" * 64)
+    loop.run(_config(runs, *one_device), resumed)
+    assert os.listdir(os.path.join(resumed, "checkpoints_damaged")) == ["2"]
+    assert os.listdir(os.path.join(resumed, "value", "checkpoints_damaged")) == ["2"]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(resumed), _final_params(straight))
+
     monkeypatch.undo()
     sharded = str(tmp_path / "sharded")
     loop.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *one_device[3:]), sharded)
