@@ -355,7 +355,7 @@ class PPO:
 def run(config, workdir: str) -> dict:
     resuming = bool(saved_steps(workdir))
     changes = run_record.resume_changes(config, workdir) if resuming else {}
-    os.makedirs(workdir, exist_ok=True)
+    run_record.make_workdir(workdir)
     p = PPO(config, workdir)
     s = p.s
     policy_ckpt = Checkpointer(workdir, config.train.keep_checkpoints, save_data_iterator=config.ppo.ptx_coef > 0)

@@ -17,7 +17,6 @@ is their weighted mean.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable
@@ -122,7 +121,7 @@ def run(config, workdir: str) -> dict:
     if config.train.init_from and not resuming:
         run_record.check_lineage(config, config.train.init_from)
     objective = get_objective(config.objective)
-    os.makedirs(workdir, exist_ok=True)
+    run_record.make_workdir(workdir)
     tokenizer = prepare_tokenizer(config, workdir, vocab_size=model_cfg.vocab_size, fresh=not resuming)
     data = objective.build_data(config, tokenizer, workdir)
 

@@ -103,6 +103,14 @@ def resume_changes(config, workdir: str) -> dict[str, tuple]:
     return differ
 
 
+def make_workdir(workdir: str) -> None:
+    """Creates the run directory, or says in one line why it cannot (a file in the way, no permission)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--workdir {workdir!r} cannot be created: {e.strerror or e}") from e
+
+
 def record(config, workdir: str, event: str, step: int, **details) -> None:
     """Writes config.json (the config now in force) and appends the event to history.jsonl (process 0)."""
     if jax.process_index() != 0:

@@ -226,6 +226,8 @@ def test_a_deliberate_change_at_resume_is_recorded(base, tmp_path, capsys):
     ("optim.grad_clip=-1.0", "optim.grad_clip=-1"),
     ("optim.min_lr_ratio=2.0", "optim.min_lr_ratio=2"),
     ("train.steps=0", "train.steps"),
+    ("data.eval_fraction=0.0", "data.eval_fraction=0.0"),
+    ("optim.b2=1.0", "optim.b2=1.0"),
     ("mesh.tensor=8", "8"),
     ("model.nope=1", "model.nope"),
 ])
@@ -283,6 +285,15 @@ def test_corrupt_gzip_training_data_names_the_file(base, tmp_path, capsys):
                                             for i in range(200)))[:-200] + b"\x00" * 200)
     code = cli.main(_args(tmp_path / "gz", overrides, f"data.train={data}", "data.format=jsonl"))
     _one_line_error(capsys.readouterr().err, code, 1, str(data))
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line(base, tmp_path, capsys):
+    _, overrides = base
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = cli.main(_args(blocker / "run", overrides))
+    _one_line_error(capsys.readouterr().err, code, 1, f"--workdir '{blocker / 'run'}' cannot be created")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_debug_shows_the_traceback(base, tmp_path):
