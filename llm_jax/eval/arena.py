@@ -19,7 +19,7 @@ rating (without it the likelihood has no maximum). θ is centred (mean 0) and re
 Arena, R_i = 1000 + (400 / ln 10)·θ_i: 400 points more is 10:1 odds.
 
 Intervals: the prompts are resampled with replacement `bootstrap` times and everything refitted; the interval is
-the percentile interval at `confidence` (`scaling.fit.Estimate`).
+the percentile interval at `confidence` (`scaling.fit.estimate`, as for the scaling-law fits).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from llm_jax.scaling.fit import Estimate
+from llm_jax.scaling.fit import Estimate, check_bootstrap, estimate, resample_counts
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0
@@ -69,26 +69,6 @@ class Arena:
                                     for j, m in enumerate(self.names)} for i, n in enumerate(self.names)})
 
 
-def _interval(value: float, samples: np.ndarray | None, confidence: float) -> Estimate:
-    if samples is None:
-        return Estimate(float(value))
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(samples, [tail, 1.0 - tail])
-    return Estimate(float(value), float(low), float(high))
-
-
-def _resamples(n_prompts: int, bootstrap: int, seed: int) -> np.ndarray:
-    """(bootstrap, n_prompts) multiplicities of resampling the prompts with replacement."""
-    return np.random.default_rng(seed).multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=bootstrap)
-
-
-def _check(bootstrap: int, confidence: float) -> None:
-    if bootstrap < 0 or bootstrap == 1:
-        raise ValueError(f"bootstrap={bootstrap}: use 0 (no interval) or at least 2 resamples")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must lie strictly between 0 and 1")
-
-
 def win_rate(scores_a_p, scores_b_p, *, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> WinRate:
     """A's win rate against B from their judge scores on the same prompts (module docstring)."""
     a, b = np.asarray(scores_a_p, np.float64), np.asarray(scores_b_p, np.float64)
@@ -96,9 +76,9 @@ def win_rate(scores_a_p, scores_b_p, *, bootstrap: int = 1000, confidence: float
         raise ValueError(f"win_rate needs two equal, non-empty score vectors (one per prompt), got shapes "
                          f"{a.shape} and {b.shape}")
     outcome_p = (a > b) + 0.5 * (a == b)
-    _check(bootstrap, confidence)
-    samples = _resamples(a.size, bootstrap, seed) @ outcome_p / a.size if bootstrap else None
-    return WinRate(_interval(outcome_p.mean(), samples, confidence), wins=int((a > b).sum()),
+    check_bootstrap(bootstrap, confidence)
+    samples = resample_counts(a.size, bootstrap, seed) @ outcome_p / a.size if bootstrap else None
+    return WinRate(estimate(outcome_p.mean(), samples, confidence), wins=int((a > b).sum()),
                    ties=int((a == b).sum()), losses=int((a < b).sum()))
 
 
@@ -142,16 +122,16 @@ def arena(scores_mp, names, *, prior: float = 1.0, bootstrap: int = 1000, confid
     if s.ndim != 2 or s.shape[0] != len(names) or s.shape[0] < 2 or s.shape[1] == 0:
         raise ValueError(f"arena needs scores of shape (models, prompts) with at least 2 models, one row per name; "
                          f"got {s.shape} for {len(names)} names")
-    _check(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     wins = pairwise_wins(s)
     ratings = ELO_BASE + ELO_SCALE * bradley_terry(wins, prior)
     samples = None
     if bootstrap:
         samples = np.stack([ELO_BASE + ELO_SCALE * bradley_terry(pairwise_wins(s, counts), prior)
-                            for counts in _resamples(s.shape[1], bootstrap, seed)])
+                            for counts in resample_counts(s.shape[1], bootstrap, seed)])
     games = wins + wins.T
     with np.errstate(invalid="ignore"):
         share = np.where(games > 0, wins / np.where(games > 0, games, 1.0), np.nan)
     np.fill_diagonal(share, np.nan)
-    return Arena(names, tuple(_interval(r, None if samples is None else samples[:, i], confidence)
+    return Arena(names, tuple(estimate(r, None if samples is None else samples[:, i], confidence)
                               for i, r in enumerate(ratings)), share)

@@ -43,7 +43,7 @@ from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.objectives.reward import both_sides
 from llm_jax.train import step as train_step
-from llm_jax.train.checkpoint import latest_step
+from llm_jax.train.checkpoint import intact_step
 
 LOSSES = ("sigmoid", "ipo")
 sequences_per_row = 2  # each row is a pair: two forward sequences
@@ -140,7 +140,7 @@ def reference_log_probs(run_dir: str, rows: dict[str, np.ndarray], batch_size: i
 
 
 def _with_reference(rows: dict, run_dir: str, cache_dir: str, batch_size: int) -> dict:
-    latest = latest_step(run_dir)
+    latest = intact_step(run_dir)
     key = rows_fingerprint({**rows, "_ref": np.frombuffer(
         json.dumps([os.path.abspath(run_dir), latest]).encode(), np.uint8)})
     path = os.path.join(cache_dir, f"dpo-reference-{key}.npz")

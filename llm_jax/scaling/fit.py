@@ -68,7 +68,7 @@ class Estimate:
         return {"value": self.value, "ci": None if self.low is None else [self.low, self.high]}
 
 
-def _estimate(value, samples=None, confidence: float = CONFIDENCE) -> Estimate:
+def estimate(value, samples=None, confidence: float = CONFIDENCE) -> Estimate:
     samples = None if samples is None else np.asarray(samples, np.float64)
     if samples is None or not np.isfinite(samples).any():
         return Estimate(float(value))
@@ -77,12 +77,12 @@ def _estimate(value, samples=None, confidence: float = CONFIDENCE) -> Estimate:
     return Estimate(float(value), float(low), float(high))
 
 
-def _resample_counts(size: int, bootstrap: int, seed: int) -> np.ndarray:
+def resample_counts(size: int, bootstrap: int, seed: int) -> np.ndarray:
     """(bootstrap, size) multiplicities of a resample with replacement: a weighted fit equals a refit."""
     return np.random.default_rng(seed).multinomial(size, np.full(size, 1.0 / size), size=bootstrap)
 
 
-def _check_bootstrap(bootstrap: int, confidence: float) -> None:
+def check_bootstrap(bootstrap: int, confidence: float) -> None:
     if bootstrap < 0 or bootstrap == 1:
         raise FitError(f"bootstrap is {bootstrap}: use 0 (no intervals) or at least 2 resamples")
     if not 0.0 < confidence < 1.0:
@@ -130,7 +130,7 @@ class PowerLaw:
 def fit_power_law(x, y, *, bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE,
                   what: str = "power law") -> PowerLaw:
     x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
-    _check_bootstrap(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     for name, values in (("x", x), ("y", y)):
         bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
         if bad.size:
@@ -143,10 +143,10 @@ def fit_power_law(x, y, *, bootstrap: int = 0, seed: int = 0, confidence: float 
     c, s = _line_fits(lx, ly, np.ones((1, x.size)))
     samples = np.zeros((0, 2))
     if bootstrap:
-        cb, sb = _line_fits(lx, ly, _resample_counts(x.size, bootstrap, seed).astype(np.float64))
+        cb, sb = _line_fits(lx, ly, resample_counts(x.size, bootstrap, seed).astype(np.float64))
         samples = np.stack([cb, sb], 1)
-    return PowerLaw(_estimate(np.exp(c[0]), np.exp(samples[:, 0]) if bootstrap else None, confidence),
-                    _estimate(s[0], samples[:, 1] if bootstrap else None, confidence), samples)
+    return PowerLaw(estimate(np.exp(c[0]), np.exp(samples[:, 0]) if bootstrap else None, confidence),
+                    estimate(s[0], samples[:, 1] if bootstrap else None, confidence), samples)
 
 
 def compute_frontier(flops, loss) -> np.ndarray:
@@ -179,20 +179,20 @@ def _frontier_laws(runs: Runs, frontier_BN, frontier, confidence):
         cb, sb = _line_fits(ln_c, np.log(y), frontier_BN)
         samples = np.stack([cb, sb], 1)
         boot = len(samples) > 0
-        laws.append(PowerLaw(_estimate(np.exp(c[0]), np.exp(cb) if boot else None, confidence),
-                             _estimate(s[0], sb if boot else None, confidence), samples))
+        laws.append(PowerLaw(estimate(np.exp(c[0]), np.exp(cb) if boot else None, confidence),
+                             estimate(s[0], sb if boot else None, confidence), samples))
     return laws
 
 
 def fit_approach1(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE) -> Approach1:
-    _check_bootstrap(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     frontier = compute_frontier(runs.flops, runs.loss)
     if frontier.size < 3:
         raise FitError(f"Approach 1 needs at least 3 runs on the compute frontier (each with a lower loss than "
                        f"every run with less compute); {runs.source} has {frontier.size} "
                        f"(rows {runs.rows[frontier].tolist()})")
     masks = np.zeros((bootstrap, len(runs)))
-    for b, counts in enumerate(_resample_counts(len(runs), bootstrap, seed) if bootstrap else ()):
+    for b, counts in enumerate(resample_counts(len(runs), bootstrap, seed) if bootstrap else ()):
         present = np.flatnonzero(counts)
         masks[b, present[compute_frontier(runs.flops[present], runs.loss[present])]] = 1.0
     n_opt, d_opt = _frontier_laws(runs, masks, frontier, confidence)
@@ -274,7 +274,7 @@ def fit_approach2(runs: Runs, *, tolerance: float = 0.1, bootstrap: int = 0, see
     """`window` (≥ 3, or 0 for all) fits each budget's parabola to that many sizes around its lowest loss: a
     profile far from its minimum is not a parabola in ln N (an undertrained arm rises steeply), and its far
     points would pull the vertex."""
-    _check_bootstrap(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     if window and window < 3:
         raise FitError(f"the IsoFLOP window is {window}: a parabola needs 3 or more sizes (0: every size)")
     rng = np.random.default_rng(seed)
@@ -311,8 +311,8 @@ def fit_approach2(runs: Runs, *, tolerance: float = 0.1, bootstrap: int = 0, see
         c, s = _line_fits(ln_c, np.log([value(p) for p in profiles]), np.ones((1, len(profiles))))
         y_BG = np.stack(boot, 1) if bootstrap else np.zeros((0, len(profiles)))
         cb, sb = _line_fits(ln_c, y_BG, np.isfinite(y_BG).astype(np.float64))
-        laws.append(PowerLaw(_estimate(np.exp(c[0]), np.exp(cb) if bootstrap else None, confidence),
-                             _estimate(s[0], sb if bootstrap else None, confidence), np.stack([cb, sb], 1)))
+        laws.append(PowerLaw(estimate(np.exp(c[0]), np.exp(cb) if bootstrap else None, confidence),
+                             estimate(s[0], sb if bootstrap else None, confidence), np.stack([cb, sb], 1)))
     return Approach2(profiles, skipped, *laws)
 
 
@@ -342,7 +342,7 @@ class _Standardised:
 
     def resampled_weights(self, bootstrap: int, seed: int) -> np.ndarray:
         size = int(self.weight.sum())
-        counts = _resample_counts(size, bootstrap, seed).astype(np.float64)
+        counts = resample_counts(size, bootstrap, seed).astype(np.float64)
         return np.concatenate([counts, np.zeros((bootstrap, self.weight.shape[1] - size))], axis=1)
 
 
@@ -471,7 +471,7 @@ def fit_approach3(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: 
     """
     runs.require(6 if fixed_E is None else 5, "Approach 3 (5 coefficients)" if fixed_E is None else
                  "Approach 3 with E fixed (4 coefficients)")
-    _check_bootstrap(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     if outlier_z is not None and not outlier_z > 0:
         raise FitError(f"the outlier threshold is {outlier_z}: it must be a positive number of deviations")
     if fixed_E is not None and not (np.isfinite(fixed_E) and 0 < fixed_E < runs.loss.min()):
@@ -505,7 +505,7 @@ def fit_approach3(runs: Runs, *, bootstrap: int = 0, seed: int = 0, confidence: 
         samples = _to_natural(z, again.x_SP)
         solver["bootstrap_unfinished"] = int(np.sum(~again.converged_S & ~again.stalled_S))
     best = _to_natural(z, u[None])[0]
-    pick = lambda i: _estimate(best[i], samples[:, i] if bootstrap else None, confidence)
+    pick = lambda i: estimate(best[i], samples[:, i] if bootstrap else None, confidence)
     return Approach3(pick(0), pick(1), pick(2), pick(3), pick(4), samples, value, solver, removed, len(runs))
 
 
@@ -522,7 +522,7 @@ def allocation_exponents(fit: Approach3, confidence: float = CONFIDENCE) -> dict
     """a = β/(α+β), b = α/(α+β) and G = (αA/(βB))^(1/(α+β)), with intervals."""
     _, _, a, b, G = _allocation(fit.params()[None], [1.0])
     boot = _allocation(fit.samples, [1.0]) if len(fit.samples) else None
-    return {name: _estimate(value[0], None if boot is None else boot[i + 2], confidence)
+    return {name: estimate(value[0], None if boot is None else boot[i + 2], confidence)
             for i, (name, value) in enumerate((("a", a), ("b", b), ("G", G)))}
 
 
@@ -538,9 +538,9 @@ def optimal_allocation(fit: Approach3, compute: float, confidence: float = CONFI
         nb, db = nb[:, 0], db[:, 0]
         E, A, B, alpha, beta = fit.samples.T                  # each resample's own law at its own optimum
         loss_b = E + A / nb ** alpha + B / db ** beta
-    result["N_opt"] = _estimate(n[0], nb, confidence)
-    result["D_opt"] = _estimate(d[0], db, confidence)
-    result["loss"] = _estimate(fit.predict(n, d)[0], loss_b, confidence)
+    result["N_opt"] = estimate(n[0], nb, confidence)
+    result["D_opt"] = estimate(d[0], db, confidence)
+    result["loss"] = estimate(fit.predict(n, d)[0], loss_b, confidence)
     return result
 
 
@@ -550,7 +550,7 @@ def predict_loss(fit: Approach3, n: float, d: float, confidence: float = CONFIDE
         if not (np.isfinite(value) and value > 0):
             raise FitError(f"cannot predict the loss at {name} = {value}: it must be finite and positive")
     samples = Approach3._loss(fit.samples, [n], [d])[:, 0] if len(fit.samples) else None
-    return _estimate(fit.predict([n], [d])[0], samples, confidence)
+    return estimate(fit.predict([n], [d])[0], samples, confidence)
 
 
 # ------------------------------------------------------------------------------------------- extrapolation

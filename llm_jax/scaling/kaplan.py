@@ -18,7 +18,7 @@ import numpy as np
 
 from llm_jax.scaling import lbfgs
 from llm_jax.scaling.fit import (CONFIDENCE, FTOL, GTOL, MAX_EVALS, Estimate, JointLaw, PowerLaw,
-                                 _check_bootstrap, _estimate, _Standardised, compute_frontier, fit_power_law)
+                                 check_bootstrap, estimate, _Standardised, compute_frontier, fit_power_law)
 from llm_jax.scaling.results import FitError, Runs
 
 
@@ -45,8 +45,8 @@ def fit_kaplan_law(x, loss, *, bootstrap: int = 0, seed: int = 0, confidence: fl
         raise FitError(f"{what}: the loss does not fall with x (fitted exponent α = {alpha:.4g})")
     log_xc = lambda ln_k, p: ln_k / -p
     xc_samples = np.exp(log_xc(law.samples[:, 0], law.samples[:, 1])) if len(law.samples) else None
-    return KaplanLaw(_estimate(np.exp(log_xc(np.log(law.k.value), law.p.value)), xc_samples, confidence),
-                     _estimate(alpha, -law.samples[:, 1] if len(law.samples) else None, confidence), law,
+    return KaplanLaw(estimate(np.exp(log_xc(np.log(law.k.value), law.p.value)), xc_samples, confidence),
+                     estimate(alpha, -law.samples[:, 1] if len(law.samples) else None, confidence), law,
                      int(np.size(x)))
 
 
@@ -98,7 +98,7 @@ class KaplanJoint(JointLaw):
 def fit_kaplan_joint(runs: Runs, *, bootstrap: int = 0, seed: int = 0,
                      confidence: float = CONFIDENCE) -> KaplanJoint:
     runs.require(5, "the Kaplan L(N, D) fit (4 coefficients)")
-    _check_bootstrap(bootstrap, confidence)
+    check_bootstrap(bootstrap, confidence)
     if np.unique(runs.n).size < 2 or np.unique(runs.d).size < 2:
         raise FitError(f"the Kaplan L(N, D) fit needs at least 2 distinct N and 2 distinct D in {runs.source}")
     z = _Standardised.of(runs)
@@ -121,7 +121,7 @@ def fit_kaplan_joint(runs: Runs, *, bootstrap: int = 0, seed: int = 0,
                                max_evals=MAX_EVALS)
         samples = to_natural(again.x_SP)
     natural = to_natural(u_best)[0]
-    pick = lambda i, f=lambda v: v: _estimate(f(natural[i]), f(samples[:, i]) if bootstrap else None, confidence)
+    pick = lambda i, f=lambda v: v: estimate(f(natural[i]), f(samples[:, i]) if bootstrap else None, confidence)
     return KaplanJoint(pick(0, np.exp), pick(1, np.exp), pick(2), pick(3), samples, float(found.value_S[best]))
 
 

@@ -59,12 +59,16 @@ def _is_legacy(directory: str, steps) -> bool:
     return not any(manifest.has_manifest(os.path.join(directory, str(s))) for s in steps)
 
 
+# One jitted program per tree structure, shared by every restore of it (not a fresh jit of a new lambda each time).
+_all_finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])
+
+
 def _non_finite(tree) -> str | None:
     """The path of the first floating-point leaf holding a NaN or an infinity (a damaged checkpoint can restore
     as values near 1e38 and NaN without any error), else None."""
     leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
-    finite = jax.device_get(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves]))
+    finite = jax.device_get(_all_finite([x for _, x in leaves]))
     for (path, _), ok in zip(leaves, finite):
         if not ok:
             return jax.tree_util.keystr(path)
@@ -92,7 +96,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
-        self._sizes: dict[int, int] = {}
+        self._state_bytes = 0  # what a save writes, for the message of a full disk
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -115,7 +119,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if extra is not None:
             items["extra"] = ocp.args.JsonSave(extra)
-        self._sizes[step] = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+        self._state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
                                 if hasattr(x, "nbytes"))
         with self._naming_write_errors(step):
             self.manager.save(step, args=ocp.args.Composite(**items))
@@ -144,7 +148,7 @@ class Checkpointer:
                 raise
             free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
             raise CheckpointError(f"no space left on the device of {self.directory} while saving step {step}: "
-                                  f"a checkpoint needs about {self._sizes.get(step, 0):,} bytes, "
+                                  f"a checkpoint needs about {self._state_bytes:,} bytes, "
                                   f"{free:,} are free") from e
 
     def restore_extra(self, step: int) -> dict:
@@ -286,11 +290,6 @@ def intact_step(run_dir: str, step: int | None = None) -> int | None:
         raise CheckpointError(f"no checkpoint of run {run_dir!r} is intact (steps {sorted(steps)} all differ "
                               f"from their manifests)")
     return None
-
-
-def latest_step(run_dir: str) -> int | None:
-    """Another run's newest intact checkpoint step (None if it has none), read without touching it."""
-    return intact_step(run_dir)
 
 
 def _lora_config(run_dir: str):

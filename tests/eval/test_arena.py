@@ -67,9 +67,9 @@ def test_arena_intervals_and_json():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: arena.win_rate([1.0, 2.0], [1.0]), "equal, non-empty"),
-    (lambda: arena.win_rate([1.0], [0.0], bootstrap=1), "bootstrap=1"),
+    (lambda: arena.win_rate([1.0], [0.0], bootstrap=1), "bootstrap is 1"),
     (lambda: arena.arena([[1.0, 2.0]], ["only"]), "at least 2 models"),
-    (lambda: arena.arena([[1.0], [2.0]], ["a", "b"], confidence=1.5), "confidence=1.5"),
+    (lambda: arena.arena([[1.0], [2.0]], ["a", "b"], confidence=1.5), "confidence is 1.5"),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
