@@ -59,6 +59,27 @@ def _is_legacy(directory: str, steps) -> bool:
     return not any(manifest.has_manifest(os.path.join(directory, str(s))) for s in steps)
 
 
+def _check_chosen(directory: str, step: int, steps) -> None:
+    """A step asked for by number: verified, CheckpointError if damaged (never replaced by another)."""
+    try:
+        _verify(directory, step, _is_legacy(directory, steps))
+    except manifest.DamagedCheckpoint as e:
+        raise CheckpointError(f"checkpoint {e}") from None
+
+
+def _newest_intact(directory: str, steps, on_damaged):
+    """The steps that match their manifests, newest first; `on_damaged(step, error)` for each one that does not."""
+    steps = sorted(steps, reverse=True)
+    legacy = _is_legacy(directory, steps)
+    for step in steps:
+        try:
+            _verify(directory, step, legacy)
+        except manifest.DamagedCheckpoint as e:
+            on_damaged(step, e)
+            continue
+        yield step
+
+
 # One jitted program per tree structure, shared by every restore of it (not a fresh jit of a new lambda each time).
 _all_finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])
 
@@ -160,25 +181,14 @@ class Checkpointer:
 
     def intact_steps(self):
         """The steps that match their manifests, newest first; each damaged one met on the way is set aside."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        legacy = _is_legacy(self.directory, steps)
-        for step in steps:
-            try:
-                _verify(self.directory, step, legacy)
-            except manifest.DamagedCheckpoint as e:
-                self.set_aside(step, e.reason)
-                continue
-            yield step
+        yield from _newest_intact(self.directory, self.manager.all_steps(),
+                                  lambda step, error: self.set_aside(step, error.reason))
 
     def restore(self, abstract_state: TrainState, data_iterator=None, step: int | None = None) -> TrainState:
         """The train state of `step`, or of the newest intact step (class docstring); CheckpointError when a
         chosen step is damaged or none is intact."""
         if step is not None:
-            legacy = _is_legacy(self.directory, self.manager.all_steps())
-            try:
-                _verify(self.directory, step, legacy)
-            except manifest.DamagedCheckpoint as e:
-                raise CheckpointError(f"checkpoint {e}") from None
+            _check_chosen(self.directory, step, self.manager.all_steps())
             state, bad = self._restore_step(abstract_state, data_iterator, step)
             if bad:
                 raise CheckpointError(f"checkpoint {self.step_dir(step)} holds non-finite values in {bad}")
@@ -270,26 +280,18 @@ def intact_step(run_dir: str, step: int | None = None) -> int | None:
     """Another run's checkpoint step to read, verified and left untouched: `step` (CheckpointError if it is
     damaged), else the newest intact one (a warning for each damaged one passed over; None if it has none)."""
     directory = checkpoint_dir(run_dir)
-    steps = saved_steps(run_dir)[::-1]
-    legacy = _is_legacy(directory, steps)
+    steps = saved_steps(run_dir)
     if step is not None:
         if step not in steps:
-            raise CheckpointError(f"run {run_dir!r} has no checkpoint {step} (it has {sorted(steps)})")
-        try:
-            _verify(directory, step, legacy)
-        except manifest.DamagedCheckpoint as e:
-            raise CheckpointError(f"checkpoint {e}") from None
+            raise CheckpointError(f"run {run_dir!r} has no checkpoint {step} (it has {steps})")
+        _check_chosen(directory, step, steps)
         return step
-    for candidate in steps:
-        try:
-            _verify(directory, candidate, legacy)
-            return candidate
-        except manifest.DamagedCheckpoint as e:
-            log_line(f"warning: checkpoint {e}; using the step before it")
-    if steps:
-        raise CheckpointError(f"no checkpoint of run {run_dir!r} is intact (steps {sorted(steps)} all differ "
-                              f"from their manifests)")
-    return None
+    newest = next(_newest_intact(directory, steps, lambda _, error: log_line(
+        f"warning: checkpoint {error}; using the step before it")), None)
+    if newest is None and steps:
+        raise CheckpointError(f"no checkpoint of run {run_dir!r} is intact (steps {steps} all differ from their "
+                              "manifests)")
+    return newest
 
 
 def _lora_config(run_dir: str):

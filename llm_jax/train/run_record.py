@@ -20,6 +20,7 @@ import time
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from llm_jax.config_lib import ConfigError
 from llm_jax.files import write_text_atomic
@@ -44,15 +45,6 @@ NEVER_OVERRIDDEN = ("objective", "model")
 
 class ResumeMismatch(ConfigError):
     """A resume whose config differs from the run's recorded one in a field that defines the run."""
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _covered(name: str, prefixes) -> bool:
@@ -81,7 +73,8 @@ def resume_changes(config, workdir: str) -> dict[str, tuple]:
     recorded = read_config(workdir)
     if recorded is None:
         return {}
-    saved, current = _flat(recorded), _flat(json.loads(config.to_json_best_effort()))
+    saved = traverse_util.flatten_dict(recorded, sep=".")
+    current = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     overrides = _overrides(config)
     unknown = [p for p in overrides if not any(_covered(name, (p,)) for name in current)]
     if unknown:
