@@ -36,6 +36,8 @@ setup(
         # live parity against transformers (tests/hf/make_fixtures.py, tests/hf/test_live_transformers.py): torch
         # from the package registry is the CUDA build (several GB), so CI compares with the committed references
         "parity": ["torch", "transformers>=5"],
+        # lm-evaluation-harness for `llm-jax eval --lm-eval-tasks` (llm_jax/eval/harness.py); no torch needed
+        "eval": ["lm-eval>=0.4.13"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },

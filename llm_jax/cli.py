@@ -23,8 +23,8 @@ held-out precision and recall, and saves it for prepare's classifier steps
 `import-hf` turns a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 3) into a run directory that every
 stage starts from with `train.init_from` (see llm_jax/hf/import_hf.py); `export-hf` writes any run as a checkpoint
 that transformers and vLLM load (see llm_jax/hf/export_hf.py). Both exit 1 on a checkpoint or run they cannot use.
-`rejection-sample` keeps the reward model's best of K answers per prompt as SFT data
-(see llm_jax/rl/rejection_sampling.py). `preference-pairs` writes a judge's (`gold` or a reward run) best
+`rejection-sample` keeps the reward model's (or another judge's) best of K answers per prompt as SFT data
+(see llm_jax/rl/rejection_sampling.py). `preference-pairs` writes a judge's (a reward run, `gold`, ...) best
 against its worst of K answers per prompt as preference records (see llm_jax/rl/preference_pairs.py).
 `pipeline` runs every stage of a pipeline config, skipping those already complete, and prints a table of
 their results (see llm_jax/pipeline.py); its overrides apply to the pipeline config.
@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-chat-template", action="store_true",
                      help="feed each prompt's text as it is, tokenized as the checkpoint's tokenizer does (a BOS "
                           "where it adds one), and stop at its end-of-sequence ids")
+    sub.add_argument("--judge", default="gold", help=f"what scores the answers: {_JUDGES} (default gold: the "
+                                                     "records with a 'task' key); 'none' for no scores")
     sub = commands.add_parser("import-hf", help="a local Hugging Face checkpoint as a run directory (see "
                                                 "llm_jax/hf/import_hf.py); --config.* overrides apply to its config")
     sub.add_argument("--hf", required=True, help="the checkpoint directory (config.json, *.safetensors, tokenizer)")
@@ -107,20 +109,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("rejection-sample", help="sample K answers per prompt, keep the reward model's best "
                                                        "as SFT records (see llm_jax/rl/rejection_sampling.py)")
     _best_of_k_arguments(sub, "SFT records")
-    sub.add_argument("--reward-run", required=True, help="the reward model's run directory")
+    sub.add_argument("--reward-run", required=True, help=f"the judge that picks the best: {_JUDGES}")
     sub.add_argument("--threshold", type=float, help="keep a prompt's best answer only if its reward is ≥ this")
     sub = commands.add_parser("preference-pairs", help="sample K answers per prompt, write a judge's best against "
                                                        "its worst as preference records (see "
                                                        "llm_jax/rl/preference_pairs.py)")
     _best_of_k_arguments(sub, "preference records")
-    sub.add_argument("--judge", required=True, help="gold (default_task.gold_score, prompts with a 'task' key) or "
-                                                    "a reward model's run directory")
+    sub.add_argument("--judge", required=True, help=_JUDGES)
     sub.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"),
                      help="best-worst: one pair per prompt; all: every two answers whose scores differ")
     sub.add_argument("--min-margin", type=float, help="least score difference of a pair (default 0.2 for gold, "
                                                       "0 for a reward model; equal scores never pair)")
     _scaling_fit_arguments(commands)
     return parser
+
+
+_JUDGES = ("a reward model's run directory, gold (the embedded task's program, on prompts with a 'task' key), "
+           "exact_match, regex_match, numeric_match (against each record's 'reference') or module:function "
+           "(llm_jax/eval/judges.py)")
 
 
 def _scaling_fit_arguments(commands) -> None:
@@ -227,7 +233,8 @@ def _generate(args, overrides: list[str]) -> int:
     from llm_jax.generation_io import generate_file
     return _sample_command(args, overrides, lambda sampling: generate_file(
         args.run, args.prompts, args.out, sampling, batch_size=args.batch_size, seed=args.seed, step=args.step,
-        use_cache=not args.no_cache, chat_template=not args.no_chat_template))
+        use_cache=not args.no_cache, chat_template=not args.no_chat_template,
+        judge=None if args.judge == "none" else args.judge))
 
 
 def _rejection_sample(args, overrides: list[str]) -> int:

@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.ppo = ml_collections.ConfigDict(dict(  # objectives/ppo.py; train.steps counts PPO iterations
-        reward="reward_model",  # what pays: the reward model | gold (the embedded task's scorer: the ceiling)
+        reward="reward_model",  # what pays: the reward model | a judge: gold (the embedded task's scorer: the
+                               # ceiling), exact_match, numeric_match, module:function (eval/judges.py)
         reward_run="runs/rm",  # the frozen reward model (scored and logged in either case)
         reference_run="",      # the frozen reference; empty: train.init_from (LoRA: the policy's own base)
         value_from="reward",   # the value model starts from the reward run (trunk + head) | policy (zero head)

@@ -31,12 +31,15 @@ Rows, one per prompt in file order:
     stopped      whether the answer ended with a stop token (<|end|> or eos) rather than at max_new_tokens
     prompt_tokens  the rendered prompt's length in tokens
     prompt_token_ids  the rendered prompt's token ids
-    gold_score   only for records with a "task" key: `default_task.gold_score(prompt, response)` in [0, 1]
-                 (a "task" record whose prompt that scorer rejects fails at reading, naming its file:line)
+    gold_score   with the default judge `gold`, only for records with a "task" key: the embedded task's
+                 `default_task.gold_score(prompt, response)` in [0, 1] (a "task" record whose prompt that
+                 program rejects fails at reading, naming its file:line)
+    score        with any other judge (`--judge`: a reward run, exact_match, regex_match, numeric_match or
+                 module:function; eval/judges.py), its score of the response, for every record it applies to
 
 The summary `generate_file` returns (and the command prints as JSON): count, new_tokens, seconds (the wall time
 of all batches, compilation included) and tokens_per_s, stopped and truncated counts, batches and the (rows,
-length) shapes compiled, and with gold scores their mean `gold_score` over `scored` rows.
+length) shapes compiled, and the judge's mean (`gold_score` or `score`) over its `scored` rows.
 
 Sharding: `generate_file(..., mesh=...)` restores the params on the mesh and fills every batch up to a multiple
 of the mesh's batch shards; the command itself runs on one host's default device.
@@ -44,13 +47,12 @@ of the mesh's batch shards; the command itself runs on one host's default device
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -60,6 +62,7 @@ from llm_jax.train import run_record
 from llm_jax.data import chat, records
 from llm_jax.data.sources import DataError, resolve_files
 from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer, load_tokenizer, run_tokenizer_path
+from llm_jax.eval.judges import GOLD, applies, load_judge, prompt_record
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.train.checkpoint import CheckpointError, intact_step
 
@@ -71,47 +74,51 @@ class RenderedPrompt:
     example: records.PromptExample
     tokens: np.ndarray   # (P,) int32: [bos] turns <|assistant|>
     truncated: bool      # early exchanges were dropped to fit the context
-    scored: bool         # its answer gets a gold score
+    scored: bool         # the judge applies to it
+
+    @property
+    def record(self) -> dict:
+        """The prompt record a judge reads (eval/judges.py prompt_record)."""
+        return prompt_record(self.example)
 
 
-def prompt_text(messages: Sequence[records.Message]) -> str:
-    """The last user turn: what a scorer of single-turn tasks reads as the prompt."""
-    return messages[-1].content
+def score_field(judge) -> str:
+    """The row field of a judge's scores: `gold_score` for the gold judge, `score` for any other."""
+    return "gold_score" if judge.name == GOLD else "score"
 
 
-def gold_scorer() -> Callable[[str, str], float] | None:
-    """default_task.gold_score, or None where that module (or the function) is not part of this install."""
-    if importlib.util.find_spec("llm_jax.data.default_task") is None:
-        return None
-    from llm_jax.data import default_task
-    return getattr(default_task, "gold_score", None)
+def scored_by(judge, example: records.PromptExample) -> bool:
+    """Whether `judge` judges the prompt; a judge with `check_prompt` (gold) refuses a prompt it applies to but cannot
+    score (DataError naming where)."""
+    if judge is None:
+        return False
+    record = prompt_record(example)
+    if not applies(judge, record):
+        return False
+    if hasattr(judge, "check_prompt"):
+        judge.check_prompt(record, example.where)
+    return True
 
 
 def read_prompts(spec: str, tokenizer: Tokenizer, *, template: str = chat.DEFAULT_TEMPLATE,
-                 max_len: int | None = None, format: str = "auto",
-                 scorer: Callable[[str, str], float] | None = None, chat_template: bool = True) -> list[RenderedPrompt]:
-    """Every prompt the spec names, rendered; DataError naming file:line for a bad or too long one.
+                 max_len: int | None = None, format: str = "auto", judge=None,
+                 chat_template: bool = True) -> list[RenderedPrompt]:
+    """Every prompt the spec names, rendered, and marked `scored` where `judge` applies to it; DataError naming
+    file:line for a bad or too long one.
 
     `chat_template=False`: each prompt is one text, tokenized as it is the way the checkpoint's tokenizer does
     (`encode_with_specials`: a BOS where it adds one), for completion-style prompts and base models."""
     rendered = []
     for example in records.iter_prompt_examples(spec, format):
         if not chat_template:
-            rendered.append(_raw_prompt(example, tokenizer, max_len))
+            rendered.append(_raw_prompt(example, tokenizer, max_len, scored_by(judge, example)))
             continue
         tokens = chat.render_prompt(example.prompt, tokenizer, template, where=example.where)
         truncated = max_len is not None and len(tokens) > max_len
         if truncated:
             # raises ExampleTooLong (a DataError naming where) when the last exchange alone does not fit
             tokens = chat.render_prompt(example.prompt, tokenizer, template, max_len=max_len, where=example.where)
-        scored = scorer is not None and "task" in example.metadata
-        if scored:
-            try:
-                scorer(prompt_text(example.prompt), "")
-            except ValueError as e:
-                raise DataError(f"{example.where}: the record has a 'task' key, so its answer is scored by "
-                                f"default_task.gold_score, which rejects the prompt: {e}") from e
-        rendered.append(RenderedPrompt(example, tokens, truncated, scored))
+        rendered.append(RenderedPrompt(example, tokens, truncated, scored_by(judge, example)))
     if not rendered:
         raise DataError(f"{spec}: no prompts (the file has no records)")
     return rendered
@@ -123,7 +130,8 @@ def padding_id(tokenizer: Tokenizer) -> int:
     return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
 
-def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: int | None) -> RenderedPrompt:
+def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: int | None,
+                scored: bool) -> RenderedPrompt:
     messages = example.prompt
     if len(messages) != 1 or messages[0].role != "user":
         raise DataError(f"{example.where}: without a chat template a prompt must be one text, got "
@@ -133,7 +141,7 @@ def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: i
         raise DataError(f"{example.where}: the prompt has {len(tokens)} tokens, more than the context of {max_len}")
     if not len(tokens):
         raise DataError(f"{example.where}: the prompt is empty")
-    return RenderedPrompt(example, tokens, False, False)
+    return RenderedPrompt(example, tokens, False, scored)
 
 
 def padded_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -174,8 +182,9 @@ def decode_response(tokenizer: Tokenizer, ids: Sequence[int], stop_ids: Sequence
 
 
 def response_row(prompt: RenderedPrompt, tokens: np.ndarray, log_probs: np.ndarray, length: int,
-                 stop_ids: Sequence[int], tokenizer: Tokenizer, scorer=None) -> dict:
-    """The output row of one prompt from its generated tokens (B=1 slices of a `Generation`)."""
+                 stop_ids: Sequence[int], tokenizer: Tokenizer) -> dict:
+    """The output row of one prompt from its generated tokens (B=1 slices of a `Generation`); its score is
+    added by `judge_rows`."""
     ids = [int(i) for i in tokens[:length]]
     response, stopped = decode_response(tokenizer, ids, stop_ids)
     messages = prompt.example.prompt
@@ -189,9 +198,22 @@ def response_row(prompt: RenderedPrompt, tokens: np.ndarray, log_probs: np.ndarr
     row.update(metadata=prompt.example.metadata, response=response, tokens=ids,
                log_probs=[float(x) for x in log_probs[:length]], stopped=stopped,
                prompt_tokens=len(prompt.tokens), prompt_token_ids=[int(i) for i in prompt.tokens])
-    if prompt.scored and scorer is not None:
-        row["gold_score"] = float(scorer(prompt_text(messages), response))
     return row
+
+
+def judge_rows(judge, prompts: Sequence[RenderedPrompt], rows: Sequence[dict]) -> list[float]:
+    """Has `judge` score, in one call, the rows whose prompt it judges; writes each score into its row
+    (`score_field`) and returns them."""
+    if judge is None:
+        return []
+    index = [i for i, p in enumerate(prompts) if p.scored]
+    if not index:
+        return []
+    scores = judge.score([prompts[i].record for i in index], [rows[i]["response"] for i in index])
+    field = score_field(judge)
+    for i, value in zip(index, scores):
+        rows[i][field] = float(value)
+    return [float(v) for v in scores]
 
 
 def default_out_path(run_dir: str, spec: str) -> str:
@@ -237,9 +259,10 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, sampling: SamplingConfig, *,
                   batch_size: int = 32, seed: int = 0, step: int | None = None, use_cache: bool = True,
                   mesh=None, rules=None, format: str = "auto", progress: bool = True,
-                  chat_template: bool = True) -> dict:
+                  chat_template: bool = True, judge: str | None = GOLD) -> dict:
     """Generates an answer to every prompt of `prompts_spec` with the run's model; writes the rows (module
-    docstring) to `out_path` (default <run>/generations/<prompts name>.jsonl) and returns a summary."""
+    docstring) to `out_path` (default <run>/generations/<prompts name>.jsonl) and returns a summary. `judge`:
+    a judge spec (eval/judges.py load_judge) or None for no scores."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if not os.path.isdir(run_dir):
@@ -249,12 +272,14 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
                                                                     rules, chat_template)
     context = int(config.data.seq_len)
     stops = sampling.stop_ids
-    scorer = gold_scorer()
+    judge = None if judge is None else load_judge(judge, batch_size=batch_size)
     try:
         prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
-                               scorer=scorer, chat_template=chat_template)
+                               judge=judge, chat_template=chat_template)
     except chat.ExampleTooLong as e:
         raise DataError(f"{e}, the run's context (data.seq_len in {run_dir}/config.json)") from e
+    if judge is not None and hasattr(judge, "load"):
+        judge.load()  # a reward-model judge: a broken run fails before any generation time is spent
     longest = max(len(p.tokens) for p in prompts)
     if progress and longest + sampling.max_new_tokens > context:
         print(f"generate: note: the longest prompt ({longest} tokens) plus max_new_tokens={sampling.max_new_tokens} "
@@ -275,16 +300,16 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
         shapes.add(tokens_bp.shape)
         for row in range(n):
             rows.append(response_row(prompts[len(rows)], tokens[row], log_probs[row], int(lengths[row]), stops,
-                                     tokenizer, scorer))
+                                     tokenizer))
         n_tokens += int(lengths[:n].sum())
         if progress:
             print(f"generate: batch {i + 1}/{n_batches}, {len(rows)}/{len(prompts)} prompts, {n_tokens} tokens, "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
+    scores = judge_rows(judge, prompts, rows)
 
     write_jsonl(out_path, rows)
 
-    scores = [r["gold_score"] for r in rows if "gold_score" in r]
     summary = dict(run=run_dir, step=step, prompts=prompts_spec, out=out_path, count=len(rows), context=context,
                    new_tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
                    stopped=sum(r["stopped"] for r in rows), truncated=sum(p.truncated for p in prompts),
@@ -292,5 +317,5 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
                    sampling=dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                  top_k=sampling.top_k, top_p=sampling.top_p, seed=seed))
     if scores:
-        summary.update(gold_score=float(np.mean(scores)), scored=len(scores))
+        summary.update({score_field(judge): float(np.mean(scores)), "scored": len(scores), "judge": judge.name})
     return summary

@@ -147,12 +147,12 @@ def _resampled(rounds_dir, name, judge):
 def test_rejection_keeps_the_judges_best_of_k(rounds_dir, tiny_rl_runs):
     from llm_jax.data.default_task import gold_score
     from llm_jax.objectives.reward import load_scorer
-    from llm_jax.rl.sampling import GoldJudge, RewardJudge
+    from llm_jax.eval.judges import GoldJudge, RewardModelJudge
     reward_run = os.path.join(rounds_dir, "reward")
     scorer = load_scorer(reward_run)
 
     # rs1, the reward model's pick: every candidate scored afresh through the scorer's own text interface
-    prompts, kept = _resampled(rounds_dir, "rs1", RewardJudge(reward_run))
+    prompts, kept = _resampled(rounds_dir, "rs1", RewardModelJudge(reward_run))
     with_candidates = [p for p in prompts if p.candidates]
     assert len(kept) == len(with_candidates) == _stage(rounds_dir, "rs1")["metrics"]["kept"] > 8
     for p in with_candidates[:4]:

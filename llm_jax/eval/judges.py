@@ -13,15 +13,32 @@ Verifiable judges ship here, each comparing a response with its record's `refere
 A user's own judge is named `module:function` (`load_judge("my_rewards:has_units")`): a function taking
 `(prompts, responses)` and returning one number per response, imported from the Python path, checked on every
 call for the number and finiteness of its scores.
+
+Two judges come with the project's stages:
+- `gold` (`GoldJudge`): the embedded task's own program, `default_task.gold_score(last user turn, response)` in
+  [0, 1]. It can judge only records with a "task" key (`applies`); the callers sample the others and count them.
+- a reward run's directory (`RewardModelJudge`): the reward model's score of each response as it reads the
+  record as written (`chat.render_pair`: prompt + answer + <|end|> + eos, the answer re-encoded from its text),
+  the score a later stage trains on. `fits(prompt, response)` says whether the pair fits its context; `score`
+  refuses one that does not. PPO reads the same reward model on the sampled tokens inside its jitted rollout
+  (objectives/ppo.py), the one place a judge is not called through `score`.
+
+`load_judge(spec)` takes any of them: a built-in name, `gold`, a reward run directory, or `module:function`.
+Optional methods a caller may use: `applies(prompt) -> bool` (default every prompt) and
+`fits(prompt, response) -> bool` (default every pair).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+
+from llm_jax.data import chat, default_task
+from llm_jax.data.records import Message, PromptExample
 
 
 class JudgeError(ValueError):
@@ -113,15 +130,131 @@ def numeric_match(prompts: Sequence[dict], responses: Sequence[str], rel_tol: fl
 
 
 BUILT_IN = {"exact_match": exact_match, "regex_match": regex_match, "numeric_match": numeric_match}
+GOLD = "gold"
 
 
-def load_judge(spec: str) -> FunctionJudge:
-    """A built-in verifiable judge by name, or a user's `module:function` (module docstring)."""
+def prompt_record(example: PromptExample) -> dict:
+    """The prompt record a judge reads: `prompt` (a string, or the messages as dicts), `system` when the record
+    had one, and the record's other keys (`task`, `reference`, ...)."""
+    messages = example.prompt
+    if len(messages) == 1:
+        record = dict(prompt=messages[0].content)
+    elif len(messages) == 2 and messages[0].role == "system":
+        record = dict(prompt=messages[1].content, system=messages[0].content)
+    else:
+        record = dict(prompt=[dataclasses.asdict(m) for m in messages])
+    return {**example.metadata, **record}
+
+
+def record_messages(record: dict) -> list[Message]:
+    """The messages of a prompt record (prompt_record's inverse)."""
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        system = [Message("system", record["system"])] if record.get("system") else []
+        return system + [Message("user", prompt)]
+    return [Message(m["role"], m["content"]) for m in prompt]
+
+
+def last_user_turn(record: dict) -> str:
+    """What a scorer of single-turn tasks reads as the prompt."""
+    return record_messages(record)[-1].content
+
+
+class GoldJudge:
+    """The embedded task's program judges the records with a "task" key (module docstring)."""
+    name = GOLD
+
+    @staticmethod
+    def applies(prompt: dict) -> bool:
+        return "task" in prompt
+
+    def check_prompt(self, prompt: dict, where: str) -> None:
+        """DataError naming `where` for a "task" record whose prompt the task's program rejects."""
+        from llm_jax.data.sources import DataError
+        try:
+            default_task.gold_score(last_user_turn(prompt), "")
+        except ValueError as e:
+            raise DataError(f"{where}: the record has a 'task' key, so its answer is scored by "
+                            f"default_task.gold_score, which rejects the prompt: {e}") from e
+
+    def score(self, prompts: Sequence[dict], responses: Sequence[str]) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise JudgeError(f"judge gold got {len(prompts)} prompts for {len(responses)} responses")
+        for i, p in enumerate(prompts):
+            if not self.applies(p):
+                raise JudgeError(f"judge gold judges only the embedded task's records (with a 'task' key); prompt "
+                                 f"{i} has none (keys: {sorted(p)})")
+        return check_scores([default_task.gold_score(last_user_turn(p), r) for p, r in zip(prompts, responses)],
+                            len(responses), self.name)
+
+
+class RewardModelJudge:
+    """A reward run's model judges each response as it reads the record as written (module docstring). The
+    model is loaded on first use (or by `load`), so a judge can be named and checked before it costs memory."""
+
+    def __init__(self, run_dir: str, batch_size: int = 32):
+        self.name, self.batch_size, self._scorer = run_dir, batch_size, None
+
+    def load(self):
+        """The reward run's scorer (objectives/reward.py RewardScorer), loaded once."""
+        if self._scorer is None:
+            from llm_jax.objectives import reward
+            self._scorer = reward.load_scorer(self.name, self.batch_size)
+        return self._scorer
+
+    def render(self, prompt: dict, response: str, where: str = "response") -> tuple[np.ndarray, int]:
+        """(sequence, answer start) as the reward model reads the pair; chat.ExampleTooLong past its context."""
+        scorer = self.load()
+        pair = chat.render_pair(record_messages(prompt), response, response, scorer.tokenizer, scorer.template,
+                                max_len=scorer.max_len + 1, where=where)
+        return pair.chosen, pair.response_start
+
+    def fits(self, prompt: dict, response: str) -> bool:
+        try:
+            self.render(prompt, response)
+        except chat.ExampleTooLong:
+            return False
+        return True
+
+    def score_rendered(self, rendered: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+        """Scores of pairs `render` made: (sequence, answer start) each."""
+        scores = self.load().score_tokens([r[0] for r in rendered], [r[1] for r in rendered])
+        return check_scores(scores, len(rendered), self.name)
+
+    def score(self, prompts: Sequence[dict], responses: Sequence[str]) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise JudgeError(f"judge {self.name} got {len(prompts)} prompts for {len(responses)} responses")
+        rendered = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            try:
+                rendered.append(self.render(p, r, where=f"response {i}"))
+            except chat.ExampleTooLong as e:
+                raise JudgeError(f"judge {self.name}: {e}, the reward model's context") from None
+        return self.score_rendered(rendered)
+
+
+def load_judge(spec: str, *, batch_size: int = 32):
+    """A judge by its spec: a built-in verifiable judge's name, `gold`, a reward run's directory, or a user's
+    `module:function` (module docstring)."""
     if spec in BUILT_IN:
         return FunctionJudge(spec, BUILT_IN[spec])
+    if spec == GOLD:
+        return GoldJudge()
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise JudgeError(f"judge {spec!r} is a directory but not a run (no config.json)")
+        from llm_jax.train.run_record import read_run_config
+        objective = read_run_config(spec).objective
+        if objective != "reward":
+            raise JudgeError(f"judge {spec!r} is a {objective!r} run, not a reward model (config.objective "
+                             "'reward')")
+        return RewardModelJudge(spec, batch_size)
+    if os.sep in spec or "/" in spec:
+        raise JudgeError(f"judge {spec!r}: no such reward run directory")
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise JudgeError(f"judge {spec!r} is neither a built-in ({', '.join(BUILT_IN)}) nor module:function")
+        raise JudgeError(f"judge {spec!r} is neither a built-in ({', '.join([*BUILT_IN, GOLD])}), a reward run "
+                         "directory, nor module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -131,3 +264,8 @@ def load_judge(spec: str) -> FunctionJudge:
         raise JudgeError(f"judge {spec!r}: {module_name} has no function {attribute!r}")
     return FunctionJudge(spec, fn)
 
+
+def applies(judge, prompt: dict) -> bool:
+    """Whether `judge` can judge `prompt` (its optional `applies`; every prompt by default)."""
+    check = getattr(judge, "applies", None)
+    return True if check is None else bool(check(prompt))

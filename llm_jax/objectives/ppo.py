@@ -32,7 +32,8 @@ assignment: experiments/rlhf/README.md). With `ppo.baseline="group"` each prompt
 model as the baseline (RLOO; s − b is paid at the last token, GAE then runs with V = 0 and the value model is
 not trained). That baseline is per prompt by construction, where the value model must first learn it. With `ppo.reward="gold"` the embedded task's scorer pays s
 instead (gold_score − penalty·[did not stop]): PPO against a perfect reward model, the ceiling that separates
-the reward model's errors from the optimiser's (the reward model is still scored and logged). β is fixed or follows the adaptive controller toward
+the reward model's errors from the optimiser's (the reward model is still scored and logged). Any other judge
+of eval/judges.py pays the same way (`ppo.reward="numeric_match"`, `"my_rewards:checker"`: verifiable rewards). β is fixed or follows the adaptive controller toward
 `ppo.kl_target` (Ziegler et al. 2019). Standardising R with the reward model's own held-out statistics puts
 rewards on a unit scale, so β and the value loss mean the same thing whatever offset R learned.
 
@@ -54,7 +55,7 @@ from llm_jax.objectives.lm import token_log_probs
 from llm_jax.rl import losses, rollout
 
 VALUE_FROM = ("reward", "policy")
-REWARDS = ("reward_model", "gold")
+REWARD_MODEL = "reward_model"  # ppo.reward: the reward run pays; any other value is a judge spec (eval/judges.py)
 BASELINES = ("value", "group")
 REWARD_SHAPINGS = ("final", "dense")
 
@@ -110,8 +111,8 @@ def settings(config) -> PPOSettings:
         raise ValueError("PPO starts from a policy: set train.init_from to an SFT run directory")
     if not s.reward_run:
         raise ValueError("PPO needs a reward model: set ppo.reward_run to a reward run directory")
-    if s.reward not in REWARDS:
-        raise ValueError(f"ppo.reward={s.reward!r} is not one of {REWARDS}")
+    if not s.reward:
+        raise ValueError(f'ppo.reward is empty: "{REWARD_MODEL}" or a judge (gold, exact_match, module:function, ...)')
     if s.baseline not in BASELINES:
         raise ValueError(f"ppo.baseline={s.baseline!r} is not one of {BASELINES}")
     if s.samples_per_prompt < 1 or s.rollout_batch % s.samples_per_prompt:

@@ -14,8 +14,14 @@ Checkpoints are labelled by iteration: the policy's under `<workdir>/checkpoints
 `<workdir>/value/checkpoints/`, and the KL coefficient (and with PPO-ptx the pretraining stream's position)
 beside the policy's.
 
+What pays (`ppo.reward`): "reward_model", the reward run's model read on the sampled tokens inside the jitted
+rollout program, or any judge of eval/judges.py by its spec (`gold`, exact_match, regex_match, numeric_match,
+a user's module:function), called as `judge.score(prompt records, response texts)` on every rollout; with
+`ppo.reward_shaping="dense"` a judge's score is split over the tokens by its increments over the response's
+prefixes (`judge_steps`).
+
 Metrics each iteration: `score` (reward model, raw) and `score_norm` (what the policy is paid), `gold` (the
-embedded task's `gold_score` of the samples, when the prompts carry a task), `kl` (Σ_t k1 per response:
+embedded task's gold judge on the samples, when the prompts carry a task), `kl` (Σ_t k1 per response:
 log π_old − log π_ref, an unbiased estimate of KL(π‖π_ref) on samples of π), `kl_coef` (β), `entropy`,
 `clip_fraction`, `approx_kl`, `policy_loss`, `ptx_loss` (PPO-ptx's pretraining loss), `value_loss`,
 `value_clip_fraction`, `explained_variance` (of the returns by the values before the update),
@@ -41,8 +47,8 @@ from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.tokenizer_stage import TokenizerMismatch, prepare_tokenizer
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (batch_shards, decode_response, gold_scorer, padded_length, padding_id, prompt_text,
-                                   read_prompts)
+from llm_jax.eval.judges import GoldJudge, JudgeError, applies, load_judge
+from llm_jax.generation_io import batch_shards, decode_response, padded_length, padding_id, read_prompts
 from llm_jax.model import lora
 from llm_jax.model.transformer import Transformer
 from llm_jax.objectives import ppo, reward
@@ -76,29 +82,28 @@ def _local_rows(rows: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array
 
 @dataclasses.dataclass
 class Prompts:
-    """Rendered prompts as fixed-shape arrays: tokens (n, P) right-padded, lengths (n,), and their texts."""
+    """Rendered prompts as fixed-shape arrays: tokens (n, P) right-padded, lengths (n,), and the prompt records
+    the judges read (eval/judges.py prompt_record)."""
     tokens: np.ndarray
     lengths: np.ndarray
-    texts: list[str]
-    scored: np.ndarray  # (n,) bool: the gold scorer applies
+    records: list[dict]
 
     @classmethod
     def read(cls, spec: str, split: str, tokenizer, template: str, max_len: int, limit=None):
         rendered = read_prompts(resolve_spec(spec, "prompts", split), tokenizer, template=template,
-                                max_len=max_len, scorer=gold_scorer())[:limit]
+                                max_len=max_len, judge=GoldJudge())[:limit]
         tokens = np.full((len(rendered), padded_length(max(len(p.tokens) for p in rendered))),
                          padding_id(tokenizer), np.int32)
         for i, p in enumerate(rendered):
             tokens[i, :len(p.tokens)] = p.tokens
-        return cls(tokens, np.array([len(p.tokens) for p in rendered], np.int32),
-                   [prompt_text(p.example.prompt) for p in rendered], np.array([p.scored for p in rendered]))
+        return cls(tokens, np.array([len(p.tokens) for p in rendered], np.int32), [p.record for p in rendered])
 
     def padded(self, width: int, pad_id: int) -> "Prompts":
         return dataclasses.replace(self, tokens=np.pad(self.tokens, ((0, 0), (0, width - self.tokens.shape[1])),
                                                        constant_values=pad_id))
 
     def take(self, index: np.ndarray) -> "Prompts":
-        return Prompts(self.tokens[index], self.lengths[index], [self.texts[i] for i in index], self.scored[index])
+        return Prompts(self.tokens[index], self.lengths[index], [self.records[i] for i in index])
 
 
 def iteration_prompts(n: int, batch: int, seed: int, iteration: int) -> np.ndarray:
@@ -118,33 +123,25 @@ def _response_texts(tokenizer, tokens_bn, mask_bn, stop_ids) -> list[str]:
             for row, m in zip(tokens_bn, mask_bn)]
 
 
-def _gold_scores(prompts: Prompts, answers: list[str]) -> np.ndarray | None:
-    """The gold score of every answer, or None unless the scorer applies to every prompt."""
-    scorer = gold_scorer()
-    if scorer is None or not prompts.scored.all():
+def judged(judge, prompts: Prompts, answers: list[str]) -> np.ndarray | None:
+    """The judge's score of every answer, or None unless it applies to every prompt."""
+    if not all(applies(judge, r) for r in prompts.records):
         return None
-    return np.array([scorer(t, a) for t, a in zip(prompts.texts, answers)], np.float64)
+    return judge.score(prompts.records, answers).astype(np.float64)
 
 
-def gold_steps(prompts: Prompts, tokenizer, tokens_bn, mask_bn, stop_ids) -> np.ndarray:
-    """(B, N) the gold score's increments over each response's prefixes: entry i is Φ(tokens ≤ i) − Φ(tokens < i)
-    with Φ(prefix) = gold_score(prompt, decoded prefix), so a row sums to the whole response's gold score minus
-    that of the empty response (0 for the embedded task). A potential-based split (Ng et al. 1999) of the score
-    into what each token earned; 0 on padding."""
-    scorer = gold_scorer()
+def judge_steps(judge, prompts: Prompts, tokenizer, tokens_bn, mask_bn, stop_ids) -> np.ndarray:
+    """(B, N) the judge's score's increments over each response's prefixes: entry i is Φ(tokens ≤ i) − Φ(tokens < i)
+    with Φ(prefix) = judge score of (prompt, decoded prefix), so a row sums to the whole response's score minus
+    that of the empty response (0 for the embedded task's gold judge). A potential-based split (Ng et al. 1999)
+    of the score into what each token earned; 0 on padding."""
     steps = np.zeros(tokens_bn.shape, np.float32)
-    for b, (prompt, row, m) in enumerate(zip(prompts.texts, tokens_bn, mask_bn)):
+    for b, (record, row, m) in enumerate(zip(prompts.records, tokens_bn, mask_bn)):
         ids = [int(t) for t in row[:int(m.sum())]]
-        before = scorer(prompt, "")
-        for i in range(len(ids)):
-            now = scorer(prompt, decode_response(tokenizer, ids[:i + 1], stop_ids)[0])
-            steps[b, i], before = now - before, now
+        prefixes = [""] + [decode_response(tokenizer, ids[:i + 1], stop_ids)[0] for i in range(len(ids))]
+        potential = judge.score([record] * len(prefixes), prefixes)
+        steps[b, :len(ids)] = np.diff(potential)
     return steps
-
-
-def _gold(prompts: Prompts, answers: list[str]) -> float | None:
-    scores = _gold_scores(prompts, answers)
-    return None if scores is None else float(scores.mean())
 
 
 def _reward_statistics(reward_run: str) -> tuple[float, float]:
@@ -154,6 +151,14 @@ def _reward_statistics(reward_run: str) -> tuple[float, float]:
         raise CheckpointError(f"reward run {reward_run!r} logged no eval_reward_mean/eval_reward_std (metrics.jsonl)"
                               "; set ppo.normalize_score=False to use its raw scores")
     return float(evals[-1]["eval_reward_mean"]), max(float(evals[-1]["eval_reward_std"]), 1e-6)
+
+
+def reward_judge(spec: str):
+    """The judge `ppo.reward` names (eval/judges.py load_judge); ValueError naming the option."""
+    try:
+        return load_judge(spec)
+    except JudgeError as e:
+        raise ValueError(f"ppo.reward={spec!r}: {e}") from None
 
 
 class PPO:
@@ -179,6 +184,7 @@ class PPO:
                                         f"({config.train.init_from!r})")
         self.template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
         self.stop_ids = tuple(chat.stop_ids(self.tokenizer, self.template))
+        self.judge = None if s.reward == ppo.REWARD_MODEL else reward_judge(s.reward)
         self.sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                        top_p=s.top_p, stop_ids=self.stop_ids)
         max_prompt = int(config.data.seq_len) - s.max_new_tokens
@@ -281,9 +287,10 @@ class PPO:
         return (n_b > 0) & jnp.isin(last_b, jnp.asarray(self.stop_ids))
 
     def _score_rollout(self, policy_params, ref_params, value_params, rm_params, prompt_tokens, prompt_lengths,
-                       gen, beta, gold_b, gold_steps_bn):
+                       gen, beta, judged_b, judged_steps_bn):
         """Everything one iteration's updates need, in one program (objectives/ppo.py's equations).
-        `gold_steps_bn`: the gold score's increments over the response's prefixes (dense gold shaping)."""
+        `judged_b`: a judge's scores when one pays (ppo.reward); `judged_steps_bn`: their increments over the
+        response's prefixes (dense shaping)."""
         s = self.s
         seqs = self._sequences(prompt_tokens, prompt_lengths, gen)
         old_logp = rollout.response_log_probs(self.policy, policy_params, seqs)
@@ -296,8 +303,8 @@ class PPO:
         score_b = head_b + jnp.sum(terms_bn, axis=1)
         stopped_b = self._stopped(seqs)
         penalty_b = s.unfinished_penalty * (1.0 - stopped_b)
-        if s.reward == "gold":  # the programmatic scorer pays: the ceiling a perfect reward model would give
-            paid_b, steps_bn = gold_b - penalty_b, gold_steps_bn * seqs.mask_bn
+        if self.judge is not None:  # a judge pays (gold: the ceiling a perfect reward model would give)
+            paid_b, steps_bn = judged_b - penalty_b, judged_steps_bn * seqs.mask_bn
         else:
             paid_b, steps_bn = (score_b - self.score_mean) / self.score_std - penalty_b, terms_bn / self.score_std
         # Dense shaping pays each token its part as it is emitted and the rest at the end: the same total.
@@ -392,7 +399,7 @@ def run(config, workdir: str) -> dict:
     peak, peak_source = hardware.peak_flops(p.model_cfg.dtype)
     log_line(f"PPO: {config.train.steps} iterations of {s.rollout_batch} responses ({s.samples_per_prompt} a prompt, "
              f"baseline {s.baseline}), {s.epochs} epochs of minibatches "
-             f"of {s.minibatch}; {len(p.prompts.texts)} train prompts, {len(p.eval_prompts.texts)} eval prompts; "
+             f"of {s.minibatch}; {len(p.prompts.records)} train prompts, {len(p.eval_prompts.records)} eval prompts; "
              f"MFU against {peak_source}")
     key = jax.random.key(config.seed)
     summary = dict(workdir=workdir, start_step=start)
@@ -444,7 +451,7 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     times = {}
     t0 = time.perf_counter()
     k = s.samples_per_prompt  # each prompt k times in a row: a group
-    prompts = p.prompts.take(np.repeat(iteration_prompts(len(p.prompts.texts), s.rollout_batch // k, p.config.seed,
+    prompts = p.prompts.take(np.repeat(iteration_prompts(len(p.prompts.records), s.rollout_batch // k, p.config.seed,
                                                          iteration), k))
     gen = generate(p.policy, policy.params, prompts.tokens, prompts.lengths, jax.random.fold_in(key, iteration),
                    p.sampling)
@@ -454,16 +461,18 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
     beta = kl_control.value
     tokens_bn, mask_bn = _host(gen.tokens), _host(gen.mask)
     texts = _response_texts(p.tokenizer, tokens_bn, mask_bn, p.stop_ids)
-    gold_scores = _gold_scores(prompts, texts)
-    if s.reward == "gold" and gold_scores is None:
-        raise ValueError('ppo.reward="gold" needs prompts the gold scorer can score (default-task prompts with '
-                         'a "task" key)')
-    gold_b = np.zeros(len(texts), np.float32) if gold_scores is None else gold_scores.astype(np.float32)
-    dense_gold = s.reward == "gold" and s.reward_shaping == "dense"
-    steps_bn = (gold_steps(prompts, p.tokenizer, tokens_bn, mask_bn, p.stop_ids) if dense_gold
-                else np.zeros(tokens_bn.shape, np.float32))
+    gold_scores = judged(GoldJudge(), prompts, texts)
+    judged_b, steps_bn = np.zeros(len(texts), np.float32), np.zeros(tokens_bn.shape, np.float32)
+    if p.judge is not None:
+        scores = gold_scores if p.judge.name == GoldJudge.name else judged(p.judge, prompts, texts)
+        if scores is None:
+            raise ValueError(f"ppo.reward={s.reward!r} cannot judge every prompt of ppo.prompts={s.prompts!r} "
+                             '(the gold judge needs default-task prompts with a "task" key)')
+        judged_b = scores.astype(np.float32)
+        if s.reward_shaping == "dense":
+            steps_bn = judge_steps(p.judge, prompts, p.tokenizer, tokens_bn, mask_bn, p.stop_ids)
     batch, stats = p.score(policy.params, p.reference_params(policy.params), value.params, p.rm_params,
-                           prompts.tokens, prompts.lengths, gen, jnp.float32(beta), gold_b, steps_bn)
+                           prompts.tokens, prompts.lengths, gen, jnp.float32(beta), judged_b, steps_bn)
     batch = {k: _host(v) for k, v in batch.items()}
     stats = {k: float(v) for k, v in jax.device_get(stats).items()}
     times["score"] = time.perf_counter() - t0
@@ -513,7 +522,7 @@ def _iteration(p: PPO, policy, value, kl_control, key, iteration: int, peak: flo
 def _evaluate(p: PPO, params, key) -> dict:
     """Greedy and sampled answers to the eval prompts: gold score, reward-model score, KL (module docstring)."""
     s, ep = p.s, p.eval_prompts
-    n, rows = len(ep.texts), s.rollout_batch
+    n, rows = len(ep.records), s.rollout_batch
     out: dict = {}
     greedy = dataclasses.replace(p.sampling, temperature=0.0, top_k=0, top_p=1.0)
     ref_params = p.reference_params(params)
@@ -530,9 +539,9 @@ def _evaluate(p: PPO, params, key) -> dict:
             scores.append(_host(score_b)[:keep])
             kls.append(_host(k1_b)[:keep])
             lengths.append(mask.sum(axis=1))
-        gold = _gold(ep, answers)
+        gold = judged(GoldJudge(), ep, answers)
         if gold is not None:
-            out[f"eval_gold{name}"] = gold
+            out[f"eval_gold{name}"] = float(gold.mean())
         out[f"eval_score{name}"] = float(np.mean(np.concatenate(scores)))
         out[f"eval_response_length{name}"] = float(np.mean(np.concatenate(lengths)))
         if not name:

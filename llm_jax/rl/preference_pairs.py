@@ -20,6 +20,8 @@ The judge (`--judge`) scores every candidate:
     <run dir>   a reward run's model, scoring each candidate exactly as rejection sampling does; the policy and
                 reward runs must share tokenizer and chat template (sampling.check_runs). A run directory
                 named gold is ./gold.
+    exact_match, regex_match, numeric_match, module:function
+                a verifiable judge or a user's (eval/judges.py), on every prompt.
 
 Pairing, per judged prompt. Identical answer texts are merged first (the first one's score kept): the same
 answer twice is no comparison, and a record whose chosen equals its rejected is not preference data.
@@ -50,7 +52,7 @@ are ignored):
     prompt, system                  as in the prompts file (a string, "system" if it had one, or messages)
     chosen, rejected                the two answers' texts
     chosen_score, rejected_score    the judge's scores
-    judge                           "gold" or the reward run directory
+    judge                           the judge's spec: "gold", the reward run directory, ...
     where                           the prompt's file:line
 
 Summary (returned; printed as JSON by the command): the shared counts (`count` prompts, samples, stopped,
@@ -69,12 +71,12 @@ Sharding: `mesh` and `rules` as in sampling.py.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import write_jsonl
-from llm_jax.rl.sampling import GoldJudge, RewardJudge, check_sizes, mean, sample_and_judge
+from llm_jax.eval.judges import GoldJudge, load_judge
+from llm_jax.rl.sampling import check_sizes, mean, sample_and_judge
 
 PAIRINGS = ("best-worst", "all")
 GOLD_MIN_MARGIN = 0.2  # default_task.MARGIN (module docstring)
@@ -89,16 +91,6 @@ def check_options(k: int, min_margin: float | None, pairing: str, batch_size: in
         raise ValueError(f"min_margin must be a finite score difference ≥ 0, got {min_margin}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairs must be one of {PAIRINGS}, got {pairing!r}")
-
-
-def make_judge(judge: str) -> GoldJudge | RewardJudge:
-    """`gold` or a reward run directory (its config is checked against the policy's later, by check_runs)."""
-    if judge == "gold":
-        return GoldJudge()
-    if os.path.isdir(judge):
-        return RewardJudge(judge)
-    raise ValueError(f"judge must be 'gold' or a reward run directory, got {judge!r}, which is neither "
-                     f"(no such directory)")
 
 
 def select_pairs(texts: Sequence[str], scores: Sequence[float], pairing: str, min_margin: float
@@ -127,12 +119,12 @@ def preference_pairs(policy_run: str, judge: str, prompts_spec: str, out_path: s
                      sampling: SamplingConfig, *, pairing: str = "best-worst", min_margin: float | None = None,
                      batch_size: int = 32, seed: int = 0, step: int | None = None, mesh=None, rules=None,
                      progress: bool = True) -> dict:
-    """Samples k answers to every prompt with the policy run, has `judge` ("gold" or a reward run directory)
+    """Samples k answers to every prompt with the policy run, has `judge` (a judge spec: "gold", a reward run directory, ...)
     score them, writes the pairs to `out_path` as preference records and returns the summary (module
     docstring). `min_margin` None: the judge's default. `step` picks the policy's checkpoint (default the
     latest); a reward judge is its run's latest."""
     check_options(k, min_margin, pairing, batch_size)
-    judge_ = make_judge(judge)
+    judge_ = load_judge(judge, batch_size=batch_size)
     if min_margin is None:
         min_margin = GOLD_MIN_MARGIN if isinstance(judge_, GoldJudge) else 0.0
     sampled = sample_and_judge("preference-pairs", policy_run, judge_, prompts_spec, k, sampling,

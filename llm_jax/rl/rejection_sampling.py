@@ -9,9 +9,10 @@ round. Nothing is trained here; this is generation, scoring and selection.
 
 Prompts, sampling and candidates are those of llm_jax/rl/sampling.py (shared with `llm-jax preference-pairs`):
 K samples per prompt, the stopped ones that load back as SFT data and fit the reward model's context are the
-candidates, each scored as the reward model reads the record as written (`RewardJudge`). A reward run
-given as `gold` (GOLD_JUDGE) has the embedded task's scorer judge instead (`GoldJudge`: the oracle's choice,
-the ceiling of the reward model's); "reward" below is then the gold score. A run directory named gold is ./gold.
+candidates, each scored as the reward model reads the record as written. `--reward-run` takes any judge of
+eval/judges.py: `gold` has the embedded task's program judge instead (the oracle's choice, the ceiling of the
+reward model's), and a verifiable judge (exact_match, regex_match, numeric_match) or a user's module:function
+picks by its checker; "reward" below is then that judge's score. A run directory named gold is ./gold.
 
 Selection. Per prompt the highest-reward candidate (the first on ties); with `threshold` it is kept only if
 its reward is ≥ threshold. A prompt without candidates contributes nothing.
@@ -46,9 +47,9 @@ import numpy as np
 
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import write_jsonl
-from llm_jax.rl.sampling import GoldJudge, RewardJudge, check_sizes, mean, sample_and_judge
+from llm_jax.eval.judges import load_judge
+from llm_jax.rl.sampling import check_sizes, mean, sample_and_judge
 
-GOLD_JUDGE = "gold"  # as reward_run: the embedded task's scorer judges (module docstring)
 
 
 def check_options(k: int, threshold: float | None, batch_size: int) -> None:
@@ -65,9 +66,9 @@ def rejection_sample(policy_run: str, reward_run: str, prompts_spec: str, out_pa
     `threshold` when given) and writes them to `out_path` as SFT records; returns the summary (module docstring).
 
     `step` picks the policy's checkpoint (default the latest); the reward model is its run's latest.
-    `reward_run` GOLD_JUDGE: the gold scorer judges (module docstring)."""
+    `reward_run` may name any judge (eval/judges.py load_judge; module docstring)."""
     check_options(k, threshold, batch_size)
-    judge = GoldJudge() if reward_run == GOLD_JUDGE else RewardJudge(reward_run)
+    judge = load_judge(reward_run, batch_size=batch_size)
     sampled = sample_and_judge("rejection-sample", policy_run, judge, prompts_spec, k, sampling,
                                batch_size=batch_size, seed=seed, step=step, mesh=mesh, rules=rules,
                                progress=progress)

@@ -20,16 +20,20 @@ only counted. A stopped sample is also left out (and counted) when its text woul
 (it contains a reserved chat symbol such as <|user|>: `reserved_symbol`) or, with a reward-model judge, when
 prompt and answer do not fit the reward model's context (`too_long_for_reward`).
 
-Judges score every candidate of the prompts they can judge:
+Judges (eval/judges.py, any `load_judge` spec) score every candidate of the prompts they apply to, in one
+`judge.score(prompt records, responses)` call:
 
-    RewardJudge(run_dir)  the reward run's model, on each candidate as `chat.render_pair` renders it for the
-                          reward model (prompt + answer + <|end|> + eos, the answer re-encoded from its text):
-                          the score of the record as written, the one `RewardScorer.score(prompt, response)`
-                          gives and a later stage trains on (a sampled token split can differ from the
-                          tokenizer's own). The policy and reward runs must fit together (`check_runs`).
-    GoldJudge()           `default_task.gold_score(last user turn, answer)`, the program that defines the
-                          embedded task; it can judge only prompts with a "task" key (the others are sampled
-                          and counted but not judged), and a prompts file without any is an error.
+    a reward run          its model, on each candidate as `chat.render_pair` renders it for the reward model
+                          (prompt + answer + <|end|> + eos, the answer re-encoded from its text): the score of the
+                          record as written, the one a later stage trains on (a sampled token split can differ
+                          from the tokenizer's own). The policy and reward runs must fit together (`check_runs`).
+    gold                  `default_task.gold_score(last user turn, answer)`, the program that defines the
+                          embedded task; it can judge only prompts with a "task" key (the others are sampled and
+                          counted but not judged), and a prompts file without any is an error.
+    exact_match, ...      a verifiable judge or a user's module:function, on every prompt.
+
+Whatever the judge, every sample of a "task" prompt also gets its `gold_score` (the gold judge's), so a run
+judged by a reward model is measured against the task's truth.
 
 Sharding: with `mesh`, the policy's params are restored on the mesh and every batch fills up to a multiple of
 its batch shards (as `generate_file`); the reward model (`reward.load_scorer`) runs on the default device.
@@ -40,7 +44,6 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -51,10 +54,10 @@ from llm_jax.data import chat, records
 from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
+from llm_jax.eval.judges import GoldJudge, RewardModelJudge, applies
 from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, gold_scorer, padding_id,
+from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, judge_rows, padding_id,
                                    prepare_sampling, read_prompts, response_row)
-from llm_jax.objectives import reward
 from llm_jax.train.checkpoint import CheckpointError
 
 REWARD_OBJECTIVE = "reward"
@@ -104,14 +107,19 @@ def check_runs(policy_run: str, reward_run: str):
     return policy_config, reward_config
 
 
+def check_judge(policy_run: str, judge):
+    """The policy run's config, checked to sample for `judge` (a reward model must fit it: `check_runs`)."""
+    if isinstance(judge, RewardModelJudge):
+        return check_runs(policy_run, judge.name)[0]
+    return check_policy_run(policy_run)
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A stopped sample that loads back as data: its generation_io row, its SFT record (prompt, system,
-    response) and, for a reward judge, the sequence it scores and where the answer starts in it."""
+    """A stopped sample that loads back as data: its generation_io row and its SFT record (prompt, system,
+    response)."""
     row: dict
     record: dict
-    tokens: np.ndarray | None = None
-    response_start: int | None = None
 
 
 @dataclasses.dataclass
@@ -124,57 +132,7 @@ class Prompt:
     scores: np.ndarray | None = None  # (len(candidates),) when judged
 
 
-class RewardJudge:
-    """A reward run's model judges every prompt's candidates (module docstring)."""
-
-    def __init__(self, run_dir: str):
-        self.name, self.scorer = run_dir, None
-
-    def check(self, policy_run: str):
-        return check_runs(policy_run, self.name)[0]
-
-    def judges(self, prompt: RenderedPrompt) -> bool:
-        return True
-
-    def load(self, batch_size: int) -> None:
-        self.scorer = reward.load_scorer(self.name, batch_size)
-
-    def render(self, messages, response: str, where: str) -> tuple[np.ndarray, int]:
-        """(sequence, answer start) as the reward model reads the answer; ExampleTooLong past its context."""
-        pair = chat.render_pair(messages, response, response, self.scorer.tokenizer, self.scorer.template,
-                                max_len=self.scorer.max_len + 1, where=where)
-        return pair.chosen, pair.response_start
-
-    def score(self, candidates: Sequence[Candidate]) -> np.ndarray:
-        return self.scorer.score_tokens([c.tokens for c in candidates], [c.response_start for c in candidates])
-
-
-class GoldJudge:
-    """default_task.gold_score judges the prompts with a "task" key (module docstring)."""
-    name = "gold"
-
-    def __init__(self):
-        if gold_scorer() is None:
-            raise ValueError("judge 'gold' needs llm_jax.data.default_task.gold_score, which this install lacks")
-
-    def check(self, policy_run: str):
-        return check_policy_run(policy_run)
-
-    def judges(self, prompt: RenderedPrompt) -> bool:
-        return prompt.scored  # read_prompts already checked that gold_score accepts its prompt
-
-    def load(self, batch_size: int) -> None:
-        pass
-
-    def render(self, messages, response: str, where: str) -> tuple[None, None]:
-        return None, None
-
-    def score(self, candidates: Sequence[Candidate]) -> np.ndarray:
-        # each judged row's gold_score is gold_score(last user turn, response) (generation_io.response_row)
-        return np.array([c.row["gold_score"] for c in candidates], np.float64)
-
-
-def _candidate(row: dict, judge, counts: dict) -> Candidate | None:
+def _candidate(row: dict, prompt: RenderedPrompt, judge, counts: dict) -> Candidate | None:
     """The sample as a candidate, or None (and a count) when it is not one."""
     if not row["stopped"]:
         return None
@@ -187,17 +145,17 @@ def _candidate(row: dict, judge, counts: dict) -> Candidate | None:
     except DataError:
         counts["reserved_symbol"] += 1
         return None
-    try:
-        tokens, start = judge.render(example.messages[:-1], row["response"], row["where"])
-    except chat.ExampleTooLong:
+    fits = getattr(judge, "fits", None)
+    if fits is not None and not fits(prompt.record, example.messages[-1].content):
         counts["too_long_for_reward"] += 1
         return None
-    return Candidate(row, record, tokens, start)
+    return Candidate(row, record)
 
 
 def _sample_all(command: str, policy: runs.Run, prompts: list[Prompt], k: int, sampling: SamplingConfig,
-                batch_size: int, seed: int, shards: int, gold, progress: bool) -> None:
-    """Fills every prompt's `samples` with its k rows, drawn in batches of repeated prompts."""
+                batch_size: int, seed: int, shards: int, progress: bool) -> None:
+    """Fills every prompt's `samples` with its k rows, drawn in batches of repeated prompts, each "task"
+    prompt's rows gold-scored."""
     tokenizer = policy.tokenizer
     repeated = [p for p in prompts for _ in range(k)]
     rendered = [p.rendered for p in repeated]
@@ -208,11 +166,12 @@ def _sample_all(command: str, policy: runs.Run, prompts: list[Prompt], k: int, s
         tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
         for row in range(n):
             repeated[done].samples.append(response_row(rendered[done], tokens[row], log_probs[row],
-                                                       int(lengths[row]), sampling.stop_ids, tokenizer, gold))
+                                                       int(lengths[row]), sampling.stop_ids, tokenizer))
             done += 1
         if progress:
             print(f"{command}: batch {i + 1}/{n_batches}, {done}/{len(repeated)} samples, "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    judge_rows(GoldJudge(), rendered, [row for p in prompts for row in p.samples])
 
 
 def mean(values) -> float | None:
@@ -240,38 +199,39 @@ def sample_and_judge(command: str, policy_run: str, judge, prompts_spec: str, k:
                      *, batch_size: int, seed: int, step: int | None, mesh, rules, progress: bool) -> Sampled:
     """Samples k answers to every prompt with the policy run and has `judge` score the candidates (module
     docstring); `step` picks the policy's checkpoint (default the latest), a reward judge is its run's latest."""
-    policy_config = judge.check(policy_run)
+    policy_config = check_judge(policy_run, judge)
     rules, shards, tokenizer, template, sampling = prepare_sampling(policy_run, policy_config, sampling,
                                                                     batch_size, mesh, rules)
     if progress and sampling.temperature == 0.0 and k > 1:
         print(f"{command}: note: temperature 0 (greedy) makes the {k} samples of a prompt identical",
               file=sys.stderr)
-    gold = gold_scorer()
     spec = resolve_spec(prompts_spec, "prompts", "train")
     try:
         rendered = read_prompts(spec, tokenizer, template=template, max_len=int(policy_config.data.seq_len),
-                                scorer=gold)
+                                judge=GoldJudge())
     except chat.ExampleTooLong as e:
         raise DataError(f"{e}, the policy run's context (data.seq_len in {policy_run}/config.json)") from e
-    prompts = [Prompt(p, judge.judges(p)) for p in rendered]
+    prompts = [Prompt(p, applies(judge, p.record)) for p in rendered]
     if not any(p.judged for p in prompts):
         raise DataError(f"{prompts_spec}: judge {judge.name!r} can judge none of its {len(prompts)} prompts "
                         f"(the gold judge needs records with a 'task' key)")
 
     # The judge first: a broken reward run fails before any sampling time is spent.
-    judge.load(batch_size)
+    if hasattr(judge, "load"):
+        judge.load()
     step = checkpoint_step(policy_run, step)
     policy = runs.load_run(policy_run, mesh=mesh, rules=rules, step=step)
     start = time.perf_counter()
-    _sample_all(command, policy, prompts, k, sampling, batch_size, seed, shards, gold, progress)
+    _sample_all(command, policy, prompts, k, sampling, batch_size, seed, shards, progress)
 
     counts = dict(reserved_symbol=0, too_long_for_reward=0)
     for p in prompts:
-        p.candidates = [c for c in (_candidate(row, judge, counts) for row in p.samples) if c is not None]
-    judged = [c for p in prompts if p.judged for c in p.candidates]
+        p.candidates = [c for c in (_candidate(row, p.rendered, judge, counts) for row in p.samples)
+                        if c is not None]
+    judged = [(p, c) for p in prompts if p.judged for c in p.candidates]
     if progress:
         print(f"{command}: scoring {len(judged)} candidates with judge {judge.name}", file=sys.stderr, flush=True)
-    scores, offset = judge.score(judged), 0
+    scores, offset = judge.score([p.rendered.record for p, _ in judged], [c.row["response"] for _, c in judged]), 0
     for p in (p for p in prompts if p.judged):
         p.scores = scores[offset:offset + len(p.candidates)]
         offset += len(p.candidates)

@@ -65,3 +65,48 @@ def test_missing_references_and_bad_patterns_are_named():
         judges.load_judge("regex_match").score(_prompts("(unclosed"), ["a"])
     with pytest.raises(judges.JudgeError, match="got 2 prompts for 1 responses"):
         judges.load_judge("exact_match").score(_prompts("a", "b"), ["a"])
+
+
+def test_the_gold_judge_is_the_embedded_tasks_program():
+    from llm_jax.data import default_task
+    words = default_task.TASK_WORDS[:3]
+    record = {"prompt": f"reverse, {' '.join(words)}", "task": "reverse"}
+    answers = [" ".join(reversed(words)), words[2], ""]
+    judge = judges.load_judge("gold")
+    assert judge.name == "gold" and judges.applies(judge, record) and not judges.applies(judge, {"prompt": "hi"})
+    np.testing.assert_allclose(judge.score([record] * 3, answers),
+                               [default_task.gold_score(record["prompt"], a) for a in answers])
+    assert judge.score([record], answers[:1])[0] == 1.0
+    with pytest.raises(judges.JudgeError, match="judges only the embedded task's records .* prompt 1 has none"):
+        judge.score([record, {"prompt": "hi"}], ["a", "b"])
+
+
+def test_prompt_records_round_trip_their_messages():
+    from llm_jax.data.records import Message, PromptExample
+    for messages in ([Message("user", "hi")], [Message("system", "be brief"), Message("user", "hi")],
+                     [Message("user", "a"), Message("assistant", "b"), Message("user", "c")]):
+        record = judges.prompt_record(PromptExample(tuple(messages), {"task": "copy"}, "f:1"))
+        assert record["task"] == "copy" and judges.record_messages(record) == messages
+        assert judges.last_user_turn(record) == messages[-1].content
+
+
+def test_the_reward_model_judge_scores_the_record_as_written(tiny_rl_runs, tmp_path):
+    from llm_jax.objectives.reward import load_scorer
+    policy, rm = tiny_rl_runs
+    judge = judges.load_judge(rm, batch_size=4)
+    assert isinstance(judge, judges.RewardModelJudge) and judge.name == rm
+    prompts = [{"prompt": "reverse, bru sia"}, {"prompt": "copy, sia", "system": "answer briefly"}]
+    responses = ["sia bru", "sia"]
+    expected = load_scorer(rm, 4).score(["reverse, bru sia", [judges.Message("system", "answer briefly"),
+                                                               judges.Message("user", "copy, sia")]], responses)
+    np.testing.assert_allclose(judge.score(prompts, responses), expected, rtol=1e-6)
+    assert judge.fits(prompts[0], "sia") and not judge.fits(prompts[0], "sia " * 500)
+    with pytest.raises(judges.JudgeError, match=f"judge {rm}: .*reward model's context"):
+        judge.score(prompts[:1], ["sia " * 500])
+    with pytest.raises(judges.JudgeError, match="is a 'sft' run, not a reward model"):
+        judges.load_judge(policy)
+    with pytest.raises(judges.JudgeError, match="no such reward run directory"):
+        judges.load_judge(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(judges.JudgeError, match="is a directory but not a run"):
+        judges.load_judge(str(tmp_path / "empty"))

@@ -17,6 +17,7 @@ from run_fixtures import save_run
 from llm_jax import sharding
 from llm_jax.config_lib import load
 from llm_jax.data import default_task
+from llm_jax.eval.judges import GoldJudge
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl import ppo_loop, rollout
@@ -97,7 +98,7 @@ def test_rollout_reads_the_samplers_log_probs_and_the_reward_models_scores(runs,
     np.testing.assert_allclose(head_last, head, rtol=1e-6)
 
 
-def test_gold_steps_split_the_gold_score_over_the_prefixes(runs, tmp_path, monkeypatch):
+def test_judge_steps_split_the_gold_score_over_the_prefixes(runs, tmp_path, monkeypatch):
     _on_one_device(monkeypatch)
     p = ppo_loop.PPO(_config(runs, "mesh.data=1"), str(tmp_path))
     words = default_task.TASK_WORDS[:3]
@@ -110,8 +111,9 @@ def test_gold_steps_split_the_gold_score_over_the_prefixes(runs, tmp_path, monke
     mask = np.zeros((2, width), np.float32)
     for b, row in enumerate(rows):
         tokens[b, :len(row)], mask[b, :len(row)] = row, 1.0
-    prompts = ppo_loop.Prompts(tokens[:, :1], np.ones(2, np.int32), [prompt, prompt], np.ones(2, bool))
-    steps = ppo_loop.gold_steps(prompts, p.tokenizer, tokens, mask, p.stop_ids)
+    record = {"prompt": prompt, "task": "reverse"}
+    prompts = ppo_loop.Prompts(tokens[:, :1], np.ones(2, np.int32), [record, record])
+    steps = ppo_loop.judge_steps(GoldJudge(), prompts, p.tokenizer, tokens, mask, p.stop_ids)
     np.testing.assert_allclose(steps.sum(1), [default_task.gold_score(prompt, " ".join(a)) for a in answers], atol=1e-6)
     np.testing.assert_allclose(steps[0][steps[0] != 0], [1 / 3], atol=1e-6)
     np.testing.assert_allclose(steps[1][steps[1] != 0], [1 / 3, 1 / 3, 1 / 3, -1 / 4], atol=1e-6)
@@ -208,7 +210,7 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
     ("ppo.baseline=group", "needs ppo.samples_per_prompt >= 2"),
     ("ppo.samples_per_prompt=3", "multiple of ppo.samples_per_prompt=3"),
     ("ppo.temperature=0", "temperature"),
-    ("ppo.reward=oracle", "ppo.reward='oracle'"),
+    ("ppo.reward=", "ppo.reward is empty"),
     ("ppo.ptx_coef=-1", "ppo.ptx_coef=-1"),
     ("ppo.ptx_coef=0.1 ppo.ptx_data=", "needs ppo.ptx_data"),
     ("ppo.reward_shaping=sparse", "ppo.reward_shaping='sparse'"),
@@ -217,6 +219,12 @@ def test_bad_ppo_settings_are_named(runs, override, message):
     from llm_jax.objectives import ppo
     with pytest.raises(ValueError, match=message):
         ppo.settings(_config(runs, *override.split(" ")))
+
+
+def test_a_reward_judge_that_does_not_load_is_named():
+    with pytest.raises(ValueError, match="ppo.reward='oracle': judge 'oracle' is neither a built-in"):
+        ppo_loop.reward_judge("oracle")
+    assert ppo_loop.reward_judge("numeric_match").name == "numeric_match"
 
 
 def test_dense_shaping_needs_a_reward_model_with_per_token_terms(runs, small_tokenizer, tmp_path, monkeypatch):

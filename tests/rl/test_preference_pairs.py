@@ -17,7 +17,7 @@ from llm_jax.data.records import iter_preference_examples
 from llm_jax.generate import SamplingConfig
 from llm_jax.objectives import reward
 from llm_jax.rl.preference_pairs import MARGIN_SLACK, preference_pairs, select_pairs
-from llm_jax.rl.sampling import RewardJudge
+from llm_jax.eval.judges import RewardModelJudge
 from llm_jax.train.checkpoint import CheckpointError
 
 PROMPTS = [
@@ -49,17 +49,18 @@ def prompts_file(tmp_path_factory):
 
 
 @pytest.fixture
-def stub_judges(monkeypatch):
+def stub_judges(monkeypatch, prompts_file):
     """The reward judge scores `_words`, the gold score is `_gold`; returns {where: [(answer, score)]} of every
     candidate the reward judge scored, in candidate order."""
     seen = {}
 
-    def score(self, candidates):
-        for c in candidates:
-            seen.setdefault(c.row["where"], []).append((c.record["response"], _words(c.record["response"])))
-        return np.array([_words(c.record["response"]) for c in candidates])
+    def score(self, prompts, responses):
+        for prompt, response in zip(prompts, responses):
+            where = f"{prompts_file}:{[p['prompt'] for p in PROMPTS].index(prompt['prompt']) + 1}"
+            seen.setdefault(where, []).append((response, _words(response)))
+        return np.array([_words(r) for r in responses], np.float32)
 
-    monkeypatch.setattr(RewardJudge, "score", score)
+    monkeypatch.setattr(RewardModelJudge, "score", score)
     monkeypatch.setattr(default_task, "gold_score", _gold)
     return seen
 
@@ -238,10 +239,10 @@ def test_errors_name_the_options_and_the_runs(tiny_rl_runs, prompts_file, tmp_pa
 
     nowhere = str(tmp_path / "nowhere")
     err = fails("--run", policy, "--judge", nowhere, code=1)
-    assert f"judge must be 'gold' or a reward run directory, got {nowhere!r}" in err
+    assert f"judge {nowhere!r}: no such reward run directory" in err
     assert f"policy run directory {nowhere!r} does not exist" in fails("--run", nowhere, "--judge", "gold")
     assert f"policy run {rm!r} is a reward model" in fails("--run", rm, "--judge", "gold")
-    assert f"reward run {policy!r} is not a reward model" in fails("--run", policy, "--judge", policy)
+    assert f"judge {policy!r} is a 'sft' run, not a reward model" in fails("--run", policy, "--judge", policy)
     templated = str(tmp_path / "rm_other_template")
     shutil.copytree(rm, templated)
     config = json.load(open(f"{templated}/config.json"))

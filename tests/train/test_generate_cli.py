@@ -10,7 +10,7 @@ from llm_jax.config_lib import load
 from llm_jax.data.records import Message, PromptExample
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import SamplingConfig
-from llm_jax.generation_io import RenderedPrompt, batches, generate_file, gold_scorer, response_row
+from llm_jax.generation_io import RenderedPrompt, batches, generate_file, response_row
 from llm_jax.train.loop import run
 
 PROMPTS = [
@@ -58,7 +58,6 @@ def _fails(capsys, *args):
 
 def test_generate_writes_one_row_per_prompt(capsys, run_dir, prompts_file, tmp_path):
     summary, rows = _generate(capsys, run_dir, prompts_file, tmp_path / "out.jsonl")
-    scored = gold_scorer() is not None
     assert len(rows) == summary["count"] == 3 and summary["step"] == 2
     assert [r["where"] for r in rows] == [f"{prompts_file}:{i}" for i in (1, 2, 3)]
     assert rows[0]["prompt"] == PROMPTS[0]["prompt"] and rows[0]["metadata"] == {"task": "reverse"}
@@ -66,16 +65,15 @@ def test_generate_writes_one_row_per_prompt(capsys, run_dir, prompts_file, tmp_p
     assert rows[2]["prompt"] == PROMPTS[2]["prompt"] and rows[2]["metadata"] == {"id": 7}
     tokenizer = Tokenizer.load(f"{run_dir}/tokenizer.model")
     for row in rows:
-        assert ROW_KEYS <= set(row) and ("gold_score" in row) == (scored and "task" in row["metadata"])
+        assert ROW_KEYS <= set(row) and ("gold_score" in row) == ("task" in row["metadata"])
         assert 1 <= len(row["tokens"]) == len(row["log_probs"]) <= 8
         assert all(lp <= 0 for lp in row["log_probs"])
         assert row["stopped"] == (len(row["tokens"]) < 8 or row["tokens"][-1] in (tokenizer.special_id("<|end|>"), 3))
         assert row["response"] == tokenizer.decode(row["tokens"][:-1] if row["stopped"] else row["tokens"])
     assert summary["new_tokens"] == sum(len(r["tokens"]) for r in rows) and summary["tokens_per_s"] > 0
-    if scored:
-        assert summary["scored"] == 2
-        assert summary["gold_score"] == pytest.approx(np.mean([r["gold_score"] for r in rows[:2]]))
-        assert all(0.0 <= r["gold_score"] <= 1.0 for r in rows[:2])
+    assert summary["scored"] == 2 and summary["judge"] == "gold"
+    assert summary["gold_score"] == pytest.approx(np.mean([r["gold_score"] for r in rows[:2]]))
+    assert all(0.0 <= r["gold_score"] <= 1.0 for r in rows[:2])
 
 
 def test_greedy_is_deterministic_and_the_cache_matches_the_full_forward(capsys, run_dir, prompts_file, tmp_path):
