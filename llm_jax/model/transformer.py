@@ -12,6 +12,8 @@ compute `dtype` (bf16 on accelerators) at use; norms, softmax and logits run in 
 
 With `lora_rank > 0` the projections named in `lora_targets` carry LoRA adapters (see `llm_jax/model/lora.py`);
 their dropout runs only when the apply call is given a "dropout" rng (`dropout_rngs(rng)`).
+
+`attention_weights(model, params, tokens)` returns every layer's softmax weights (L, B, H, T, T) for inspection.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from jax.sharding import Mesh
 
 from llm_jax import sharding
 from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, attention, decode_attention, platform_of,
-                                      resolve_impl)
+                                      reference_attention, resolve_impl)
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.rope import inverse_frequencies, rotary
 
@@ -169,6 +171,10 @@ class Attention(nn.Module):
           values are written at cache positions [0, T).
         - kv and lengths (B,) given (decode): row b's T new tokens are written at [lengths[b], lengths[b] + T)
           and attend to the cache up to themselves.
+
+        Where the apply call makes the "intermediates" collection mutable (`attention_weights`), the layer runs
+        the reference attention whatever `attention_impl` names (a kernel never forms the weights) and sows its
+        softmax weights (B, H, T, T) as `attention_weights`; decoding sows nothing.
         """
         cfg = self.cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -206,11 +212,19 @@ class Attention(nn.Module):
                                                         impl=self._decode_impl(), mesh=self.mesh, rules=self.rules)
             out_bthd = self._by_layer_kind(attend, local, q_bthd, *kv)
         else:
+            capture = self.is_mutable_collection("intermediates")
+
             def attend(window):
+                if capture:
+                    return lambda q, k, v: reference_attention(q, k, v, segment_ids_bt=segment_ids_bt, causal=True,
+                                                               window=window, return_probs=True)
                 return lambda q, k, v: attention(q, k, v, segment_ids_bt=segment_ids_bt, causal=True, window=window,
                                                  impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
                                                  blocks=cfg.attention_blocks)
             out_bthd = self._by_layer_kind(attend, local, q_bthd, k_btkd, v_btkd)
+            if capture:
+                out_bthd, probs_bhts = out_bthd
+                self.sow("intermediates", "attention_weights", probs_bhts)
             if kv is not None:
                 kv = tuple(_write_rows(cache, new, jnp.zeros(x_btd.shape[:1], jnp.int32))
                            for cache, new in zip(kv, (k_btkd, v_btkd)))
@@ -332,8 +346,10 @@ class Transformer(nn.Module):
             block_cls = nn.remat(block_cls, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # The layer's cache slice is scanned over (axis 0), like its parameters; the per-layer cache
-            # comes back as the scan's output. Each layer draws its own params and (LoRA) dropout masks.
-            scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            # comes back as the scan's output. Each layer draws its own params and (LoRA) dropout masks; what a
+            # layer sows (`attention_weights`) is stacked over the layers like the params.
+            scanned = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
+                              split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, self.mesh, self.rules, name="blocks")
@@ -389,3 +405,21 @@ class Transformer(nn.Module):
         w_dv = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
         logits_btv = token_matmul(x_btd, w_dv.astype(dt), preferred_element_type=jnp.float32)
         return sharding.constrain(logits_btv, ("batch", "length", "act_vocab"), self.mesh, self.rules)
+
+
+def attention_weights(model: Transformer, params, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """Every layer's attention weights on `tokens_bt`: float32 (L, B, H, T, T), row t a softmax over keys s ≤ t.
+
+    One forward of the model with its "intermediates" collection mutable, so each layer sows the softmax of the
+    reference attention (`reference_attention`), masked as it masks: causal, the layer's sliding window, the
+    packed segments of `segment_ids_bt`; query head h reads K/V head h // (H / K). A model whose
+    `attention_impl` names a kernel (or `auto`, which resolves to one) falls back to the reference for this
+    call: the weights are the reference's, and the forward's outputs differ from the kernel's only by float
+    rounding. An apply call that leaves "intermediates" immutable (the default) runs none of this: its program is
+    the same with or without this function.
+    """
+    _, state = model.apply(params, tokens_bt, positions_bt, segment_ids_bt, mutable=["intermediates"])
+    found = state["intermediates"]
+    if model.cfg.scan_layers:
+        return found["blocks"]["attn"]["attention_weights"][0]  # scanned: already stacked over layers
+    return jnp.stack([found[f"block_{i}"]["attn"]["attention_weights"][0] for i in range(model.cfg.n_layers)])

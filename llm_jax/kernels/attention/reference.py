@@ -36,8 +36,11 @@ def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool, window:
     return mask_bts
 
 
-def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
-    """softmax(q·kᵀ/√D + mask)·v, computed in float32 and returned in q's dtype."""
+def _attention_probs(q_bthd, k_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
+    """softmax(q·kᵀ/√D + mask) in float32, grouped (B, K, G, T, S): query head k·G + g's weights on the keys.
+
+    The step of `reference_attention` that holds the attention pattern; G = H/K query heads share K/V head k.
+    """
     b, t, h, d = q_bthd.shape
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
     if h % kv:
@@ -47,10 +50,23 @@ def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=T
                               preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1)
+    return jax.nn.softmax(scores_bkgts, axis=-1)
+
+
+def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0,
+                        return_probs: bool = False):
+    """softmax(q·kᵀ/√D + mask)·v, computed in float32 and returned in q's dtype.
+
+    With `return_probs`, (output, weights): the float32 softmax weights (B, H, T, S) the output was made of.
+    """
+    b, t, h, d = q_bthd.shape
+    probs_bkgts = _attention_probs(q_bthd, k_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd,
                            preferred_element_type=jnp.float32)
-    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
+    out_bthd = out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
+    if return_probs:
+        return out_bthd, probs_bkgts.reshape(b, h, t, k_bskd.shape[1])
+    return out_bthd
 
 
 def reference_decode_attention(q_bthd, k_cache_bksd, v_cache_bksd, lengths_b, window: int = 0):
