@@ -230,11 +230,12 @@ def _sample_command(args, overrides: list[str], run, check=None) -> int:
 
 
 def _generate(args, overrides: list[str]) -> int:
+    from llm_jax.eval.judges import load_judge
     from llm_jax.generation_io import generate_file
     return _sample_command(args, overrides, lambda sampling: generate_file(
         args.run, args.prompts, args.out, sampling, batch_size=args.batch_size, seed=args.seed, step=args.step,
         use_cache=not args.no_cache, chat_template=not args.no_chat_template,
-        judge=None if args.judge == "none" else args.judge))
+        judge=None if args.judge == "none" else load_judge(args.judge, batch_size=args.batch_size)))
 
 
 def _rejection_sample(args, overrides: list[str]) -> int:

@@ -62,7 +62,6 @@ from llm_jax.train import run_record
 from llm_jax.data import chat, records
 from llm_jax.data.sources import DataError, resolve_files
 from llm_jax.data.tokenizer_files import AnyTokenizer as Tokenizer, load_tokenizer, run_tokenizer_path
-from llm_jax.eval.judges import GOLD, applies, load_judge, prompt_record
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.train.checkpoint import CheckpointError, intact_step
 
@@ -79,12 +78,12 @@ class RenderedPrompt:
     @property
     def record(self) -> dict:
         """The prompt record a judge reads (eval/judges.py prompt_record)."""
-        return prompt_record(self.example)
+        return records.prompt_record(self.example)
 
 
 def score_field(judge) -> str:
     """The row field of a judge's scores: `gold_score` for the gold judge, `score` for any other."""
-    return "gold_score" if judge.name == GOLD else "score"
+    return "gold_score" if judge.name == "gold" else "score"
 
 
 def scored_by(judge, example: records.PromptExample) -> bool:
@@ -92,8 +91,9 @@ def scored_by(judge, example: records.PromptExample) -> bool:
     score (DataError naming where)."""
     if judge is None:
         return False
-    record = prompt_record(example)
-    if not applies(judge, record):
+    record = records.prompt_record(example)
+    applies = getattr(judge, "applies", None)
+    if applies is not None and not applies(record):
         return False
     if hasattr(judge, "check_prompt"):
         judge.check_prompt(record, example.where)
@@ -259,10 +259,10 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, sampling: SamplingConfig, *,
                   batch_size: int = 32, seed: int = 0, step: int | None = None, use_cache: bool = True,
                   mesh=None, rules=None, format: str = "auto", progress: bool = True,
-                  chat_template: bool = True, judge: str | None = GOLD) -> dict:
+                  chat_template: bool = True, judge=None) -> dict:
     """Generates an answer to every prompt of `prompts_spec` with the run's model; writes the rows (module
     docstring) to `out_path` (default <run>/generations/<prompts name>.jsonl) and returns a summary. `judge`:
-    a judge spec (eval/judges.py load_judge) or None for no scores."""
+    what scores the answers (a judge of eval/judges.py, `load_judge`), None for no scores."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if not os.path.isdir(run_dir):
@@ -272,7 +272,6 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
                                                                     rules, chat_template)
     context = int(config.data.seq_len)
     stops = sampling.stop_ids
-    judge = None if judge is None else load_judge(judge, batch_size=batch_size)
     try:
         prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
                                judge=judge, chat_template=chat_template)

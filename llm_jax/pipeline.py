@@ -136,6 +136,7 @@ def _train_metrics(directory: str, summary: dict) -> dict:
 
 def evaluate(run_dir: str, eval_config) -> dict:
     """Greedy and sampled answers to the held-out prompts, gold-scored, under `<run_dir>/generations/`."""
+    from llm_jax.eval.judges import GoldJudge
     from llm_jax.generate import SamplingConfig
     from llm_jax.generation_io import generate_file
     out_dir = os.path.join(run_dir, "generations")
@@ -145,7 +146,8 @@ def evaluate(run_dir: str, eval_config) -> dict:
     for name, temperature in (("greedy", 0.0), ("sampled", eval_config.temperature)):
         result = generate_file(run_dir, prompts, os.path.join(out_dir, f"{name}.jsonl"),
                                SamplingConfig(max_new_tokens=eval_config.max_new_tokens, temperature=temperature),
-                               batch_size=eval_config.batch_size, seed=eval_config.seed, progress=False)
+                               batch_size=eval_config.batch_size, seed=eval_config.seed, progress=False,
+                               judge=GoldJudge())
         metrics.update({f"gold_{name}": result.get("gold_score"), "eval_prompts": result["count"],
                         f"stopped_{name}": result["stopped"] / result["count"]})
     return metrics

@@ -38,7 +38,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from llm_jax.data import chat, default_task
-from llm_jax.data.records import Message, PromptExample
+from llm_jax.data.records import Message, last_user_turn, prompt_record, record_messages  # noqa: F401 (re-exported)
 
 
 class JudgeError(ValueError):
@@ -131,33 +131,6 @@ def numeric_match(prompts: Sequence[dict], responses: Sequence[str], rel_tol: fl
 
 BUILT_IN = {"exact_match": exact_match, "regex_match": regex_match, "numeric_match": numeric_match}
 GOLD = "gold"
-
-
-def prompt_record(example: PromptExample) -> dict:
-    """The prompt record a judge reads: `prompt` (a string, or the messages as dicts), `system` when the record
-    had one, and the record's other keys (`task`, `reference`, ...)."""
-    messages = example.prompt
-    if len(messages) == 1:
-        record = dict(prompt=messages[0].content)
-    elif len(messages) == 2 and messages[0].role == "system":
-        record = dict(prompt=messages[1].content, system=messages[0].content)
-    else:
-        record = dict(prompt=[dataclasses.asdict(m) for m in messages])
-    return {**example.metadata, **record}
-
-
-def record_messages(record: dict) -> list[Message]:
-    """The messages of a prompt record (prompt_record's inverse)."""
-    prompt = record["prompt"]
-    if isinstance(prompt, str):
-        system = [Message("system", record["system"])] if record.get("system") else []
-        return system + [Message("user", prompt)]
-    return [Message(m["role"], m["content"]) for m in prompt]
-
-
-def last_user_turn(record: dict) -> str:
-    """What a scorer of single-turn tasks reads as the prompt."""
-    return record_messages(record)[-1].content
 
 
 class GoldJudge:

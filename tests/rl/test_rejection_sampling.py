@@ -17,10 +17,10 @@ from llm_jax import cli
 from llm_jax.data import chat
 from llm_jax.data.records import iter_sft_examples, sft_example
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.eval.judges import JudgeError
 from llm_jax.generate import SamplingConfig
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl.rejection_sampling import rejection_sample
-from llm_jax.train.checkpoint import CheckpointError
 
 PROMPTS = [
     {"prompt": "reverse, vaplem bru sia", "task": "reverse"},
@@ -176,7 +176,7 @@ def test_errors_name_the_runs_and_the_values(runs, prompts_file, tmp_path, capsy
 
     err = fails("--run", str(tmp_path / "nowhere"), "--reward-run", rm)
     assert "policy run directory" in err and "nowhere" in err and "does not exist" in err
-    with pytest.raises(CheckpointError, match="reward run directory .*nowhere.* does not exist"):
+    with pytest.raises(JudgeError, match="judge .*nowhere.*: no such reward run directory"):
         rejection_sample(policy, str(tmp_path / "nowhere"), prompts_file, out, K, SAMPLING)
 
     err = fails("--run", policy, "--reward-run", policy)
