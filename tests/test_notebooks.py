@@ -4,16 +4,20 @@ The kernel is the `python3` kernelspec that ipykernel installs with itself (shar
 jupyter_client also falls back to ipykernel's own copy), and its `python` is this interpreter, so the
 notebooks import the llm_jax under test and nothing is installed at run time.
 """
+import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
 from llm_jax.train.metrics import read_metrics
+from llm_jax.train.run_record import read_run_config
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 QUICKSTART_STEPS = 30
+ATTENTION_STEPS = 100
 
 
 def _execute(name: str) -> nbformat.NotebookNode:
@@ -74,3 +78,32 @@ def test_scaling_laws(tmp_path, monkeypatch):
     assert "24 runs, 6 sizes" in printed and "E − entropy floor" in printed
     assert "predicted held-out loss" in printed
     assert "llm-jax train --config configs/pretrain.py:size=depth" in printed
+
+
+@pytest.mark.slow
+def test_attention_notebook(tmp_path, monkeypatch):
+    workdir, saved = tmp_path / "attention", tmp_path / "weights.npz"
+    monkeypatch.setenv("ATTENTION_STEPS", str(ATTENTION_STEPS))
+    monkeypatch.setenv("ATTENTION_WORKDIR", str(workdir))
+    monkeypatch.setenv("ATTENTION_OUT", str(saved))
+    nb = _execute("attention.ipynb")
+
+    assert read_metrics(str(workdir))[-1]["step"] == ATTENTION_STEPS
+    model = read_run_config(str(workdir)).model
+    found = np.load(saved)
+    weights, pieces, noun, pronoun = found["weights"], list(found["pieces"]), found["noun"], int(found["pronoun"])
+    t = len(pieces)
+    assert weights.shape == (model.n_layers, model.n_heads, t, t) and weights.dtype == np.float32
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert (weights[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] == 0).all()
+    assert pieces[0] == "<s>" and "▁its".endswith(pieces[pronoun]) and 0 < noun.min() <= noun.max() < pronoun
+
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the grid and the chosen head
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    # The head it names is the one whose pronoun row weighs the noun most, with the weight the file holds.
+    layer, head, weight = re.search(r"most: layer (\d+) head (\d+), ([\d.]+) of the pronoun", printed).groups()
+    onto_noun = weights[:, :, pronoun][..., noun].sum(-1)
+    assert (int(layer), int(head)) == np.unravel_index(onto_noun.argmax(), onto_noun.shape)
+    assert float(weight) == pytest.approx(onto_noun.max(), abs=5e-4)
+    assert re.search(r"over \d+ sentences: layer \d head \d puts the most on the noun", printed)
