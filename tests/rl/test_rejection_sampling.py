@@ -180,7 +180,7 @@ def test_errors_name_the_runs_and_the_values(runs, prompts_file, tmp_path, capsy
         rejection_sample(policy, str(tmp_path / "nowhere"), prompts_file, out, K, SAMPLING)
 
     err = fails("--run", policy, "--reward-run", policy)
-    assert f"reward run {policy!r} is not a reward model: its config.objective is 'sft'" in err
+    assert f"judge {policy!r} is a 'sft' run, not a reward model (config.objective 'reward')" in err
 
     def swap_two_pieces(proto):
         proto.pieces[300].piece, proto.pieces[301].piece = proto.pieces[301].piece, proto.pieces[300].piece
