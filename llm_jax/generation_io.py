@@ -136,7 +136,10 @@ def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: i
     if len(messages) != 1 or messages[0].role != "user":
         raise DataError(f"{example.where}: without a chat template a prompt must be one text, got "
                         f"{len(messages)} messages ({', '.join(m.role for m in messages)})")
-    tokens = np.asarray(tokenizer.encode_with_specials(messages[0].content), np.int32)
+    ids, body = tokenizer.encode_with_specials(messages[0].content), tokenizer.encode(messages[0].content)
+    if ids and ids[-1] in tokenizer.eos_ids and ids[len(ids) - 1 - len(body):-1] == body:
+        ids = ids[:-1]  # a prompt is continued, not closed: no end-of-sequence a tokenizer appends to documents
+    tokens = np.asarray(ids, np.int32)
     if max_len is not None and len(tokens) > max_len:
         raise DataError(f"{example.where}: the prompt has {len(tokens)} tokens, more than the context of {max_len}")
     if not len(tokens):
@@ -245,6 +248,31 @@ def prepare_sampling(run_dir: str, config, sampling: SamplingConfig, batch_size:
     return rules, shards, tokenizer, template, sampling
 
 
+def answer_prompts(model, params, prompts: Sequence[RenderedPrompt], sampling: SamplingConfig, tokenizer, *,
+                   batch_size: int, seed: int = 0, shards: int = 1, use_cache: bool = True,
+                   progress: str | None = None) -> tuple[list[dict], set]:
+    """(one row per prompt in order (module docstring, without scores), the (rows, length) shapes compiled):
+    the model's answers with `params`, batch i sampled with key fold_in(key(seed), i). `progress`: the command
+    name to report batches under on stderr, or None."""
+    key = jax.random.key(seed)
+    rows, shapes, n_tokens = [], set(), 0
+    n_batches = -(-len(prompts) // batch_size)
+    start = time.perf_counter()
+    for i, (n, tokens_bp, lengths_b) in enumerate(batches(prompts, batch_size, padding_id(tokenizer), shards)):
+        out = generate(model, params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling,
+                       use_cache=use_cache)
+        tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
+        shapes.add(tokens_bp.shape)
+        for row in range(n):
+            rows.append(response_row(prompts[len(rows)], tokens[row], log_probs[row], int(lengths[row]),
+                                     sampling.stop_ids, tokenizer))
+        n_tokens += int(lengths[:n].sum())
+        if progress:
+            print(f"{progress}: batch {i + 1}/{n_batches}, {len(rows)}/{len(prompts)} prompts, {n_tokens} tokens, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return rows, shapes
+
+
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """One JSON object a line, written whole and then renamed: an earlier file of the same name survives a
     failed run."""
@@ -288,22 +316,11 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
 
     step = checkpoint_step(run_dir, step)
     run = runs.load_run(run_dir, mesh=mesh, rules=rules, step=step)
-    key = jax.random.key(seed)
-    rows, shapes, n_tokens = [], set(), 0
-    n_batches = -(-len(prompts) // batch_size)
     start = time.perf_counter()
-    for i, (n, tokens_bp, lengths_b) in enumerate(batches(prompts, batch_size, padding_id(tokenizer), shards)):
-        out = generate(run.model, run.params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling,
-                       use_cache=use_cache)
-        tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
-        shapes.add(tokens_bp.shape)
-        for row in range(n):
-            rows.append(response_row(prompts[len(rows)], tokens[row], log_probs[row], int(lengths[row]), stops,
-                                     tokenizer))
-        n_tokens += int(lengths[:n].sum())
-        if progress:
-            print(f"generate: batch {i + 1}/{n_batches}, {len(rows)}/{len(prompts)} prompts, {n_tokens} tokens, "
-                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    rows, shapes = answer_prompts(run.model, run.params, prompts, sampling, tokenizer, batch_size=batch_size,
+                                  seed=seed, shards=shards, use_cache=use_cache,
+                                  progress="generate" if progress else None)
+    n_tokens, n_batches = sum(len(r["tokens"]) for r in rows), -(-len(prompts) // batch_size)
     seconds = time.perf_counter() - start
     scores = judge_rows(judge, prompts, rows)
 
