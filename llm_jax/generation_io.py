@@ -299,7 +299,6 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
     rules, shards, tokenizer, template, sampling = prepare_sampling(run_dir, config, sampling, batch_size, mesh,
                                                                     rules, chat_template)
     context = int(config.data.seq_len)
-    stops = sampling.stop_ids
     try:
         prompts = read_prompts(prompts_spec, tokenizer, template=template, max_len=context, format=format,
                                judge=judge, chat_template=chat_template)

@@ -45,7 +45,6 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
 from llm_jax import runs
@@ -55,9 +54,9 @@ from llm_jax.data.post_training import resolve_spec
 from llm_jax.data.sources import DataError
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.eval.judges import GoldJudge, RewardModelJudge, applies
-from llm_jax.generate import SamplingConfig, generate
-from llm_jax.generation_io import (RenderedPrompt, batches, checkpoint_step, judge_rows, padding_id,
-                                   prepare_sampling, read_prompts, response_row)
+from llm_jax.generate import SamplingConfig
+from llm_jax.generation_io import (RenderedPrompt, answer_prompts, checkpoint_step, judge_rows, prepare_sampling,
+                                   read_prompts)
 from llm_jax.train.checkpoint import CheckpointError
 
 REWARD_OBJECTIVE = "reward"
@@ -156,22 +155,13 @@ def _sample_all(command: str, policy: runs.Run, prompts: list[Prompt], k: int, s
                 batch_size: int, seed: int, shards: int, progress: bool) -> None:
     """Fills every prompt's `samples` with its k rows, drawn in batches of repeated prompts, each "task"
     prompt's rows gold-scored."""
-    tokenizer = policy.tokenizer
     repeated = [p for p in prompts for _ in range(k)]
     rendered = [p.rendered for p in repeated]
-    key = jax.random.key(seed)
-    n_batches, done, start = -(-len(repeated) // batch_size), 0, time.perf_counter()
-    for i, (n, tokens_bp, lengths_b) in enumerate(batches(rendered, batch_size, padding_id(tokenizer), shards)):
-        out = generate(policy.model, policy.params, tokens_bp, lengths_b, jax.random.fold_in(key, i), sampling)
-        tokens, log_probs, lengths = jax.device_get((out.tokens, out.log_probs, out.lengths))
-        for row in range(n):
-            repeated[done].samples.append(response_row(rendered[done], tokens[row], log_probs[row],
-                                                       int(lengths[row]), sampling.stop_ids, tokenizer))
-            done += 1
-        if progress:
-            print(f"{command}: batch {i + 1}/{n_batches}, {done}/{len(repeated)} samples, "
-                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    judge_rows(GoldJudge(), rendered, [row for p in prompts for row in p.samples])
+    rows, _ = answer_prompts(policy.model, policy.params, rendered, sampling, policy.tokenizer,
+                             batch_size=batch_size, seed=seed, shards=shards, progress=command if progress else None)
+    judge_rows(GoldJudge(), rendered, rows)
+    for prompt, row in zip(repeated, rows):
+        prompt.samples.append(row)
 
 
 def mean(values) -> float | None:
