@@ -419,12 +419,13 @@ def _main(argv: list[str]) -> int:
         from llm_jax.data.tokenizer_stage import run_tokenizer
         result = run_tokenizer(config, args.workdir)
     else:
+        from llm_jax.eval.during_training import training_evals
         from llm_jax.train.loop import run, validate
         try:  # the config alone, before any data, tokenizer or compilation: a bad value exits 2
             validate(config)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
-        result = run(config, args.workdir)
+        result = run(config, args.workdir, generative_evals=training_evals(config))
     print(json.dumps(result, default=str))
     return 0
 

@@ -157,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
                                # SFT from pretraining, reward and DPO from SFT)
         progress_bar=True,
         resume_overrides="",   # fields a resume may change on purpose, e.g. "optim.lr" (train/run_record.py)
+        # Named generative evaluations run at every eval, logged as eval_<name>_score (eval/during_training.py):
+        # e.g. c.train.generative_evals.gold = dict(prompts="default_task", judge="gold", n_prompts=64)
+        generative_evals=ml_collections.ConfigDict(),
         # The divergence guard (train/guard.py): a spike is loss > factor × its recent median (and > median +
         # margin nats) or grad_norm > grad factor × its median; `patience` spiking steps in a row stop the run.
         spike_loss_factor=3.0, spike_loss_margin=1.0, spike_grad_factor=100.0, spike_patience=3,

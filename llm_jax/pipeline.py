@@ -158,8 +158,9 @@ class _Stopped(PipelineError):
 
 
 def _run_train(config, name: str, workdir: str, directory: str, train_config) -> dict:
+    from llm_jax.eval.during_training import training_evals
     from llm_jax.train.loop import run
-    summary = run(train_config, directory)
+    summary = run(train_config, directory, generative_evals=training_evals(train_config))
     if summary.get("stopped_early"):
         raise _Stopped(f"stage {name!r} stopped early (SIGTERM) with its checkpoint saved; rerun the same command "
                        "to resume")

@@ -27,6 +27,7 @@ import optax
 from tqdm import tqdm
 
 from llm_jax import sharding
+from llm_jax.config_lib import ConfigError
 from llm_jax.data import mixture
 from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.model import lora
@@ -107,9 +108,17 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules) -> Training:
                     eval_step, config.seed)
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, generative_evals=None) -> dict:
+    """Trains (or resumes) the run `config` describes in `workdir`. `generative_evals`: the evaluations of
+    `config.train.generative_evals`, built by eval/during_training.py `training_evals(config)`, called with the
+    params at every eval."""
+    if config.train.get("generative_evals") and generative_evals is None:
+        raise ConfigError("train.generative_evals names evaluations but none were passed to train.loop.run: build "
+                          "them with llm_jax.eval.during_training.training_evals(config), as `llm-jax train` does")
     loop = own_loop(get_objective(config.objective))
     if loop is not None:  # e.g. PPO: sample, score, update
+        if generative_evals:
+            raise ConfigError(f"train.generative_evals: the {config.objective} loop runs its own evaluation")
         return loop(config, workdir)
     # Everything that can be checked is checked before anything is written to the workdir.
     model_cfg = validate(config)
@@ -126,6 +135,10 @@ def run(config, workdir: str) -> dict:
     data = objective.build_data(config, tokenizer, workdir)
 
     t = build_training(config, model_cfg, mesh, rules)
+    if generative_evals:  # prompts rendered and judges loaded now: bad ones fail before the first step
+        if type(t.model) is not Transformer:
+            raise ConfigError(f"train.generative_evals: a {config.objective} model does not generate")
+        generative_evals.bind(t.model, tokenizer, mesh, rules)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     train_iter = data.train_iterator()
     if resuming:
@@ -182,14 +195,15 @@ def run(config, workdir: str) -> dict:
         return {f"eval_{k}": float(v) / weight for k, v in sums.items()}
 
     def evaluate(step_params) -> dict:
+        generated = generative_evals(step_params) if generative_evals else {}
         means = {name: eval_means(step_params, batches) for name, batches in eval_batches.items()}
         if "" in means:
-            return objective.finish_eval(means[""])
+            return {**objective.finish_eval(means[""]), **generated}
         overall = {k: sum(w * means[name][k] for name, w in data.eval_weights.items()) for k in means[eval_names[0]]}
         result = objective.finish_eval(overall)
         for name, named in means.items():  # eval_loss of set "domain" is logged as eval_domain_loss
             result.update({f"eval_{name}_{k[len('eval_'):]}": v for k, v in objective.finish_eval(named).items()})
-        return result
+        return {**result, **generated}
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked, so steps never wait on the host
     interval = dict(start=time.perf_counter(), steps=0, paused=0.0)

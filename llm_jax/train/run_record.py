@@ -34,7 +34,7 @@ HISTORY_FILE = "history.jsonl"
 # change too (a run preempted on one slice resumes on another; orbax reshards the checkpoint), though float
 # reductions in another order are not bit for bit.
 RESUME_MAY_DIFFER = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.progress_bar", "train.resume_overrides", "mesh", "mesh_rules", "model.attention_impl",
+                     "train.progress_bar", "train.resume_overrides", "train.generative_evals", "mesh", "mesh_rules", "model.attention_impl",
                      "model.attention_block_q", "model.attention_block_kv", "model.remat")
 
 
