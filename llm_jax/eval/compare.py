@@ -44,7 +44,7 @@ import numpy as np
 from llm_jax.data.sources import DataError
 from llm_jax.eval import judges
 from llm_jax.eval.arena import Arena, arena, win_rate
-from llm_jax.eval.generative import STOP, answer, as_judge, check_pool, mean_score, read_task, scores_of
+from llm_jax.eval.generative import STOP, answer, as_judge, fewshot_records, mean_score, read_task, scores_of
 from llm_jax.files import write_json_atomic, write_text_atomic
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import write_jsonl
@@ -150,8 +150,9 @@ def compare(competitors: Sequence[Competitor], prompts_spec: str, judge, samplin
         if not judges.applies(judge, q.record):
             raise judges.JudgeError(f"{q.where}: judge {judge.name} does not judge this prompt, and every competitor "
                                     f"must be scored on every prompt (keys: {sorted(q.record)[:10]})")
-    for c in competitors:  # a k too large for the pool fails before anything is generated
-        check_pool(prompts_spec, task_records, c.few_shot, pool_is_task=True)
+    for c in competitors:  # a k too large for the pool, a prompt plain text cannot show: named before generating
+        fewshot_records(questions, task_records, c.few_shot, seed=seed, chat_template=c.chat_template,
+                        task=prompts_spec)
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl(os.path.join(out_dir, PROMPTS_FILE), [q.record for q in questions])
 

@@ -47,8 +47,9 @@ from llm_jax.data.pipeline import packed_corpus
 from llm_jax.data.post_training import data_cache_dir
 from llm_jax.data.sources import DataError
 from llm_jax.generation_io import batch_shards, checkpoint_step
-from llm_jax.objectives import lm
+from llm_jax.objectives import get_objective, lm
 from llm_jax.train.checkpoint import CheckpointError
+from llm_jax.train.run_record import read_run_config
 
 SPLITS = ("all", "eval")
 MAX_LOSS = 80.0  # e^80 is the largest perplexity reported; a diverged model's loss can be larger
@@ -134,6 +135,9 @@ def perplexity(run_dir: str, data_spec=None, *, batch_size: int = 8, step: int |
         raise ValueError(f"perplexity: split must be one of {SPLITS}, got {split!r}")
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
+    objective = read_run_config(run_dir).objective
+    if hasattr(get_objective(objective), "model_class"):  # e.g. a reward model: a scalar head, no token predictions
+        raise ValueError(f"perplexity: {run_dir} is a {objective!r} run, whose model does not predict tokens")
     step = checkpoint_step(run_dir, step)
     run = runs.load_run(run_dir, mesh=mesh, rules=rules, step=step)
     if mesh is not None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llm_jax.data import default_task
+from llm_jax.data.sources import DataError
 from llm_jax.eval.compare import CompareError, Competitor, compare
 from llm_jax.eval.judges import JudgeError
 from llm_jax.generate import SamplingConfig
@@ -133,6 +134,15 @@ def test_bad_competitors_are_named(runs, task, judge, tmp_path, make, error, mes
     with pytest.raises(error, match=message):
         compare(make(runs), task, judge, SAMPLING, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")  # nothing is written before everything is checked
+
+
+def test_a_prompt_plain_text_cannot_show_is_named_before_anything_runs(runs, judge, tmp_path):
+    task = tmp_path / "turns.jsonl"
+    task.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "reference": "a"}) + "\n")
+    pair = [Competitor("chat", runs["talker"]), Competitor("base", runs["talker"], chat_template=False)]
+    with pytest.raises(DataError, match=r"turns.jsonl:1: a plain-text prompt is one text"):
+        compare(pair, str(task), judge, SAMPLING, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_a_missing_baseline_and_an_unjudged_prompt_are_named(runs, task, judge, tmp_path):

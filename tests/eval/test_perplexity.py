@@ -141,9 +141,13 @@ def test_bad_inputs_are_named(run_dir, tmp_path, kwargs, error, message):
         perplexity(run_dir, cache_dir=str(tmp_path), **kwargs)
 
 
-def test_a_missing_run_and_an_empty_split_are_named(run_dir, tmp_path):
+def test_a_missing_run_a_reward_run_and_an_empty_split_are_named(run_dir, small_tokenizer, tmp_path):
+    from run_fixtures import save_run
     with pytest.raises(CheckpointError, match="no_such_run"):
         perplexity(str(tmp_path / "no_such_run"), "default")
+    rm = save_run(tmp_path / "rm", "configs/reward.py:tiny", small_tokenizer, lambda p: p)
+    with pytest.raises(ValueError, match=r"rm is a 'reward' run, whose model does not predict tokens"):
+        perplexity(rm, "default")
     kept = next(d for d in ("the sun", "we walked", "a cat", "one more") if not eval_membership([d], 0.5)[0])
     spec = _jsonl(tmp_path / "one.jsonl", [kept])
     with pytest.raises(DataError, match=r"data spec '.*one.jsonl' has no tokens to score in split 'eval' "
