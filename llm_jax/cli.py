@@ -12,6 +12,8 @@
     llm-jax pipeline  --config configs/pipeline.py:tiny --workdir runs/pipeline [--config.seed=1 ...]
     llm-jax sweep     --config configs/sweep.py:isoflop --workdir runs/sweep [--processes 2 --dry-run]
     llm-jax scaling-fit results.csv --n-col N --d-col D --loss-col loss --approach 3 [--bootstrap 1000]
+    llm-jax eval      --run runs/sft --lm-eval-tasks hellaswag,arc_easy --num-fewshot 5 --out evals/sft
+    llm-jax eval      --config configs/eval.py:arena --workdir evals/arena [--config.judge=runs/rm ...]
 
 `prepare` cleans, deduplicates and tokenizes raw documents into shards with a report, resuming where it stopped
 (see llm_jax/data/prepare/prepare_stage.py); a bad config exits 2, bad input data 1.
@@ -30,6 +32,9 @@ against its worst of K answers per prompt as preference records (see llm_jax/rl/
 their results (see llm_jax/pipeline.py); its overrides apply to the pipeline config.
 `sweep` trains the runs of a scaling sweep (sizes × token or FLOP budgets) that are not finished and writes their
 results table, `<workdir>/results.csv` (see llm_jax/scaling/sweep.py); its overrides apply to the sweep config.
+`eval` runs lm-evaluation-harness tasks on a run (see llm_jax/eval/harness.py; `pip install -e '.[eval]'`), or an
+evaluation config: an arena of several runs, a win rate, generative tasks, perplexity, in-context learning
+(see llm_jax/eval/configured.py and configs/eval.py).
 `scaling-fit` fits a scaling law (Kaplan's, or Chinchilla's Approach 1, 2 or 3) to a CSV of runs, prints the
 coefficients with bootstrap intervals as JSON and writes plots (see llm_jax/scaling/fit.py and report.py).
 
@@ -121,7 +126,31 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-margin", type=float, help="least score difference of a pair (default 0.2 for gold, "
                                                       "0 for a reward model; equal scores never pair)")
     _scaling_fit_arguments(commands)
+    _eval_arguments(commands)
     return parser
+
+
+def _eval_arguments(commands) -> None:
+    sub = commands.add_parser("eval", help="evaluate runs: lm-evaluation-harness tasks on one run (--run), or an "
+                                           "evaluation config (--config: arena, win rate, generative tasks, "
+                                           "perplexity, in-context learning; see llm_jax/eval/)")
+    sub.add_argument("--run", help="the run directory to evaluate on lm-eval tasks")
+    sub.add_argument("--lm-eval-tasks", help="comma-separated lm-eval task names (or globs such as mmlu_*)")
+    sub.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                     help="a directory of task YAMLs of your own (lm-eval's --include_path; repeatable)")
+    sub.add_argument("--num-fewshot", type=int, help="demonstrations in each prompt (default: the task's)")
+    sub.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
+    sub.add_argument("--log-samples", action="store_true", help="also write lm-eval's per-sample files")
+    sub.add_argument("--out", help="where lm-eval's results JSON (and samples) go")
+    sub.add_argument("--apply-chat-template", action="store_true",
+                     help="render each prompt with the run's chat template (chat models)")
+    sub.add_argument("--batch-size", type=int, default=16, help="rows of every scoring and generation batch")
+    sub.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of sampled generations")
+    sub.add_argument("--mesh", help="shard the model and batches over a mesh, e.g. data=-1 or fsdp=4,data=2 "
+                                    "(default: one device)")
+    sub.add_argument("--config", help="path/to/eval.py[:arg], e.g. configs/eval.py:arena")
+    sub.add_argument("--workdir", help="the evaluation directory of --config (answers, tables, summary.json)")
 
 
 _JUDGES = ("a reward model's run directory, gold (the embedded task's program, on prompts with a 'task' key), "
@@ -325,6 +354,60 @@ def _scaling_fit(args, overrides: list[str]) -> int:
     return 0
 
 
+def _parse_mesh(text: str | None):
+    """`data=-1,fsdp=2` as a mesh over this host's devices (unnamed axes 1; without a -1, over the first
+    devices that many), or None."""
+    if not text:
+        return None
+    import ml_collections
+
+    from llm_jax import sharding
+    sizes = dict(data=1, fsdp=1, tensor=1, sequence=1)
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in sizes:
+            raise config_lib.ConfigError(f"--mesh {text!r}: expected axis=size pairs over {list(sizes)}")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise config_lib.ConfigError(f"--mesh {text!r}: size {value!r} of {name} is not an integer") from None
+    import math
+
+    import jax
+    devices = jax.devices()
+    if -1 not in sizes.values():  # a mesh smaller than the host: its first devices
+        devices = devices[:math.prod(sizes.values())]
+    return sharding.make_mesh(ml_collections.ConfigDict(sizes), devices)
+
+
+def _eval(args, overrides: list[str]) -> int:
+    """lm-eval tasks on one run, or an evaluation config; misuse of the flags exits 2."""
+    if args.config:
+        if args.run or args.lm_eval_tasks or not args.workdir:
+            raise config_lib.ConfigError("eval --config takes --workdir (and --config.* overrides), not --run or "
+                                         "--lm-eval-tasks")
+        from llm_jax.eval.configured import run_eval_config
+        summary = run_eval_config(config_lib.load(args.config, overrides), args.workdir)
+        print(summary["table"], end="")
+        return 0
+    if overrides:
+        raise config_lib.ConfigError(f"eval --run takes no config overrides (got --config.{overrides[0]})")
+    if not args.run or not args.lm_eval_tasks:
+        raise config_lib.ConfigError("eval needs --run and --lm-eval-tasks (lm-eval), or --config and --workdir")
+    from llm_jax.eval.harness import run_lm_eval
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = run_lm_eval(args.run, args.lm_eval_tasks, include_path=args.lm_eval_include or None,
+                          num_fewshot=args.num_fewshot, limit=limit, log_samples=args.log_samples,
+                          out_dir=args.out, batch_size=args.batch_size, step=args.step,
+                          apply_chat_template=args.apply_chat_template, mesh=_parse_mesh(args.mesh), seed=args.seed)
+    from lm_eval.utils import make_table
+    print(make_table(results), end="")
+    output = results.get("config", {}).get("llm_jax", {}).get("output")
+    if output:
+        print(f"results: {output}")
+    return 0
+
+
 def _hf_command(args, overrides: list[str]) -> int:
     """import-hf and export-hf: a checkpoint, run or tokenizer they cannot use exits 1 with one line."""
     from llm_jax.data.sources import DataError
@@ -396,6 +479,8 @@ def _main(argv: list[str]) -> int:
         return _SAMPLING_COMMANDS[args.command](args, overrides)
     if args.command == "scaling-fit":
         return _scaling_fit(args, overrides)
+    if args.command == "eval":
+        return _eval(args, overrides)
     if args.command in ("import-hf", "export-hf"):
         return _hf_command(args, overrides)
     config = config_lib.load(args.config, overrides)
