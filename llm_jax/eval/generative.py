@@ -49,10 +49,10 @@ import numpy as np
 
 from llm_jax.data import default_task, records
 from llm_jax.data.post_training import DEFAULT_TASK_SPEC, resolve_spec
-from llm_jax.data.sources import DataError, resolve_files
+from llm_jax.data.sources import DataError
 from llm_jax.eval import judges
 from llm_jax.generate import SamplingConfig
-from llm_jax.generation_io import generate_file, score_field, write_jsonl
+from llm_jax.generation_io import default_out_path, generate_file, score_field, write_jsonl
 from llm_jax.scaling.fit import Estimate, check_bootstrap, estimate, resample_counts
 
 STOP = ("\n",)
@@ -67,13 +67,11 @@ class TaskRecord:
 
 
 def task_name(spec: str) -> str:
-    """A short name of a task spec, for file names: `default_task`, or its first file's name."""
+    """A short name of a task spec, for file names: `default_task`, or its first file's name without extensions
+    (as generation_io names a prompts file's answers)."""
     if spec.strip() == DEFAULT_TASK_SPEC:
         return DEFAULT_TASK_SPEC
-    name = os.path.basename(resolve_files(spec)[0])
-    for ext in (".gz", ".jsonl", ".json", ".parquet"):
-        name = name.removesuffix(ext)
-    return name
+    return os.path.basename(default_out_path("", spec)).removesuffix(".jsonl")
 
 
 def read_task(spec: str, format: str = "auto") -> list[TaskRecord]:

@@ -10,7 +10,7 @@ import pytest
 from llm_jax.data import default_task
 from llm_jax.data.sources import DataError
 from llm_jax.eval.generative import (TaskRecord, cut_at_stop, evaluate_task, fewshot_records, icl_curve,
-                                     mean_score, read_task)
+                                     mean_score, read_task, task_name)
 from llm_jax.generate import SamplingConfig
 from llm_jax.scaling.fit import FitError
 
@@ -134,6 +134,7 @@ def test_the_embedded_task_is_its_held_out_prompts_with_gold_references(tmp_path
     for r in records[:20]:
         assert r.record["reference"] == default_task.gold_answer(r.record["prompt"]) and "task" in r.record
     bad = _write(tmp_path / "bad.jsonl", [TASK[0], {"prompt": "reverse: a b", "task": "reverse"}])
+    assert task_name(bad) == "bad" and task_name("default_task") == "default_task"  # names of the files written
     with pytest.raises(DataError, match=r"bad.jsonl:2: the record has a 'task' key, so its reference is the "
                                         "embedded task's gold answer, but malformed default-task prompt"):
         read_task(bad)
