@@ -1,5 +1,9 @@
-"""lm-evaluation-harness over any run directory: `run_lm_eval(run_dir, ["hellaswag", ...])`, or lm-eval's own
-command line once this module is imported (`--model llm_jax --model_args run=runs/sft,step=400`).
+r"""lm-evaluation-harness over any run directory: `run_lm_eval(run_dir, ["hellaswag", ...])`, or lm-eval's own entry
+points in a process that imported this module (lm-eval finds models only by import): `simple_evaluate(model=
+"llm_jax", model_args="run=runs/sft,step=400")`, or its command line as
+
+    python -c "import llm_jax.eval.harness; from lm_eval.__main__ import cli_evaluate; cli_evaluate()" \
+        run --model llm_jax --model_args run=runs/sft --tasks hellaswag
 
     run_lm_eval(run_dir, tasks, include_path=..., num_fewshot=..., limit=..., log_samples=..., out_dir=...)
         checks the tasks (names, YAML files, few-shot pools) ─▶ LlmJaxLM(run_dir) ─▶ lm_eval.simple_evaluate
@@ -20,7 +24,8 @@ hf`) does, so its numbers compare with an `export-hf` of the same run evaluated 
                                           Like the HF backend, the text is encoded as the tokenizer encodes a
                                           document (with its BOS where it adds one), so that BOS is scored too.
     generate_until(context, gen_kwargs)   `generate.generate` with the KV cache: greedy, or sampled with
-                                          `temperature` (top_k, top_p) when `do_sample`; at most `max_gen_toks`
+                                          `temperature` when `do_sample` (top_k, top_p only where given: no
+                                          default top_k of 50 as transformers has); at most `max_gen_toks`
                                           (default 256) new tokens, ending at the tokenizer's end-of-sequence ids
                                           and the chat template's end of turn; the text (special tokens left out,
                                           as the HF backend decodes) is cut at the first of the `until` strings.
@@ -56,8 +61,11 @@ the files are lm-eval's own, written by its `EvaluationTracker` as `lm_eval --ou
     out_dir/<run dir sanitized, "/" → "__">/results_<date>.json         the results (and lm-eval's run record)
     out_dir/<run dir sanitized>/samples_<task>_<date>.jsonl             with log_samples: one line per document
 
-and the returned results name them under results["config"]["llm_jax"]["output"]. The evaluation runs offline
-(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), lm-eval's logging at WARNING.
+and the returned results name them under results["config"]["llm_jax"]["output"]. That "llm_jax" entry (in the file
+too) also records the run, step, context, batch rows, buckets, the shapes compiled, and the requests, truncations
+and tokens (scored, computed with padding, generated) by type. Task names may be lm-eval's glob patterns
+("mmlu_*"), expanded as its command line expands them. The evaluation runs offline (HF_DATASETS_OFFLINE /
+HF_HUB_OFFLINE), lm-eval's logging at WARNING.
 
 Bad input fails before any model is loaded, as one EvalError naming the thing: an unknown task (with the closest
 names), a task YAML under include_path that does not parse (the file), num_fewshot beyond a task's few-shot pool

@@ -16,6 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402  (after the skip)
 
+from llm_jax import generate as generate_lib  # noqa: E402
 from llm_jax import sharding  # noqa: E402
 from llm_jax.data import chat  # noqa: E402
 from llm_jax.data.records import Message  # noqa: E402
@@ -29,6 +30,8 @@ TASKS = ["llm_jax_mc", "llm_jax_rolling", "llm_jax_gen"]
 LLAMA = os.path.join(os.path.dirname(HERE), "hf", "fixtures", "llama")
 REFERENCE = os.path.join(HERE, "hf_reference.json")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+GEN_TASK_KWARGS = {"until": ["\n", "."], "max_gen_toks": 16, "do_sample": False}  # llm_jax_gen's: programs shared
+LONG_TEXT = "the river runs fast in spring and slow in autumn " * 40  # longer than the fixture's 256-token context
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +107,10 @@ def test_requests_of_many_lengths_compile_once_per_bucket(lm):
     try:
         words = "one two three four five six seven eight nine ten eleven twelve".split()
         pairs = [(" ".join(words[:k % 12 + 1]) * (1 + k // 6), f" {words[k % 12]}") for k in range(48)]
-        prompts = [" ".join(words[:k + 1]) * (1 + k // 4) for k in range(8)]
+        prompts = [" ".join(words[:k + 1]) * (1 + k // 4) for k in range(8)] + [LONG_TEXT]
         for _ in range(2):
             lm.loglikelihood([_ll(c, x) for c, x in pairs])
-            lm.generate_until([_gen(p, until=[], max_gen_toks=12) for p in prompts])
+            lm.generate_until([_gen(p, **GEN_TASK_KWARGS) for p in prompts])
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     lengths = {len(lm.tok_encode(c + x)) for c, x in pairs}
@@ -115,7 +118,7 @@ def test_requests_of_many_lengths_compile_once_per_bucket(lm):
     score_shapes = {s for s in new if s[0] == "score"}
     generate_shapes = {s for s in new if s[0] == "generate"}
     assert len(score_shapes) >= 4 and len(lengths) > 5 * len(score_shapes)
-    assert len(generate_shapes) >= 2 and len({len(lm.tok_encode(p)) for p in prompts}) > 3 * len(generate_shapes)
+    assert len(generate_shapes) >= 2 and len({len(lm.tok_encode(p)) for p in prompts}) > 2 * len(generate_shapes)
     assert compiled.count("jit(score_rows)") == len(score_shapes)
     assert compiled.count("jit(generate_fn)") == len(generate_shapes)
 
@@ -185,12 +188,30 @@ def test_generate_until_cuts_at_the_first_stop_string(lm):
     (free,) = lm.generate_until([_gen(context, until=[], max_gen_toks=12)])
     assert len(free) > 6
     stop = free[3:5]
-    (cut,) = lm.generate_until([_gen(context, until=[stop], max_gen_toks=12)])
-    assert cut == free.split(stop)[0] and stop not in cut
-    again, sampled = lm.generate_until([_gen(context, until=["\u2603", stop], max_gen_toks=12),
-                                        _gen(context, until=[stop], max_gen_toks=12, do_sample=True, temperature=0.7)])
-    assert again == cut and stop not in sampled
-    assert {s[4] for s in lm.shapes if s[0] == "generate"} >= {0.0, 0.7}  # greedy, and sampled at temperature 0.7
+    early = lm._early_stop_ids([stop])  # tokens whose own text holds the stop: a row may end at one
+    assert all(stop in lm.tokenizer.decode([i]) and i not in lm._special_ids for i in early)
+    cut, again = lm.generate_until([_gen(context, until=[stop], max_gen_toks=12),
+                                    _gen(context, until=["\u2603", stop], max_gen_toks=12)])
+    assert cut == again == free.split(stop)[0] and stop not in cut
+
+
+def test_gen_kwargs_become_the_sampling_settings(lm, monkeypatch):
+    seen = []
+
+    def fake_generate(model, params, tokens, lengths, key, sampling):
+        seen.append(sampling)
+        n = sampling.max_new_tokens
+        return generate_lib.Generation(np.zeros((len(lengths), n), np.int32), np.zeros((len(lengths), n)),
+                                       np.ones((len(lengths), n)), np.full(len(lengths), n, np.int32))
+
+    monkeypatch.setattr(harness, "generate", fake_generate)
+    lm.generate_until([_gen("a", until=[], max_gen_toks=5, do_sample=True, temperature=0.7, top_k=5, top_p=0.9),
+                       _gen("b", until=[], max_gen_toks=5, do_sample=False, temperature=0.7),
+                       _gen("c", until=[], max_new_tokens=7)])
+    sampled, greedy, default = seen
+    assert (sampled.temperature, sampled.top_k, sampled.top_p, sampled.max_new_tokens) == (0.7, 5, 0.9, 5)
+    assert greedy.temperature == 0.0 and default.temperature == 0.0 and default.max_new_tokens == 7
+    assert set(lm.tokenizer.eos_ids) <= set(sampled.stop_ids)
 
 
 @pytest.mark.parametrize("axes", [dict(data=8, fsdp=1), dict(data=1, fsdp=8)], ids=["data8", "fsdp8"])
@@ -206,13 +227,13 @@ def test_a_sharded_run_gives_the_loglikelihoods_of_one_device(lm, axes):
 
 
 def test_a_context_longer_than_the_models_is_cut_from_the_left_and_counted(lm, capsys):
-    long_context = "the river runs fast in spring and slow in autumn " * 40
+    long_context = LONG_TEXT
     before = dict(lm.truncated)
     (log_prob, _), _ = lm.loglikelihood([_ll(long_context, " then"), _ll("short", " one")])
     assert lm.truncated["loglikelihood"] == before["loglikelihood"] + 1
     assert len(lm.tok_encode(long_context + " then")) > lm.context + 1
     assert log_prob == pytest.approx(_expected(lm, long_context, " then")[0], abs=1e-4)
-    lm.generate_until([_gen(long_context, until=[], max_gen_toks=12)])
+    lm.generate_until([_gen(long_context, **GEN_TASK_KWARGS)])
     assert lm.truncated["generate_until"] == before["generate_until"] + 1
     err = capsys.readouterr().err
     assert "1 of 2 loglikelihood requests are longer than the run's context of 256 tokens" in err
