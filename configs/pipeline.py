@@ -14,6 +14,10 @@ Stages, in `order`, each in `<workdir>/<name>/`:
               on the synthetic held-out pairs
     ppo       configs/ppo.py: policy sft, reward model reward
     dpo       configs/dpo.py from sft; then the same evaluation as sft
+    arena     every stage's model answers the same held-out prompts greedily (the pretrained base model
+              4-shot in plain text, it has no chat template; the others zero-shot in theirs), the gold judge
+              scores them, and the table shows Bradley–Terry (Elo-scale) ratings with intervals and each one's
+              win rate against sft (llm_jax/eval/compare.py; `<workdir>/arena/arena.md`, arena.png)
 
 A train stage is a config spec plus `overrides` (field=value strings; `{workdir}` becomes the pipeline's
 workdir, so stages name the runs they start from) and `extra`, more overrides separated by spaces, empty
@@ -43,8 +47,9 @@ import ml_collections
 from llm_jax.config_lib import ConfigError, parse_arg
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
-HF_ORDER = ("base", "sft", "pairs", "reward", "ppo", "dpo")
+ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "arena")
+HF_ORDER = ("base", "sft", "pairs", "reward", "ppo", "dpo", "arena")
+BASE_FEW_SHOT = 4  # demonstrations before each prompt for the pretrained base model in the arena
 
 # The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
 # so a test can see their metrics move the right way.
@@ -65,6 +70,8 @@ SMALL = {
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),
+    # the small base model's context (64 tokens) holds no demonstration besides the prompt
+    "arena": dict(n_prompts=16, max_new_tokens=8, bootstrap=200, base_few_shot=0),
 }
 SIZES = ("tiny", "small")
 HF_SIZES = ("hf", "hf_small")
@@ -82,6 +89,7 @@ HF_SMALL = {
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=8, max_new_tokens=8),
+    "arena": dict(n_prompts=8, max_new_tokens=8, bootstrap=200, base_few_shot=1),  # a 256-token context
 }
 
 
@@ -101,6 +109,29 @@ def pairs_stage(run: str, **changes) -> dict:
     if unknown:
         raise ConfigError(f"pairs stage fields {unknown} do not exist; known: {sorted(stage)}")
     return {**stage, **changes}
+
+
+def competitor(run: str, chat_template: bool = True, few_shot: int = 0) -> dict:
+    """A model of the arena: its run, whether it answers in its chat template, its demonstrations (plain text
+    without the template)."""
+    return dict(run=run, chat_template=chat_template, few_shot=few_shot)
+
+
+def arena_stage(base: str, models: tuple[str, ...], **changes) -> dict:
+    """The arena of the stage `base` (answering `base_few_shot`-shot in plain text) and the stages `models` (in
+    their chat template): the first n held-out prompts of `prompts`, answered greedily, judged by `judge` (`gold`
+    or `reward`, the reward model of `reward_run`); win rates against `baseline`."""
+    stage = dict(kind="arena", judge="gold", reward_run="", prompts="default_task", n_prompts=256, baseline="sft",
+                 max_new_tokens=16, temperature=0.0, batch_size=64, seed_offset=0, bootstrap=1000, plots=True,
+                 base_few_shot=BASE_FEW_SHOT)
+    unknown = sorted(set(changes) - set(stage))
+    if unknown:
+        raise ConfigError(f"arena stage fields {unknown} do not exist; known: {sorted(stage)}")
+    stage.update(changes)
+    stage["competitors"] = dict(
+        base=competitor(f"{{workdir}}/{base}", chat_template=False, few_shot=stage.pop("base_few_shot")),
+        **{name: competitor(f"{{workdir}}/{name}") for name in models})
+    return stage
 
 
 def eval_settings(size: str) -> ml_collections.ConfigDict:
@@ -125,6 +156,7 @@ def post_training_stages(preset: str, start: str, *sft_overrides: str) -> dict:
                            "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
         ppo=train_stage(f"ppo.py:{preset}", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
         dpo=train_stage(f"dpo.py:{preset}", "train.init_from={workdir}/sft", evaluate=True),
+        arena=arena_stage(start, ("sft", "ppo", "dpo")),
     )
 
 
@@ -133,6 +165,9 @@ def shrink(c, small: dict) -> None:
     for name, overrides in small["stages"].items():
         c.stages[name].overrides = c.stages[name].overrides + overrides
     c.stages.pairs.update(small["pairs"])
+    arena = dict(small["arena"])
+    c.stages.arena.competitors.base.few_shot = arena.pop("base_few_shot")
+    c.stages.arena.update(arena)
 
 
 def get_config(arg=None):

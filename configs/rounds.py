@@ -17,7 +17,8 @@ then for r = 1..N, with M the model round r starts from (`sft` for round 1, else
     dpo<r>    configs/dpo.py from sft<r> (its reference) on pairs<r>'s pairs (held-out pair accuracy on the
               task's synthetic eval pairs); then the same evals as sft<r>. The next round starts from it.
 
-The summary's rounds table lists the gold scores of every round's sft<r> and dpo<r> beside round 0's sft.
+The summary's rounds table lists the gold scores of every round's sft<r> and dpo<r> beside round 0's sft, and the
+last stage, `arena`, rates all of them against each other and the base model (configs/pipeline.py's arena).
 
 Judges. Rejection sampling is judged by the reward model, as in Llama 3: that is the automatic step of the loop.
 The preference pairs are judged by gold by default (`pairs_judge=gold`): Llama 3 has human annotators rank
@@ -123,6 +124,13 @@ def get_config(arg=None):
         order += names
         rounds.append(names)
         start = dpo
-    c.order = tuple(order)
+    # The arena of every round's models with the base model and the SFT model the rounds start from.
+    models = ("sft", *(name for names in rounds[1:] for name in names if name.startswith(("sft", "dpo"))))
+    c.stages.arena = pipeline.arena_stage("pretrain", models)
+    if small:
+        arena = dict(pipeline.SMALL["arena"])
+        c.stages.arena.competitors.base.few_shot = arena.pop("base_few_shot")
+        c.stages.arena.update(arena)
+    c.order = (*order, "arena")
     c.rounds = tuple(rounds)
     return c

@@ -18,6 +18,11 @@ score them: `judge` is `gold` (the embedded task's scorer) or `reward` (the rewa
                 `<stage>/sft.jsonl` (llm_jax/rl/rejection_sampling.py): the data of the next SFT round. Its
                 stage.json keeps the figures of the table: kept prompts, the judge's and gold's mean scores of
                 the kept answers against all samples (and gold's best possible pick), samples/s.
+    arena       every model of `competitors` (name: run, chat_template, few_shot) answers the same first
+                `n_prompts` of `prompts` (default_task: the held-out prompts), greedily unless `temperature`;
+                the judge scores every answer; Bradley–Terry ratings (Elo scale) with bootstrap intervals and
+                each model's win rate against `baseline` (llm_jax/eval/compare.py): `<stage>/arena.md`,
+                arena.json, arena.png, one row of the table and `arena` in summary.json
 
 They sample with key `seed + seed_offset`: stages that sample one model with different offsets draw different
 answers.
@@ -49,7 +54,7 @@ from llm_jax.files import write_json_atomic, write_text_atomic
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
-KINDS = ("train", "pairs", "rejection", "import")
+KINDS = ("train", "pairs", "rejection", "import", "arena")
 JUDGES = ("gold", "reward")
 PAIRS_FILE = "pairs.jsonl"
 REJECTION_FILE = "sft.jsonl"
@@ -224,6 +229,37 @@ def _run_rejection(config, name: str, workdir: str, directory: str, _) -> dict:
     return dict(summary=summary, metrics=_numbers(summary))
 
 
+def _arena_inputs(config, name: str, workdir: str) -> dict:
+    """The arena's competitors, judge spec and options, checked (the runs themselves exist only once the stages
+    before it ran)."""
+    from llm_jax.eval.compare import Competitor
+    stage = config.stages[name]
+    competitors = [Competitor(n, _substitute(c.run, workdir, config), c.chat_template, c.few_shot)
+                   for n, c in stage.competitors.items()]
+    if stage.baseline not in stage.competitors:
+        raise PipelineError(f"stage {name!r} has baseline {stage.baseline!r}, which is none of its competitors "
+                            f"{sorted(stage.competitors)}")
+    return dict(competitors=competitors, judge=_judge(config, name, workdir), sampling=_sampling(stage))
+
+
+def _run_arena(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.eval.compare import compare
+    from llm_jax.eval.judges import load_judge
+    stage = config.stages[name]
+    inputs = _arena_inputs(config, name, workdir)
+    summary = compare(inputs["competitors"], _substitute(stage.prompts, workdir, config),
+                      load_judge(inputs["judge"], batch_size=stage.batch_size), inputs["sampling"], directory,
+                      baseline=stage.baseline, n_prompts=stage.n_prompts or None, batch_size=stage.batch_size,
+                      seed=config.seed + stage.seed_offset, bootstrap=stage.bootstrap, plots=stage.plots)
+    metrics = {}
+    for model, rating in summary["ratings"].items():
+        metrics[f"rating_{model}"] = rating["value"]
+        metrics[f"score_{model}"] = summary["mean_scores"][model]["value"]
+    for model, result in summary["win_rates"].items():
+        metrics[f"win_rate_{model}"] = result["rate"]["value"]
+    return dict(summary={k: v for k, v in summary.items() if k != "table"}, metrics=metrics)
+
+
 def _import_source(config, name: str, workdir: str) -> str:
     source = _substitute(config.stages[name].hf, workdir, config)
     if not source:
@@ -248,6 +284,8 @@ def _plan(config, name: str, workdir: str):
     if stage.kind == "train":
         from llm_jax.config_lib import load
         return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
+    if stage.kind == "arena":
+        return _arena_inputs(config, name, workdir)
     _judge(config, name, workdir)
     _sampling(stage)
     if stage.kind == "pairs":
@@ -265,6 +303,8 @@ def _describe(config, name: str, workdir: str) -> str:
         return f"train {os.path.relpath(_substitute(stage.config, workdir))}"
     if stage.kind == "import":
         return f"import-hf {_substitute(stage.hf, workdir, config)}"
+    if stage.kind == "arena":
+        return f"arena of {', '.join(stage.competitors)}, judge {stage.judge}"
     judge = stage.judge
     if judge == "reward":
         judge = f"reward model {_substitute(stage.get('reward_run') or '', workdir)}"
@@ -272,7 +312,8 @@ def _describe(config, name: str, workdir: str) -> str:
     return f"{what} from {_substitute(stage.run, workdir)}, judge {judge}, k={stage.k}"
 
 
-_RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection, "import": _run_import}
+_RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection, "import": _run_import,
+            "arena": _run_arena}
 
 
 def _settings(config, name: str) -> dict:
@@ -323,8 +364,9 @@ def run_pipeline(config, workdir: str) -> dict:
     total = sum(r["seconds"] for r in records.values())
     rounds = rounds_summary(config, records)
     table = format_table(config, records, total, rounds)
+    arenas = {name: r["summary"] for name, r in records.items() if r["kind"] == "arena"}
     summary = dict(workdir=workdir, order=list(config.order), ran=ran, total_seconds=total,
-                   elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds,
+                   elapsed_seconds=time.perf_counter() - start, table=table, rounds=rounds, **arenas,
                    stages={name: dict(seconds=r["seconds"], metrics=r["metrics"], skipped=name not in ran)
                            for name, r in records.items()})
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
@@ -365,6 +407,19 @@ def _rejection_row(m: dict, s: dict) -> str:
             f"{_f(m.get('gold_score_oracle'))}; {_f(m.get('samples_per_s'), '.1f')} samples/s")
 
 
+def _arena_row(m: dict, s: dict) -> str:
+    """Ratings best first with their intervals, then each model's win rate against the baseline."""
+    def interval(e: dict, spec: str) -> str:
+        return "" if e.get("ci") is None else f" [{format(e['ci'][0], spec)}, {format(e['ci'][1], spec)}]"
+    ratings = sorted(s.get("ratings", {}).items(), key=lambda item: -item[1]["value"])
+    rated = "; ".join(f"{n} {r['value']:.0f}{interval(r, '.0f')} (gold {_f(s['mean_scores'][n]['value'])})"
+                      for n, r in ratings)
+    wins = "; ".join(f"{n} {w['rate']['value']:.2f}{interval(w['rate'], '.2f')}"
+                     for n, w in s.get("win_rates", {}).items())
+    return (f"Elo {rated}. Win rate against {s.get('baseline')}: {wins} ({s.get('n_prompts')} held-out prompts, "
+            f"{_judged_by(s)})")
+
+
 _ROWS = {  # what the table shows of each kind of stage, from its stage.json metrics and summary
     "lm": lambda m, s: f"held-out perplexity {_f(m.get('eval_perplexity'), '.2f')}, loss {_f(m.get('eval_loss'))}",
     "sft": lambda m, s: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
@@ -377,6 +432,7 @@ _ROWS = {  # what the table shows of each kind of stage, from its stage.json met
     "ppo": lambda m, s: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
                          f"KL {_f(m.get('after_eval_kl'))} nats; reward-model score {_arrow(m, 'eval_score')}"),
     "dpo": lambda m, s: f"{_gold(m)}; held-out pair accuracy {_f(m.get('eval_accuracy'))}",
+    "arena": _arena_row,
 }
 
 

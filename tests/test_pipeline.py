@@ -4,13 +4,14 @@ stage.json goes, a failing stage named with the earlier stages kept."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from llm_jax import cli, config_lib
 from llm_jax.pipeline import PipelineError, check_config, run_pipeline, train_overrides
 from llm_jax.train.metrics import read_metrics
 
-STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "arena")
 
 
 def test_sizes_and_stage_overrides():
@@ -79,8 +80,21 @@ def test_every_stage_runs_and_the_table_has_every_row(pipeline_dir):
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     assert rows == ["stage", *STAGES, "total"]
     for text in ("held-out perplexity", "answer-token eval loss", "pairs from", "held-out pair accuracy",
-                 "reward-model score", "gold greedy"):
+                 "reward-model score", "gold greedy", "Elo ", "Win rate against sft: "):
         assert text in table
+
+    # The arena: every stage's model on the same 16 held-out prompts, ratings with intervals, win rates vs sft.
+    arena = summary["arena"]
+    assert set(arena["ratings"]) == {"base", "sft", "ppo", "dpo"} and arena["n_prompts"] == 16
+    assert arena["baseline"] == "sft" and set(arena["win_rates"]) == {"base", "ppo", "dpo"}
+    assert all(r["ci"][0] <= r["value"] <= r["ci"][1] for r in arena["ratings"].values())
+    metrics = summary["stages"]["arena"]["metrics"]
+    assert metrics["win_rate_ppo"] == arena["win_rates"]["ppo"]["rate"]["value"]
+    assert metrics["rating_dpo"] == arena["ratings"]["dpo"]["value"]
+    assert metrics["score_sft"] == pytest.approx(np.mean([json.loads(line)["gold_score"] for line in
+                                                          open(os.path.join(pipeline_dir, "arena", "sft.jsonl"))]))
+    for name in ("arena.md", "arena.json", "arena.png", "prompts.jsonl", "base.jsonl"):
+        assert os.path.exists(os.path.join(pipeline_dir, "arena", name))
 
 
 @pytest.mark.slow
