@@ -149,6 +149,8 @@ def _eval_arguments(commands) -> None:
     sub.add_argument("--seed", type=int, default=0, help="seed of sampled generations")
     sub.add_argument("--mesh", help="shard the model and batches over a mesh, e.g. data=-1 or fsdp=4,data=2 "
                                     "(default: one device)")
+    sub.add_argument("--offline", action="store_true",
+                     help="use only cached datasets and local task files (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE)")
     sub.add_argument("--config", help="path/to/eval.py[:arg], e.g. configs/eval.py:arena")
     sub.add_argument("--workdir", help="the evaluation directory of --config (answers, tables, summary.json)")
 
@@ -399,7 +401,8 @@ def _eval(args, overrides: list[str]) -> int:
     results = run_lm_eval(args.run, args.lm_eval_tasks, include_path=args.lm_eval_include or None,
                           num_fewshot=args.num_fewshot, limit=limit, log_samples=args.log_samples,
                           out_dir=args.out, batch_size=args.batch_size, step=args.step,
-                          apply_chat_template=args.apply_chat_template, mesh=_parse_mesh(args.mesh), seed=args.seed)
+                          apply_chat_template=args.apply_chat_template, mesh=_parse_mesh(args.mesh), seed=args.seed,
+                          offline=args.offline)
     from lm_eval.utils import make_table
     print(make_table(results), end="")
     output = results.get("config", {}).get("llm_jax", {}).get("output")

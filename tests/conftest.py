@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
     " --xla_cpu_collective_call_terminate_timeout_seconds=900"
     " --xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Nothing in the tests downloads: lm-eval's datasets and Hugging Face files come from local files only.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402  (after the environment is set)
 from run_fixtures import END_LOGIT_GAP, SMALL_OVERRIDES, save_run  # noqa: E402

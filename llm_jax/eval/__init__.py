@@ -7,5 +7,6 @@
     generative.py  jsonl tasks answered k-shot (chat turns or plain text) and judged; in-context-learning curves
     compare.py     runs head to head on the same prompts under one judge: win rates, ratings, arena.md/json/png
     configured.py  the evaluations of configs/eval.py (`llm-jax eval`)
+    during_training.py  generative evaluations of `train.generative_evals`, run with the params at every eval
     harness.py     lm-evaluation-harness over any run
 """

@@ -64,8 +64,10 @@ the files are lm-eval's own, written by its `EvaluationTracker` as `lm_eval --ou
 and the returned results name them under results["config"]["llm_jax"]["output"]. That "llm_jax" entry (in the file
 too) also records the run, step, context, batch rows, buckets, the shapes compiled, and the requests, truncations
 and tokens (scored, computed with padding, generated) by type. Task names may be lm-eval's glob patterns
-("mmlu_*"), expanded as its command line expands them. The evaluation runs offline (HF_DATASETS_OFFLINE /
-HF_HUB_OFFLINE), lm-eval's logging at WARNING.
+("mmlu_*"), expanded as its command line expands them. Datasets come as lm-eval fetches them (the Hugging Face
+cache, downloading what is missing); with `offline=True` (`llm-jax eval --offline`) the call runs with
+HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, so only cached datasets and local task files are used and nothing
+reaches the network (the tests run so). lm-eval's logging is at WARNING.
 
 Bad input fails before any model is loaded, as one EvalError naming the thing: an unknown task (with the closest
 names), a task YAML under include_path that does not parse (the file), num_fewshot beyond a task's few-shot pool
@@ -669,14 +671,15 @@ def check_fewshot(loaded: dict, num_fewshot: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _offline_and_quiet() -> Iterator[None]:
-    """HF_DATASETS_OFFLINE / HF_HUB_OFFLINE (in the environment and in the already-imported libraries) and
-    lm-eval's logging at WARNING, for the call."""
+def _offline_and_quiet(offline: bool) -> Iterator[None]:
+    """With `offline`, HF_DATASETS_OFFLINE / HF_HUB_OFFLINE (in the environment and in the already-imported
+    libraries); lm-eval's logging at WARNING; both for the call."""
     saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update({k: "1" for k in saved_env})
+    if offline:
+        os.environ.update({k: "1" for k in saved_env})
     patched = []
     for module_name, attrs in (("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-                               ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
+                               ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))) if offline else ():
         module = sys.modules.get(module_name)
         for attr in attrs:
             if module is not None and hasattr(module, attr):
@@ -716,7 +719,8 @@ def _serialisable(value: Any) -> Any:
 def run_lm_eval(run_dir: str, tasks: str | Sequence[str], *, include_path: str | Sequence[str] | None = None,
                 num_fewshot: int | None = None, limit: int | float | None = None, log_samples: bool = False,
                 out_dir: str | None = None, batch_size: int = 16, step: int | None = None,
-                apply_chat_template: bool = False, mesh=None, rules=None, seed: int = 0) -> dict:
+                apply_chat_template: bool = False, mesh=None, rules=None, seed: int = 0,
+                offline: bool = False) -> dict:
     """Evaluates the run on lm-eval `tasks` (names, or a comma-separated string) and returns the results
     (module docstring). `seed` keys sampled generations and is lm-eval's random_seed; its few-shot draws keep
     lm-eval's default seed, so the numbers compare with lm-eval runs of other backends."""
@@ -732,7 +736,7 @@ def run_lm_eval(run_dir: str, tasks: str | Sequence[str], *, include_path: str |
         include = (str(include_path),) if isinstance(include_path, (str, os.PathLike)) else tuple(map(str, include_path))
     from lm_eval.loggers import EvaluationTracker
 
-    with _offline_and_quiet():
+    with _offline_and_quiet(offline):
         if include:
             check_task_files(include)
         manager = task_manager(include)

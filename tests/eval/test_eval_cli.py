@@ -27,7 +27,7 @@ def test_eval_writes_lm_evals_results_and_samples(llama_run, tmp_path, capsys):
     out = tmp_path / "evals"
     code = cli.main(["eval", "--run", llama_run, "--lm-eval-tasks", "llm_jax_mc,llm_jax_gen", "--lm-eval-include",
                      TASKS_DIR, "--num-fewshot", "2", "--limit", "3", "--log-samples", "--out", str(out),
-                     "--batch-size", "4", "--mesh", "data=2"])
+                     "--batch-size", "4", "--mesh", "data=2", "--offline"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "llm_jax_mc" in printed and "llm_jax_gen" in printed and "results: " in printed
