@@ -30,7 +30,8 @@ RUN_ARGS = ["--config.stages.sft1.extra=optim.freeze=embedding", "--config.stage
 
 def test_stage_list_links_and_base_chain():
     config = config_lib.load("configs/rounds.py:tiny", [])
-    assert tuple(config.order) == BASE + ROUND_STAGES
+    assert tuple(config.order) == BASE + ROUND_STAGES + ("arena",)
+    assert set(config.stages.arena.competitors) == {"base", "sft", "sft1", "dpo1", "sft2", "dpo2"}
     assert [tuple(r) for r in config.rounds] == [("sft",), *ROUNDS]
     base = config_lib.load("configs/pipeline.py:tiny", [])
     assert all(config.stages[n].to_dict() == base.stages[n].to_dict() for n in BASE)
@@ -47,7 +48,7 @@ def test_stage_list_links_and_base_chain():
     assert [stages[n].seed_offset for n in ("pairs", "rs1", "pairs1", "rs2")] == [0, 1, 1, 2]
 
     three = config_lib.load("configs/rounds.py:size=tiny,rounds=3,pairs_judge=reward", [])
-    assert three.order[-4:] == ("rs3", "sft3", "pairs3", "dpo3") and three.stages.rs3.run == "{workdir}/dpo2"
+    assert three.order[-5:] == ("rs3", "sft3", "pairs3", "dpo3", "arena") and three.stages.rs3.run == "{workdir}/dpo2"
     assert (three.stages.pairs3.judge, three.stages.pairs3.min_margin) == ("reward", 0.0)
 
 
@@ -88,7 +89,8 @@ def _completed(workdir, name, run=None):
 def rounds_dir(tmp_path_factory, tiny_rl_runs):
     workdir = str(tmp_path_factory.mktemp("rounds"))
     policy, rm = tiny_rl_runs
-    for name, run in (("pretrain", None), ("sft", policy), ("pairs", None), ("reward", rm)):
+    # the policy stands in for the pretrained model too: the arena's base answers with it in plain text
+    for name, run in (("pretrain", policy), ("sft", policy), ("pairs", None), ("reward", rm)):
         _completed(workdir, name, run)
     assert cli.main(["pipeline", "--config", SMALL, "--workdir", workdir, *RUN_ARGS]) == 0
     return workdir
@@ -109,7 +111,7 @@ def _params(run_dir):
 def test_each_round_starts_from_the_last_rounds_model(rounds_dir):
     path = lambda name: os.path.join(rounds_dir, name)  # noqa: E731
     summary = json.load(open(path("summary.json")))
-    assert summary["ran"] == list(ROUND_STAGES)
+    assert summary["ran"] == [*ROUND_STAGES, "arena"]
     for r, start in ((1, "sft"), (2, "dpo1")):
         assert _stage(rounds_dir, f"rs{r}")["summary"]["policy_run"] == path(start)
         assert _stage(rounds_dir, f"pairs{r}")["summary"]["policy_run"] == path(f"sft{r}")
@@ -190,7 +192,9 @@ def test_the_summary_lists_each_rounds_gold(rounds_dir):
     table = summary["table"]
     assert table == open(os.path.join(rounds_dir, "summary.md")).read()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
-    assert rows == ["stage", *BASE, *ROUND_STAGES, "total", "round", "0", "1", "2"]
+    assert rows == ["stage", *BASE, *ROUND_STAGES, "arena", "total", "round", "0", "1", "2"]
+    # the last stage rates every round's models against each other, the base model and round 0's SFT model
+    assert set(summary["arena"]["ratings"]) == {"base", "sft", "sft1", "dpo1", "sft2", "dpo2"}
     for r, (rs, sft, _, dpo) in enumerate(ROUNDS, 1):
         line = next(line for line in table.splitlines() if line.startswith(f"| {r} |"))
         gold = {n: f"{n} {g['greedy']:.3f} ({g['sampled']:.3f})" for n, g in rounds[r]["gold"].items()}
@@ -202,11 +206,11 @@ def test_the_summary_lists_each_rounds_gold(rounds_dir):
 @pytest.mark.slow
 def test_rerun_skips_every_complete_stage(rounds_dir, capsys):
     stamps = lambda: {n: os.path.getmtime(os.path.join(rounds_dir, n, STAGE_FILE))  # noqa: E731
-                      for n in BASE + ROUND_STAGES}
+                      for n in BASE + ROUND_STAGES + ("arena",)}
     before = stamps()
     capsys.readouterr()
     assert cli.main(["pipeline", "--config", SMALL, "--workdir", rounds_dir, *RUN_ARGS]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("| stage | seconds | result |") and err.count("skipped") == len(BASE + ROUND_STAGES)
+    assert out.startswith("| stage | seconds | result |") and err.count("skipped") == len(BASE + ROUND_STAGES) + 1
     assert json.load(open(os.path.join(rounds_dir, "summary.json")))["ran"] == []
     assert stamps() == before
