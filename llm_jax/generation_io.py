@@ -11,7 +11,9 @@ fails at once, naming its file:line.
 
 Context. A prompt must fit in the run's context, `config.data.seq_len` (the longest sequence the model was
 trained on). A longer multi-turn prompt loses whole exchanges from the front, as in training
-(`chat.render_prompt`); one whose last user turn alone is too long is an error naming its file:line. The answer
+(`chat.render_prompt`); one whose last user turn alone is too long is an error naming its file:line. A plain-text
+prompt (`--no-chat-template`) that is too long keeps its BOS and its last tokens, cut from the left as lm-eval's
+HF backend cuts a context. Either way the prompt counts as `truncated` and a warning names the first. The answer
 may run past the context (rotary positions have no end); a note on stderr says when some prompt plus
 `max_new_tokens` would, since the model never saw such positions in training.
 
@@ -139,12 +141,13 @@ def _raw_prompt(example: records.PromptExample, tokenizer: Tokenizer, max_len: i
     ids, body = tokenizer.encode_with_specials(messages[0].content), tokenizer.encode(messages[0].content)
     if ids and ids[-1] in tokenizer.eos_ids and ids[len(ids) - 1 - len(body):-1] == body:
         ids = ids[:-1]  # a prompt is continued, not closed: no end-of-sequence a tokenizer appends to documents
-    tokens = np.asarray(ids, np.int32)
-    if max_len is not None and len(tokens) > max_len:
-        raise DataError(f"{example.where}: the prompt has {len(tokens)} tokens, more than the context of {max_len}")
-    if not len(tokens):
+    if not ids:
         raise DataError(f"{example.where}: the prompt is empty")
-    return RenderedPrompt(example, tokens, False, scored)
+    truncated = max_len is not None and len(ids) > max_len
+    if truncated:  # cut from the left, as lm-eval's HF backend cuts a context; a BOS still opens it
+        head = ids[:1] if ids[0] == tokenizer.bos_id else []
+        ids = head + ids[len(ids) - (max_len - len(head)):]
+    return RenderedPrompt(example, np.asarray(ids, np.int32), truncated, scored)
 
 
 def padded_length(n: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -306,6 +309,11 @@ def generate_file(run_dir: str, prompts_spec: str, out_path: str | None, samplin
         raise DataError(f"{e}, the run's context (data.seq_len in {run_dir}/config.json)") from e
     if judge is not None and hasattr(judge, "load"):
         judge.load()  # a reward-model judge: a broken run fails before any generation time is spent
+    cut = [p for p in prompts if p.truncated]
+    if cut:
+        print(f"generate: warning: {len(cut)} of {len(prompts)} prompts did not fit the run's context of {context} "
+              f"tokens and lost their beginning ({'early exchanges' if chat_template else 'tokens'}; the first: "
+              f"{cut[0].example.where})", file=sys.stderr)
     longest = max(len(p.tokens) for p in prompts)
     if progress and longest + sampling.max_new_tokens > context:
         print(f"generate: note: the longest prompt ({longest} tokens) plus max_new_tokens={sampling.max_new_tokens} "

@@ -156,3 +156,22 @@ def test_a_response_ends_before_its_stop_token(small_tokenizer):
     assert row["stopped"] and row["response"] == "bru sia" and row["tokens"] == words + [end]
     row = response_row(_rendered(4), tokens, -np.ones(len(tokens), np.float32), len(words), (end, 3), tokenizer)
     assert not row["stopped"] and row["response"] == "bru sia" and len(row["log_probs"]) == len(words)
+
+
+def test_a_plain_prompt_longer_than_the_context_is_cut_from_the_left(capsys, run_dir, tmp_path):
+    tokenizer = Tokenizer.load(f"{run_dir}/tokenizer.model")
+    long_text = " ".join(["vaplem bru sia"] * 40)  # far more than the run's 64-token context
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": long_text}) + "\n" + json.dumps({"prompt": "bru sia"}) + "\n")
+    code = cli.main(["generate", "--run", run_dir, "--prompts", str(path), "--out", str(tmp_path / "out.jsonl"),
+                     "--max-new-tokens", "4", "--no-chat-template"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "1 of 2 prompts did not fit the run's context of 64 tokens" in captured.err and f"{path}:1" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    assert summary["truncated"] == 1 and rows[0]["prompt_tokens"] == 64 and rows[1]["prompt_tokens"] < 64
+    ids = tokenizer.encode_with_specials(long_text)
+    ids = ids[:-1] if ids[-1] in tokenizer.eos_ids else ids
+    kept = rows[0]["prompt_token_ids"]
+    assert kept[0] == tokenizer.bos_id and kept[1:] == ids[-63:]  # the BOS, then the last tokens
