@@ -1,6 +1,6 @@
 """Judges: what scores a model's responses. One protocol for every judge,
 
-    judge.score(prompts, responses) -> float32 array, one score per response
+    judge.score(prompts, responses) -> float64 array, one score per response
 
 where `prompts[i]` is the prompt record the response answers (a dict: `prompt`, and whatever else the record
 carries, e.g. `reference`, `task`) and `responses[i]` the response's text.
@@ -52,9 +52,11 @@ class Judge(Protocol):
 
 
 def check_scores(scores, n: int, name: str) -> np.ndarray:
-    """`scores` as a float32 vector of n finite values, or JudgeError naming the judge and what is wrong."""
+    """`scores` as a float64 vector of n finite values, or JudgeError naming the judge and what is wrong. Float64
+    keeps a judge's own numbers exactly: gold scores are ratios of small integers, and a margin of 1 − 0.8 must
+    stay 0.2 to within preference_pairs' MARGIN_SLACK (in float32 it is 0.1999999881)."""
     try:
-        array = np.asarray(scores, np.float32)
+        array = np.asarray(scores, np.float64)
     except (TypeError, ValueError) as e:
         raise JudgeError(f"judge {name} returned scores that are not numbers ({e})") from None
     if array.shape != (n,):

@@ -15,8 +15,16 @@ def test_exact_match():
     judge = judges.load_judge("exact_match")
     scores = judge.score(_prompts("Paris", "42", "yes"), [" Paris\n", "41", "Yes"])
     np.testing.assert_array_equal(scores, [1.0, 0.0, 0.0])
-    assert scores.dtype == np.float32
+    assert scores.dtype == np.float64
     assert judges.exact_match(_prompts("yes"), ["YES "], casefold=True) == [1.0]
+
+
+def test_scores_keep_the_judges_own_numbers():
+    # float64: a gold margin of 1 − 0.8 stays 0.2 within preference_pairs' slack (float32 would give 0.1999999881)
+    from llm_jax.rl.preference_pairs import GOLD_MIN_MARGIN, select_pairs
+    scores = judges.FunctionJudge("f", lambda p, r: [1.0, 0.8]).score(_prompts("a", "b"), ["x", "y"])
+    assert scores[0] - scores[1] == 1.0 - 0.8
+    assert select_pairs(["x", "y"], scores, "best-worst", GOLD_MIN_MARGIN) == ([(0, 1)], None)
 
 
 def test_regex_match_is_a_full_match():
