@@ -127,7 +127,7 @@ def judged(judge, prompts: Prompts, answers: list[str]) -> np.ndarray | None:
     """The judge's score of every answer, or None unless it applies to every prompt."""
     if not all(applies(judge, r) for r in prompts.records):
         return None
-    return judge.score(prompts.records, answers).astype(np.float64)
+    return judge.score(prompts.records, answers)
 
 
 def judge_steps(judge, prompts: Prompts, tokenizer, tokens_bn, mask_bn, stop_ids) -> np.ndarray:
