@@ -508,7 +508,8 @@ def _main(argv: list[str]) -> int:
         result = run_tokenizer(config, args.workdir)
     else:
         from llm_jax.eval.during_training import training_evals
-        from llm_jax.train.loop import run, validate
+        from llm_jax.train.loop import validate
+        from llm_jax.training import run
         try:  # the config alone, before any data, tokenizer or compilation: a bad value exits 2
             validate(config)
         except ValueError as e:

@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax import sharding
 from llm_jax.configs_common import DEFAULT_RULES, base_config
 from llm_jax.model.config import ModelConfig
+from llm_jax.objectives import get_objective
 from llm_jax.train.loop import build_training
 
 
@@ -33,7 +34,8 @@ def _train(config, mesh_axes, devices, steps=2):
     config.mesh.update(mesh_axes)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh_rules)
-    t = build_training(config, ModelConfig.from_config(config.model), mesh, rules)
+    t = build_training(config, ModelConfig.from_config(config.model), mesh, rules,
+                              get_objective(config.objective))
     state = t.create_state()
     history = []
     for i in range(steps):

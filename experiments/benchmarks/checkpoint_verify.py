@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from llm_jax import cli, config_lib, sharding  # noqa: E402
 from llm_jax.model.config import ModelConfig  # noqa: E402
 from llm_jax.train import manifest  # noqa: E402
+from llm_jax.objectives import get_objective  # noqa: E402
 from llm_jax.train.checkpoint import Checkpointer  # noqa: E402
 from llm_jax.train.loop import build_training  # noqa: E402
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = config_lib.load(args.config, overrides)
     model_cfg = ModelConfig.from_config(config.model)
     mesh = sharding.make_mesh(config.mesh)
-    t = build_training(config, model_cfg, mesh, sharding.check_rules(config.mesh_rules))
+    t = build_training(config, model_cfg, mesh, sharding.check_rules(config.mesh_rules),
+                       get_objective(config.objective))
     state = t.create_state()
     shutil.rmtree(args.workdir, ignore_errors=True)
     checkpointer = Checkpointer(args.workdir, keep=args.repeats + 1, save_data_iterator=False)

@@ -25,6 +25,7 @@ from llm_jax.model.transformer import Block, token_matmul
 from llm_jax.objectives import lm
 from llm_jax.scaling import flops
 from llm_jax.train import hardware
+from llm_jax.objectives import get_objective
 from llm_jax.train.loop import build_training, validate
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -79,7 +80,7 @@ def main(argv=None):
             a_mk, b_kn = rand(m, k), rand(k, n)
             report(f"matmul {label}", timed(jax.jit(jnp.matmul), a_mk, b_kn), 2 * m * k * n, shape=[m, k, n])
 
-    training = build_training(config, cfg, mesh, rules)
+    training = build_training(config, cfg, mesh, rules, get_objective(config.objective))
     state = training.create_state()
     batch = sharding.global_batch_from_local(synthetic_batch(b, t, v, config.seed), mesh, rules)
     step_flops = flops.training_flops_per_token(cfg, t) * n_tok

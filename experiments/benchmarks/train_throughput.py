@@ -28,6 +28,7 @@ from llm_jax.train import hardware
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import run_facts  # noqa: E402
+from llm_jax.objectives import get_objective
 from llm_jax.train.loop import build_training, validate
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     b, t = config.data.batch_size, config.data.seq_len
     sharding.check_batch(b, t, mesh, rules, config.optim.grad_accum)
 
-    training = build_training(config, model_cfg, mesh, rules)
+    training = build_training(config, model_cfg, mesh, rules, get_objective(config.objective))
     state = training.create_state()
     batch = sharding.global_batch_from_local(synthetic_batch(b, t, model_cfg.vocab_size, config.seed), mesh, rules)
 

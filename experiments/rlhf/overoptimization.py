@@ -68,14 +68,14 @@ def _finished(workdir: str, steps: int) -> bool:
 
 def run_beta(args, beta: float, overrides: list[str]) -> str:
     from llm_jax.config_lib import load
-    from llm_jax.train import loop
+    from llm_jax import training
     workdir = os.path.join(args.workdir, f"beta_{beta:g}")
     if not _finished(workdir, args.steps):
         config = load(os.path.join(ROOT, "configs/ppo.py:tiny"), [
             f"train.init_from={args.policy}", f"ppo.reward_run={args.reward}", f"ppo.kl_coef={beta}",
             f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
             f"train.checkpoint_every={args.steps}", f"seed={args.seed}", *overrides])
-        loop.run(config, workdir)
+        training.run(config, workdir)
     return workdir
 
 

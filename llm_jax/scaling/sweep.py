@@ -267,7 +267,7 @@ def _finished(run: SweepRun, run_dir: str) -> dict | None:
 
 
 def _train_in_process(run: SweepRun, run_dir: str, shared: list[str]) -> None:
-    from llm_jax.train.loop import run as train
+    from llm_jax.training import run as train
     train(_load_run_config(run.spec, (*run.overrides, *shared)), run_dir)
 
 

@@ -146,7 +146,7 @@ def _train_config(path: str, tokenizer: str, overrides: list[str]) -> list[str]:
 
 
 def test_train_stops_at_a_bad_file_with_its_name(bad_file, tmp_path, small_tokenizer, small_overrides):
-    from llm_jax.train.loop import run
+    from llm_jax.training import run
 
     path = bad_file.write(tmp_path)
     with pytest.raises(DataError) as caught:

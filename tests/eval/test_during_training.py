@@ -15,7 +15,7 @@ from llm_jax.eval.during_training import training_evals
 from llm_jax.eval.judges import GoldJudge
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import generate_file
-from llm_jax.train import loop
+from llm_jax import training
 from llm_jax.train.metrics import read_metrics
 
 N_PROMPTS = 6
@@ -41,7 +41,7 @@ def test_scores_are_logged_at_every_eval_and_match_the_saved_params(small_tokeni
     gold = dict(prompts=prompts_file, judge="gold", max_new_tokens=6, batch_size=4)
     config = _config(small_tokenizer, gold=gold)
     workdir = str(tmp_path / "run")
-    loop.run(config, workdir, generative_evals=training_evals(config))
+    training.run(config, workdir, generative_evals=training_evals(config))
 
     evals = [m for m in read_metrics(workdir) if "eval_gold_score" in m]
     assert [m["step"] for m in evals] == [2, 4]
@@ -60,7 +60,7 @@ def test_a_user_judge_scores_during_training(small_tokenizer, prompts_file, tmp_
     monkeypatch.syspath_prepend(str(tmp_path))
     config = _config(small_tokenizer, short=dict(prompts=prompts_file, judge="length_judge:short", n_prompts=3,
                                                  max_new_tokens=4, batch_size=4))
-    loop.run(config, str(tmp_path / "run"), generative_evals=training_evals(config))
+    training.run(config, str(tmp_path / "run"), generative_evals=training_evals(config))
     scores = [m["eval_short_score"] for m in read_metrics(str(tmp_path / "run")) if "eval_short_score" in m]
     assert len(scores) == 2 and all(0.2 <= s <= 1.0 for s in scores) and np.isfinite(scores).all()
 
@@ -78,13 +78,13 @@ def test_bad_settings_are_named(small_tokenizer, fields, message):
 
 def test_bad_prompts_and_missing_evals_fail_before_anything_is_trained(small_tokenizer, tmp_path, capsys):
     config = _config(small_tokenizer, gold=dict(judge="gold"))
-    with pytest.raises(ConfigError, match="none were passed to train.loop.run"):
-        loop.run(config, str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="none were passed to the training loop"):
+        training.run(config, str(tmp_path / "a"))
     untasked = tmp_path / "plain.jsonl"
     untasked.write_text(json.dumps({"prompt": "hello"}) + "\n")
     config = _config(small_tokenizer, gold=dict(prompts=str(untasked), judge="gold"))
     with pytest.raises(ConfigError, match="judge 'gold' judges none of the 1 prompts"):
-        loop.run(config, str(tmp_path / "b"), generative_evals=training_evals(config))
+        training.run(config, str(tmp_path / "b"), generative_evals=training_evals(config))
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
 
     broken = tmp_path / "broken.jsonl"

@@ -230,11 +230,13 @@ def test_the_1b_train_step_lowers_with_the_pallas_kernels(platform, marker):
     from llm_jax import sharding
     from llm_jax.config_lib import load
     from llm_jax.model.config import ModelConfig
+    from llm_jax.objectives import get_objective
     from llm_jax.train.loop import build_training
 
     config = load("configs/pretrain.py:1b", ["model.attention_impl=pallas"])
     mesh, rules = sharding.make_mesh(config.mesh), sharding.check_rules(config.mesh_rules)
-    training = build_training(config, ModelConfig.from_config(config.model), mesh, rules)
+    training = build_training(config, ModelConfig.from_config(config.model), mesh, rules,
+                              get_objective(config.objective))
     shape = (config.data.batch_size, config.data.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
                                        sharding=training.batch_sharding)

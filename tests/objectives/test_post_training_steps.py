@@ -11,6 +11,7 @@ from llm_jax.config_lib import load
 from llm_jax.data.post_training import build_sft_data, render_preferences
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model.config import ModelConfig
+from llm_jax.objectives import get_objective
 from llm_jax.train.loop import build_training
 
 SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
@@ -83,7 +84,8 @@ def _train(config_name, mesh_axes, devices, steps=2, extra=()):
                                                                    "optim.warmup_steps=0", *extra])
     config.mesh.update(mesh_axes)
     mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.check_rules(config.mesh_rules)
-    training = build_training(config, ModelConfig.from_config(config.model), mesh, rules)
+    training = build_training(config, ModelConfig.from_config(config.model), mesh, rules,
+                              get_objective(config.objective))
     state, history = training.create_state(), []
     for i in range(steps):
         state, metrics = training.train_step(state, sharding.global_batch_from_local(_pair_batch(i), mesh, rules))

@@ -21,7 +21,8 @@ from llm_jax.eval.judges import GoldJudge
 from llm_jax.generate import SamplingConfig, generate
 from llm_jax.objectives.reward import RewardScorer
 from llm_jax.rl import ppo_loop, rollout
-from llm_jax.train import loop, preemption
+from llm_jax import training
+from llm_jax.train import preemption
 from llm_jax.train.checkpoint import checkpoint_dir
 
 SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=2", "model.d_ff=128",
@@ -162,7 +163,7 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
                   "ppo.reward_shaping=dense"]
     _on_one_device(monkeypatch)
     straight = str(tmp_path / "straight")
-    summary = loop.run(_config(runs, *one_device), straight)
+    summary = training.run(_config(runs, *one_device), straight)
     logged = _metrics(straight)
     iteration = [m for m in logged if m["step"] == 1 and "score" in m][0]
     for key in ("score", "score_norm", "gold", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl",
@@ -176,10 +177,10 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
     # SIGTERM after iteration 1: saved and stopped; the same command resumes and ends where `straight` did
     resumed = str(tmp_path / "resumed")
     monkeypatch.setattr(preemption.StopSignal, "agreed", lambda self: True)
-    assert loop.run(_config(runs, *one_device), resumed)["stopped_early"]
+    assert training.run(_config(runs, *one_device), resumed)["stopped_early"]
     monkeypatch.undo()
     _on_one_device(monkeypatch)
-    loop.run(_config(runs, *one_device), resumed)
+    training.run(_config(runs, *one_device), resumed)
     jax.tree.map(np.testing.assert_array_equal, _final_params(resumed), _final_params(straight))
     assert [m for m in _metrics(resumed) if "seconds_train" not in m] == [
         m for m in logged if "seconds_train" not in m]  # evals equal; timings differ
@@ -191,14 +192,14 @@ def test_ppo_run_logs_resumes_bit_for_bit_and_shards_like_one_device(runs, tmp_p
     with open(largest, "r+b") as f:
         f.seek(os.path.getsize(largest) // 2)
         f.write(b"\xff" * 64)
-    loop.run(_config(runs, *one_device), resumed)
+    training.run(_config(runs, *one_device), resumed)
     assert os.listdir(os.path.join(resumed, "checkpoints_damaged")) == ["2"]
     assert os.listdir(os.path.join(resumed, "value", "checkpoints_damaged")) == ["2"]
     jax.tree.map(np.testing.assert_array_equal, _final_params(resumed), _final_params(straight))
 
     monkeypatch.undo()
     sharded = str(tmp_path / "sharded")
-    loop.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *one_device[3:]), sharded)
+    training.run(_config(runs, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *one_device[3:]), sharded)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                  _final_params(sharded), _final_params(straight))
 

@@ -8,6 +8,8 @@ import pytest
 from llm_jax.config_lib import ConfigError, load, load_config
 from llm_jax.configs_common import DEFAULT_RULES
 from llm_jax.pipeline import train_overrides
+from llm_jax import training
+from llm_jax.objectives import get_objective
 from llm_jax.train import loop
 
 TINY = "configs/pretrain.py:tiny"  # n_heads=4, n_kv_heads=2, d_ff=384, vocab 2048 on 8 emulated devices
@@ -94,10 +96,10 @@ def test_the_mesh_error_comes_before_any_tokenizer_or_data_work(tmp_path, monkey
         raise AssertionError("tokenizer or data work before validation")
     monkeypatch.setattr(loop, "prepare_tokenizer", must_not_run)
     for name in ("lm", "sft"):
-        monkeypatch.setattr(loop.get_objective(name), "build_data", must_not_run)
+        monkeypatch.setattr(get_objective(name), "build_data", must_not_run)
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=re.escape("model.n_kv_heads=2 does not divide over mesh.tensor=8")):
-        loop.run(load(TINY, ["mesh.data=1", "mesh.tensor=8"]), str(workdir))
+        training.run(load(TINY, ["mesh.data=1", "mesh.tensor=8"]), str(workdir))
     assert not (workdir / "tokenizer.model").exists() and not (workdir / "data").exists()
 
 

@@ -11,7 +11,7 @@ from llm_jax.data.records import Message, PromptExample
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import RenderedPrompt, batches, generate_file, response_row
-from llm_jax.train.loop import run
+from llm_jax.training import run
 
 PROMPTS = [
     {"prompt": "reverse, vaplem bru sia", "task": "reverse"},

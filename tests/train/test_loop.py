@@ -15,7 +15,8 @@ import pytest
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.sharding import ShardingError
 from llm_jax.train.checkpoint import CheckpointError
-from llm_jax.train.loop import TrainingDiverged, run
+from llm_jax.train.guard import TrainingDiverged
+from llm_jax.training import run
 from llm_jax.train.run_record import ResumeMismatch
 from llm_jax.train.metrics import read_metrics
 

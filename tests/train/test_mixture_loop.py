@@ -9,7 +9,7 @@ import pytest
 
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import default_corpus
-from llm_jax.train.loop import run
+from llm_jax.training import run
 from llm_jax.train.run_record import ResumeMismatch
 from llm_jax.train.metrics import format_line, read_metrics
 
