@@ -45,6 +45,7 @@ class AdvantageInputs:
     beta:      the KL-in-reward coefficient β (a number or a traced scalar: the adaptive controller's).
     values_bt: (B, T) the value model's V of the state before each token; None without a value model.
     dense_bt:  (B, T) per-token parts of the score (dense shaping, losses.token_rewards); None: all at the end.
+               Only the per-token estimators (gae, reinforce_pp) read it: the group ones compare whole scores.
     group:     k, samples per prompt (static: it shapes a reshape).
     gamma, lam: discount and GAE λ.
     """
@@ -196,7 +197,8 @@ def reinforce_pp(inputs: AdvantageInputs) -> Advantages:
 
         r_t = −β·kl_t + d_t + (s − Σ_t d_t)·[t = last]
         R_t = Σ_{t' ≥ t} γ^(t'−t)·r_t'        (the paper's γ = 1: the plain return-to-go)
-        A_t = (R_t − mean(R)) / sqrt(var(R) + 1e-8)   over every response token of the batch (losses.whiten)
+        A_t = (R_t − mean(R)) / sqrt(var(R) + 1e-8)   over every response token of the batch (losses.whiten,
+                                                      unbiased var)
     Computed as GAE with V = 0 and λ = 1 (δ_t = r_t). Normalising over the batch rather than a prompt's group
     keeps it usable with k = 1.
     """
