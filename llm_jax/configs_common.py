@@ -1,8 +1,12 @@
 """The fields every training config shares, with their defaults; config files override what they need.
 
-Every field is listed here once, so `--config.x.y=...` overrides are typed and a typo is an error.
+Every field is listed once, so `--config.x.y=...` overrides are typed and a typo is an error: here, or, for an
+objective's own section (`reward`, `dpo`, `ppo`), in its module's `CONFIG_DEFAULTS` (llm_jax/objectives/), which
+`base_config` gathers without importing the objective (so loading a config does not import JAX).
 """
 import ml_collections
+
+from llm_jax.objectives import config_sections
 
 # Logical axis -> mesh axes. Model code names logical axes only; this table is the only mapping.
 # Activations: batch over (data, fsdp), sequence over `sequence`. Weights: the embed dimension over fsdp
@@ -98,48 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
         chat_template="chatml_min",  # how sft/reward/dpo records become tokens (llm_jax/data/chat.py)
     ))
 
-    c.reward = ml_collections.ConfigDict(dict(
-        margin=0.0,            # Bradley–Terry: −log σ(r_chosen − r_rejected − margin)
-        readout="last",        # last: w·h_last + b | likelihood: plus the answer's log-likelihood under the
-                               # trunk's own LM head (objectives/reward.py: what a small trunk needs)
-    ))
-
-    c.dpo = ml_collections.ConfigDict(dict(
-        beta=0.1,              # strength of the KL anchor to the reference
-        label_smoothing=0.0,   # cDPO: assumed fraction of flipped preference labels, in [0, 0.5)
-        loss="sigmoid",        # sigmoid (DPO) | ipo
-        nll_coef=0.0,          # + nll_coef · the chosen answer's per-token NLL (Llama 3 used 0.2)
-        reference="",          # the frozen reference run; empty: train.init_from
-    ))
-
-    c.ppo = ml_collections.ConfigDict(dict(  # objectives/ppo.py; train.steps counts PPO iterations
-        reward="reward_model",  # what pays: the reward model | a judge: gold (the embedded task's scorer: the
-                               # ceiling), exact_match, numeric_match, module:function (eval/judges.py)
-        reward_run="runs/rm",  # the frozen reward model (scored and logged in either case)
-        reference_run="",      # the frozen reference; empty: train.init_from (LoRA: the policy's own base)
-        value_from="reward",   # the value model starts from the reward run (trunk + head) | policy (zero head)
-        prompts="default_task", eval_prompts="default_task", n_eval_prompts=256,
-        rollout_batch=64,      # responses per iteration: rollout_batch / samples_per_prompt prompts
-        samples_per_prompt=1,  # k responses to each prompt (a group)
-        baseline="value",      # value: GAE with the value model | group: the prompt's other samples (RLOO)
-        minibatch=16, epochs=4,  # updates per iteration: epochs · rollout_batch / minibatch, each model
-        max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
-        kl_coef=0.05,          # β of the per-token KL penalty (the initial β when adaptive)
-        kl_estimator="k1",     # k1 | k2 | k3 (rl/losses.py)
-        kl_control="fixed",    # fixed | adaptive (toward kl_target nats per response over kl_horizon samples)
-        kl_target=6.0, kl_horizon=10000.0,
-        gamma=1.0, lam=0.95,   # GAE
-        clip_eps=0.2, value_clip=0.2, entropy_coef=0.0,
-        whiten_advantages=True,
-        normalize_score=True,  # standardise scores with the reward run's last eval mean and std
-        unfinished_penalty=1.0,  # subtracted from the (standardised) score of a response that never stopped
-        value_lr=0.0,          # the value model's peak lr; 0: optim.lr
-        ptx_coef=0.0,          # PPO-ptx: + ptx_coef · the LM loss on pretraining rows at every policy update
-        ptx_data="default",    # those rows: a data.train spec ("default": the embedded corpus), packed at data.seq_len
-        ptx_batch=8,           # pretraining rows per policy update
-        reward_shaping="final",  # final: the whole score at the last token | dense: the part each token earned,
-                                 # as it is emitted (likelihood reward models; the gold scorer over prefixes)
-    ))
+    for section, defaults in config_sections():  # each objective's own section: objectives/<name>.py
+        c[section] = ml_collections.ConfigDict(defaults)
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine",  # cosine | wsd | constant

@@ -51,6 +51,9 @@ import os
 import time
 
 from llm_jax.files import write_json_atomic, write_text_atomic
+from llm_jax.objectives import fmt as _f
+from llm_jax.objectives import gold_text as _gold
+from llm_jax.objectives import table_row_of
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
@@ -376,18 +379,6 @@ def run_pipeline(config, workdir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------- table
 
-def _f(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _arrow(m: dict, key: str, spec: str = ".3f") -> str:
-    return f"{_f(m.get(f'before_{key}'), spec)} → {_f(m.get(f'after_{key}'), spec)}"
-
-
-def _gold(m: dict) -> str:
-    return f"gold greedy {_f(m.get('gold_greedy'))}, sampled {_f(m.get('gold_sampled'))}"
-
-
 def _judged_by(s: dict) -> str:
     return "the gold judge" if s.get("judge") == "gold" else f"judge {s.get('judge')}"
 
@@ -420,25 +411,20 @@ def _arena_row(m: dict, s: dict) -> str:
             f"{_judged_by(s)})")
 
 
-_ROWS = {  # what the table shows of each kind of stage, from its stage.json metrics and summary
-    "lm": lambda m, s: f"held-out perplexity {_f(m.get('eval_perplexity'), '.2f')}, loss {_f(m.get('eval_loss'))}",
-    "sft": lambda m, s: f"answer-token eval loss {_f(m.get('eval_loss'))}; {_gold(m)}",
+_ROWS = {  # what the table shows of each kind of stage that is not an objective's train stage (those: the
+    # objective's `table_row`), from its stage.json metrics and summary
     "pairs": _pairs_row,
     "rejection": _rejection_row,
     "import": lambda m, s: (f"{s.get('family')} checkpoint, {_f(m.get('params'), ',')} params, "
                             f"{_f(m.get('gb_per_s'), '.2f')} GB/s"),
-    "reward": lambda m, s: (f"held-out pair accuracy {_f(m.get('eval_accuracy'))}, margin "
-                            f"{_f(m.get('eval_margin'))}"),
-    "ppo": lambda m, s: (f"gold greedy {_arrow(m, 'eval_gold_greedy')}, sampled {_arrow(m, 'eval_gold')}; "
-                         f"KL {_f(m.get('after_eval_kl'))} nats; reward-model score {_arrow(m, 'eval_score')}"),
-    "dpo": lambda m, s: f"{_gold(m)}; held-out pair accuracy {_f(m.get('eval_accuracy'))}",
     "arena": _arena_row,
 }
 
 
 def _row(record: dict) -> str:
     m = record["metrics"]
-    show = _ROWS.get(record.get("objective") or record["kind"])
+    key = record.get("objective") or record["kind"]
+    show = _ROWS.get(key) or table_row_of(key)
     if show:
         text = show(m, record.get("summary") or {})
     else:

@@ -40,6 +40,7 @@ import numpy as np
 from llm_jax.data.lm_data import LMData
 from llm_jax.data.post_training import data_cache_dir, render_preferences, rows_fingerprint
 from llm_jax.model.transformer import Transformer, dropout_rngs
+from llm_jax.objectives import fmt, gold_text
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.objectives.reward import both_sides
 from llm_jax.train import step as train_step
@@ -48,6 +49,15 @@ from llm_jax.train.checkpoint import intact_step
 LOSSES = ("sigmoid", "ipo")
 sequences_per_row = 2  # each row is a pair: two forward sequences
 REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
+
+CONFIG_SECTION = "dpo"
+CONFIG_DEFAULTS = dict(
+    beta=0.1,              # strength of the KL anchor to the reference
+    label_smoothing=0.0,   # cDPO: assumed fraction of flipped preference labels, in [0, 0.5)
+    loss="sigmoid",        # sigmoid (DPO) | ipo
+    nll_coef=0.0,          # + nll_coef · the chosen answer's per-token NLL (Llama 3 used 0.2)
+    reference="",          # the frozen reference run; empty: train.init_from
+)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
@@ -113,6 +123,11 @@ def make_eval_step(config, model):
 
 def finish_eval(metrics: dict) -> dict:
     return metrics
+
+
+def table_row(metrics: dict, summary: dict) -> str:
+    del summary
+    return f"{gold_text(metrics)}; held-out pair accuracy {fmt(metrics.get('eval_accuracy'))}"
 
 
 def reference_run(config) -> str:

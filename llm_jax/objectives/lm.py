@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from llm_jax.data.mixture import build_lm_data
 from llm_jax.model.transformer import Transformer, dropout_rngs
+from llm_jax.objectives import fmt
 from llm_jax.train import step as train_step
 
 
@@ -106,6 +107,11 @@ def make_eval_step(config, model: Transformer):
 def finish_eval(metrics: dict) -> dict:
     """Per-token eval means -> reported metrics: adds perplexity."""
     return {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 80.0))}
+
+
+def table_row(metrics: dict, summary: dict) -> str:
+    del summary
+    return f"held-out perplexity {fmt(metrics.get('eval_perplexity'), '.2f')}, loss {fmt(metrics.get('eval_loss'))}"
 
 
 def build_data(config, tokenizer, workdir: str):

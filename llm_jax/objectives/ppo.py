@@ -41,7 +41,8 @@ With `ppo.ptx_coef` > 0 every policy update also takes `ppo.ptx_batch` packed ro
 (`ppo.ptx_data`) and adds ptx_coef · their mean LM loss (InstructGPT's PPO-ptx: the pretraining distribution
 holds on while the policy chases the reward).
 
-This module holds the settings and the two loss functions; the loop lives in `llm_jax/rl/ppo_loop.py`.
+This module holds the settings (its config section, `CONFIG_DEFAULTS`), the two loss functions and its row of the
+pipeline table; the loop lives in `llm_jax/rl/ppo_loop.py`.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llm_jax.objectives import lm
+from llm_jax.objectives import before_after, fmt, lm
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.rl import losses, rollout
 
@@ -58,6 +59,36 @@ VALUE_FROM = ("reward", "policy")
 REWARD_MODEL = "reward_model"  # ppo.reward: the reward run pays; any other value is a judge spec (eval/judges.py)
 BASELINES = ("value", "group")
 REWARD_SHAPINGS = ("final", "dense")
+
+CONFIG_SECTION = "ppo"
+CONFIG_DEFAULTS = dict(  # train.steps counts PPO iterations
+    reward="reward_model",  # what pays: the reward model | a judge: gold (the embedded task's scorer: the
+                           # ceiling), exact_match, numeric_match, module:function (eval/judges.py)
+    reward_run="runs/rm",  # the frozen reward model (scored and logged in either case)
+    reference_run="",      # the frozen reference; empty: train.init_from (LoRA: the policy's own base)
+    value_from="reward",   # the value model starts from the reward run (trunk + head) | policy (zero head)
+    prompts="default_task", eval_prompts="default_task", n_eval_prompts=256,
+    rollout_batch=64,      # responses per iteration: rollout_batch / samples_per_prompt prompts
+    samples_per_prompt=1,  # k responses to each prompt (a group)
+    baseline="value",      # value: GAE with the value model | group: the prompt's other samples (RLOO)
+    minibatch=16, epochs=4,  # updates per iteration: epochs · rollout_batch / minibatch, each model
+    max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+    kl_coef=0.05,          # β of the per-token KL penalty (the initial β when adaptive)
+    kl_estimator="k1",     # k1 | k2 | k3 (rl/losses.py)
+    kl_control="fixed",    # fixed | adaptive (toward kl_target nats per response over kl_horizon samples)
+    kl_target=6.0, kl_horizon=10000.0,
+    gamma=1.0, lam=0.95,   # GAE
+    clip_eps=0.2, value_clip=0.2, entropy_coef=0.0,
+    whiten_advantages=True,
+    normalize_score=True,  # standardise scores with the reward run's last eval mean and std
+    unfinished_penalty=1.0,  # subtracted from the (standardised) score of a response that never stopped
+    value_lr=0.0,          # the value model's peak lr; 0: optim.lr
+    ptx_coef=0.0,          # PPO-ptx: + ptx_coef · the LM loss on pretraining rows at every policy update
+    ptx_data="default",    # those rows: a data.train spec ("default": the embedded corpus), packed at data.seq_len
+    ptx_batch=8,           # pretraining rows per policy update
+    reward_shaping="final",  # final: the whole score at the last token | dense: the part each token earned,
+                             # as it is emitted (likelihood reward models; the gold scorer over prefixes)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +220,13 @@ def make_value_loss_fn(model, s: PPOSettings):
                                             s.value_clip)
         return loss_sum, dict(stats, weight=jnp.sum(seqs.mask_bn))
     return loss_fn
+
+
+def table_row(metrics: dict, summary: dict) -> str:
+    """Before → after the run, from the loop's own evals (`ppo.n_eval_prompts`; before = the starting policy)."""
+    del summary
+    return (f"gold greedy {before_after(metrics, 'eval_gold_greedy')}, sampled {before_after(metrics, 'eval_gold')}; "
+            f"KL {fmt(metrics.get('after_eval_kl'))} nats; reward-model score {before_after(metrics, 'eval_score')}")
 
 
 # PPO has its own loop (sample, score, update), which `llm-jax train` runs for objective "ppo". Named, not

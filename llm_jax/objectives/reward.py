@@ -36,6 +36,7 @@ from llm_jax.data import chat
 from llm_jax.data.post_training import build_preference_data, pair_rows
 from llm_jax.data.records import Message
 from llm_jax.model.transformer import Transformer, dropout_rngs
+from llm_jax.objectives import fmt
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import CheckpointError, restore_params
@@ -43,6 +44,13 @@ from llm_jax.train.checkpoint import CheckpointError, restore_params
 HEAD_PARAMS = ("reward_head", "reward_bias")
 READOUTS = ("last", "likelihood")
 sequences_per_row = 2  # each row is a pair: two forward sequences
+
+CONFIG_SECTION = "reward"
+CONFIG_DEFAULTS = dict(
+    margin=0.0,            # Bradley–Terry: −log σ(r_chosen − r_rejected − margin)
+    readout="last",        # last: w·h_last + b | likelihood: plus the answer's log-likelihood under the
+                           # trunk's own LM head (objectives/reward.py: what a small trunk needs)
+)
 
 
 class RewardModel(Transformer):
@@ -137,6 +145,11 @@ def finish_eval(metrics: dict) -> dict:
     variance = out.pop("eval_reward_sq") - out["eval_reward_mean"] ** 2
     out["eval_reward_std"] = math.sqrt(max(variance, 0.0))
     return out
+
+
+def table_row(metrics: dict, summary: dict) -> str:
+    del summary
+    return f"held-out pair accuracy {fmt(metrics.get('eval_accuracy'))}, margin {fmt(metrics.get('eval_margin'))}"
 
 
 def build_data(config, tokenizer, workdir: str):

@@ -7,10 +7,16 @@ conversations whose loss mask is 1 on assistant content and the end marker closi
 from __future__ import annotations
 
 from llm_jax.data.post_training import build_sft_data
+from llm_jax.objectives import fmt, gold_text
 from llm_jax.objectives.lm import finish_eval, make_eval_step, make_train_step
 
-__all__ = ["build_data", "finish_eval", "make_eval_step", "make_train_step"]
+__all__ = ["build_data", "finish_eval", "make_eval_step", "make_train_step", "table_row"]
 
 
 def build_data(config, tokenizer, workdir: str):
     return build_sft_data(config, tokenizer, workdir)
+
+
+def table_row(metrics: dict, summary: dict) -> str:
+    del summary
+    return f"answer-token eval loss {fmt(metrics.get('eval_loss'))}; {gold_text(metrics)}"
