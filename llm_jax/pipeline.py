@@ -4,7 +4,7 @@
 
     run_pipeline(config, workdir) -> summary (its "table" is the markdown the command prints)
 
-The config (configs/pipeline.py) lists the stages in `order`. A `train` stage is `llm_jax.train.loop.run` of its
+The config (configs/pipeline.py) lists the stages in `order`. A `train` stage is `llm_jax.training.run` of its
 config spec plus overrides, in process, in `<workdir>/<stage>/`; with `evaluate` its model then answers the
 held-out prompts of `config.eval` greedily and sampled, and the gold scorer grades the answers
 (`<stage>/generations/{greedy,sampled}.jsonl`). Two kinds of stage sample K answers to each prompt of `prompts`
@@ -167,7 +167,7 @@ class _Stopped(PipelineError):
 
 def _run_train(config, name: str, workdir: str, directory: str, train_config) -> dict:
     from llm_jax.eval.during_training import training_evals
-    from llm_jax.train.loop import run
+    from llm_jax.training import run
     summary = run(train_config, directory, generative_evals=training_evals(train_config))
     if summary.get("stopped_early"):
         raise _Stopped(f"stage {name!r} stopped early (SIGTERM) with its checkpoint saved; rerun the same command "

@@ -16,7 +16,7 @@ and optionally
 - `params_from_run(run_dir, abstract_params)`: params to start from `train.init_from` (default: restore all).
 
 An objective that is not a pass over a fixed dataset (PPO samples its own data) instead names its own loop:
-`LOOP`, the module whose `run(config, workdir) -> summary` `train.loop.run` hands the run to (`own_loop`).
+`LOOP`, the module whose `run(config, workdir) -> summary` `llm_jax.training.run` hands the run to (`own_loop`).
 
 Shared by the table rows (theirs and the pipeline's other stages'): `fmt`, `before_after`, `gold_text`.
 """
