@@ -2,7 +2,7 @@ r"""The whole assistant pipeline on the embedded default data, one stage after a
 
     llm-jax pipeline --config configs/pipeline.py:tiny --workdir runs/pipeline
     llm-jax pipeline --config configs/pipeline.py:tiny --workdir runs/p2 --config.seed=1 \
-        --config.stages.ppo.extra="ppo.kl_coef=0.1 train.steps=60" --config.stages.pairs.k=4
+        --config.stages.ppo.extra="rl.kl_coef=0.1 train.steps=60" --config.stages.pairs.k=4
 
 Stages, in `order`, each in `<workdir>/<name>/`:
 
@@ -65,8 +65,8 @@ SMALL = {
         "reward": SMALL_MODEL + SMALL_RUN,
         "dpo": SMALL_MODEL + SMALL_RUN + ("optim.lr=2e-3", "dpo.nll_coef=0.0"),
         "ppo": SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                              "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
-                              "ppo.max_new_tokens=6"),
+                              "rl.rollout_batch=8", "rl.minibatch=8", "rl.epochs=1", "rl.n_eval_prompts=8",
+                              "rl.max_new_tokens=6"),
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),
@@ -84,8 +84,8 @@ HF_SMALL = {
         "dpo": ("data.seq_len=256", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4",
                 "train.eval_batches=2", "optim.warmup_steps=1"),
         "ppo": ("data.seq_len=256", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.epochs=1", "ppo.n_eval_prompts=8",
-                "ppo.max_new_tokens=6"),
+                "rl.rollout_batch=8", "rl.minibatch=8", "rl.epochs=1", "rl.n_eval_prompts=8",
+                "rl.max_new_tokens=6"),
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=8, max_new_tokens=8),
@@ -154,7 +154,7 @@ def post_training_stages(preset: str, start: str, *sft_overrides: str) -> dict:
         reward=train_stage(f"reward.py:{preset}", "train.init_from={workdir}/sft",
                            "data.train=default_task,{workdir}/pairs/pairs.jsonl",
                            "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
-        ppo=train_stage(f"ppo.py:{preset}", "train.init_from={workdir}/sft", "ppo.reward_run={workdir}/reward"),
+        ppo=train_stage(f"ppo.py:{preset}", "train.init_from={workdir}/sft", "rl.reward_run={workdir}/reward"),
         dpo=train_stage(f"dpo.py:{preset}", "train.init_from={workdir}/sft", evaluate=True),
         arena=arena_stage(start, ("sft", "ppo", "dpo")),
     )

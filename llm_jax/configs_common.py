@@ -1,7 +1,7 @@
 """The fields every training config shares, with their defaults; config files override what they need.
 
 Every field is listed once, so `--config.x.y=...` overrides are typed and a typo is an error: here, or, for an
-objective's own section (`reward`, `dpo`, `ppo`), in its module's `CONFIG_DEFAULTS` (llm_jax/objectives/), which
+objective's own section (`reward`, `dpo`, `rl`), in its module's `CONFIG_DEFAULTS` (llm_jax/objectives/), which
 `base_config` gathers without importing the objective (so loading a config does not import JAX).
 """
 import ml_collections
@@ -172,4 +172,38 @@ def stage_config(arg, *, objective: str, init_from: str, stage_sizes: dict) -> m
         config[section].update(fields)
     if arg.steps > 0:
         config.train.steps = arg.steps
+    return config
+
+
+# `rl_stage_config`'s tasks: what an RL preset trains on, over its size's settings.
+RL_TASKS = {
+    "default": {},  # the embedded task (data/default_task.py), paid by the reward model; policy runs/sft
+    # Verifiable rewards: the embedded arithmetic task (data/arithmetic_task.py), graded by numeric_match, no
+    # reward model; the policy is configs/sft_arithmetic.py's run.
+    "arithmetic": dict(rl=dict(prompts="arithmetic_task", eval_prompts="arithmetic_task", reward="numeric_match",
+                               reward_run="", value_from="policy", max_new_tokens=64, n_eval_prompts=256),
+                       data=dict(seq_len=128)),
+}
+RL_INIT_FROM = {"default": "runs/sft", "arithmetic": "runs/sft_arithmetic"}
+
+
+def rl_stage_config(arg, *, stage_sizes: dict, variants: dict | None = None) -> ml_collections.ConfigDict:
+    """An RL preset's config (objective "rl"; configs/ppo.py, grpo.py, rloo.py, reinforce_pp.py): `stage_config`
+    of its size, then the task's fields (RL_TASKS), then the variant's (an algorithm's options, e.g. grpo's
+    dr_grpo). `arg`: `size`, `task`, `variant`, `steps`, `seed`, `init_from`."""
+    from llm_jax.config_lib import ConfigError, parse_arg
+    variants = variants or {"": {}}
+    parsed = parse_arg(arg, size="tiny", task="default", variant=next(iter(variants)), steps=-1, seed=0,
+                       init_from="")
+    if parsed.task not in RL_TASKS:
+        raise ConfigError(f"unknown RL task {parsed.task!r}; known: {sorted(RL_TASKS)}")
+    if parsed.variant not in variants:
+        raise ConfigError(f"unknown variant {parsed.variant!r}; known: {sorted(variants)}")
+    default_init = RL_INIT_FROM[parsed.task]
+    config = stage_config(f"size={parsed.size},steps={parsed.steps},seed={parsed.seed},"
+                          f"init_from={parsed.init_from or default_init}", objective="rl", init_from=default_init,
+                          stage_sizes=stage_sizes)
+    for fields in (RL_TASKS[parsed.task], variants[parsed.variant]):
+        for section, values in fields.items():
+            config[section].update(values)
     return config

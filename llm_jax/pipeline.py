@@ -473,5 +473,5 @@ def format_table(config, records: dict, total: float, rounds: list[dict]) -> str
     lines.append("")
     lines.append(f"Gold scores after the stages that evaluate: {prompts} held-out prompts, greedy and sampled "
                  f"(temperature {config.eval.temperature}, seed {config.eval.seed}), {config.eval.max_new_tokens} "
-                 "new tokens. PPO's: its own evals (ppo.n_eval_prompts, ppo.max_new_tokens), before = the SFT policy.")
+                 "new tokens. RL stages': their own evals (rl.n_eval_prompts, rl.max_new_tokens), before = the SFT policy.")
     return "\n".join(lines) + "\n"

@@ -15,10 +15,10 @@ STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "arena")
 
 
 def test_sizes_and_stage_overrides():
-    config = config_lib.load("configs/pipeline.py:tiny", ["seed=3", "stages.ppo.extra=ppo.kl_coef=0.1 train.steps=7"])
+    config = config_lib.load("configs/pipeline.py:tiny", ["seed=3", "stages.ppo.extra=rl.kl_coef=0.1 train.steps=7"])
     assert tuple(config.order) == STAGES
     assert train_overrides(config, "ppo", "runs/p") == [
-        "seed=3", "train.init_from=runs/p/sft", "ppo.reward_run=runs/p/reward", "ppo.kl_coef=0.1", "train.steps=7"]
+        "seed=3", "train.init_from=runs/p/sft", "rl.reward_run=runs/p/reward", "rl.kl_coef=0.1", "train.steps=7"]
     assert "data.train=default_task,runs/p/pairs/pairs.jsonl" in train_overrides(config, "reward", "runs/p")
     with pytest.raises(config_lib.ConfigError, match=r"unknown pipeline size 'huge'; known: \['tiny', 'small', 'hf', 'hf_small'\]"):
         config_lib.load("configs/pipeline.py:huge", [])
@@ -128,7 +128,7 @@ def test_a_failing_stage_is_named_and_the_earlier_stages_kept(pipeline_dir, smal
         run_pipeline(_small(small_tokenizer, "stages.ppo.extra=train.stepz=3"), pipeline_dir)
     assert cli.main(["pipeline", "--config", "configs/pipeline.py:small", "--workdir", pipeline_dir,
                      f"--config.stages.pretrain.extra=tokenizer.path={small_tokenizer}",
-                     "--config.stages.ppo.extra=ppo.minibatch=3"]) == 1
+                     "--config.stages.ppo.extra=rl.minibatch=3"]) == 1
     err = capsys.readouterr().err
     assert "llm-jax pipeline: pipeline stage 'ppo'" in err and "failed" in err and "minibatch" in err
     assert not os.path.exists(os.path.join(pipeline_dir, "ppo", "stage.json"))

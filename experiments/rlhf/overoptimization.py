@@ -72,7 +72,7 @@ def run_beta(args, beta: float, overrides: list[str]) -> str:
     workdir = os.path.join(args.workdir, f"beta_{beta:g}")
     if not _finished(workdir, args.steps):
         config = load(os.path.join(ROOT, "configs/ppo.py:tiny"), [
-            f"train.init_from={args.policy}", f"ppo.reward_run={args.reward}", f"ppo.kl_coef={beta}",
+            f"train.init_from={args.policy}", f"rl.reward_run={args.reward}", f"rl.kl_coef={beta}",
             f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
             f"train.checkpoint_every={args.steps}", f"seed={args.seed}", *overrides])
         training.run(config, workdir)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy", required=True, help="the SFT run PPO starts from (and its reference)")
     parser.add_argument("--reward", required=True, help="the reward-model run")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--betas", default="0,0.02,0.1", help="comma list of ppo.kl_coef values")
+    parser.add_argument("--betas", default="0,0.02,0.1", help="comma list of rl.kl_coef values")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

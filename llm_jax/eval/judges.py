@@ -20,8 +20,8 @@ Two judges come with the project's stages:
 - a reward run's directory (`RewardModelJudge`): the reward model's score of each response as it reads the
   record as written (`chat.render_pair`: prompt + answer + <|end|> + eos, the answer re-encoded from its text),
   the score a later stage trains on. `fits(prompt, response)` says whether the pair fits its context; `score`
-  refuses one that does not. PPO reads the same reward model on the sampled tokens inside its jitted rollout
-  (objectives/ppo.py), the one place a judge is not called through `score`.
+  refuses one that does not. RL reads the same reward model on the sampled tokens in one jitted program
+  (rl/rewards.py), the one place a judge is not called through `score`.
 
 `load_judge(spec)` takes any of them: a built-in name, `gold`, a reward run directory, or `module:function`.
 Optional methods a caller may use: `applies(prompt) -> bool` (default every prompt) and

@@ -15,7 +15,7 @@ and optionally
 - `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs);
 - `params_from_run(run_dir, abstract_params)`: params to start from `train.init_from` (default: restore all).
 
-An objective that is not a pass over a fixed dataset (PPO samples its own data) instead names its own loop:
+An objective that is not a pass over a fixed dataset (RL samples its own data) instead names its own loop:
 `LOOP`, the module whose `run(config, workdir) -> summary` `llm_jax.training.run` hands the run to (`own_loop`).
 
 Shared by the table rows (theirs and the pipeline's other stages'): `fmt`, `before_after`, `gold_text`.
@@ -27,7 +27,7 @@ import importlib.util
 
 OBJECTIVES = {"lm": "llm_jax.objectives.lm", "sft": "llm_jax.objectives.sft",
               "reward": "llm_jax.objectives.reward", "dpo": "llm_jax.objectives.dpo",
-              "ppo": "llm_jax.objectives.ppo"}
+              "rl": "llm_jax.objectives.rl"}
 
 
 def get_objective(name: str):

@@ -115,13 +115,16 @@ def check_objective_sections(config) -> None:
         _in_range(config.dpo, "nll_coef", 0.0, where="dpo")
     if "reward" in config:
         _in_range(config.reward, "margin", -math.inf, where="reward")  # any finite margin
-    if "ppo" in config:  # ppo.settings checks the rest of the section before PPO reads anything
-        p = config.ppo
+    if "rl" in config:  # rl/settings.py checks the rest of the section before RL reads anything
+        p = config.rl
         # ρ is clipped to [1 − ε, 1 + ε]: ε >= 1 leaves no lower clip, ε <= 0 no policy step
-        _in_range(p, "clip_eps", 0.0, 1.0, low_open=True, high_open=True, where="ppo")
-        _in_range(p, "value_lr", 0.0, where="ppo")  # 0: optim.lr
-        _in_range(p, "top_p", 0.0, 1.0, low_open=True, where="ppo")
-        _int_at_least(p, "top_k", 0, "ppo")
+        _in_range(p, "clip_eps", 0.0, 1.0, low_open=True, high_open=True, where="rl")
+        _in_range(p, "clip_eps_high", 0.0, where="rl")  # 0: clip_eps
+        _in_range(p, "value_lr", 0.0, where="rl")  # 0: optim.lr
+        _in_range(p, "top_p", 0.0, 1.0, low_open=True, where="rl")
+        _int_at_least(p, "top_k", 0, "rl")
+        for name in ("kl_loss_coef", "entropy_coef", "tis_cap"):
+            _in_range(p, name, 0.0, where="rl")
 
 
 # The model field that sets a logical axis's length, to name it in an error (when the length is that field's).

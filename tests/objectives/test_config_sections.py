@@ -18,13 +18,13 @@ def test_each_section_is_its_objectives_declared_defaults():
             declared[module.CONFIG_SECTION] = module.CONFIG_DEFAULTS
             # what base_config read from the source without importing the module is what the module holds
             assert config[module.CONFIG_SECTION].to_dict() == module.CONFIG_DEFAULTS
-    assert set(declared) == {"reward", "dpo", "ppo"}
+    assert set(declared) == {"reward", "dpo", "rl"}
     assert dict(objectives.config_sections()) == declared
 
 
 def test_objective_fields_are_typed_and_a_typo_is_an_error():
-    c = config_lib.load("configs/dpo.py:tiny", ["dpo.beta=0.5", "ppo.kl_coef=0.1"])
-    assert c.dpo.beta == 0.5 and isinstance(c.dpo.beta, float) and c.ppo.kl_coef == 0.1
+    c = config_lib.load("configs/dpo.py:tiny", ["dpo.beta=0.5", "rl.kl_coef=0.1"])
+    assert c.dpo.beta == 0.5 and isinstance(c.dpo.beta, float) and c.rl.kl_coef == 0.1
     with pytest.raises(config_lib.ConfigError, match="config has no field 'dpo.betta'"):
         config_lib.load("configs/dpo.py:tiny", ["dpo.betta=0.5"])
     with pytest.raises(config_lib.ConfigError, match="field 'dpo.beta' is a float; got 'big'"):
@@ -45,8 +45,11 @@ def test_each_objective_writes_its_own_table_row():
     assert rows["sft"] == "answer-token eval loss 2.500; gold greedy 0.400, sampled 0.300"
     assert rows["reward"] == "held-out pair accuracy 0.900, margin 1.200"
     assert rows["dpo"] == "gold greedy 0.400, sampled 0.300; held-out pair accuracy 0.900"
-    assert rows["ppo"] == ("gold greedy 0.100 → 0.500, sampled n/a → n/a; KL 3.200 nats; "
-                           "reward-model score n/a → n/a")
+    assert rows["rl"] == "gold greedy 0.100 → 0.500, sampled n/a → n/a; KL 3.200 nats"
+    verifiable = dict(before_eval_reward_greedy=0.25, after_eval_reward_greedy=0.5, before_eval_reward=0.2,
+                      after_eval_reward=0.45, after_eval_kl=1.5, before_eval_score=-7.0, after_eval_score=-5.0)
+    assert objectives.table_row_of("rl")(verifiable, {}) == (
+        "reward greedy 0.250 → 0.500, sampled 0.200 → 0.450; KL 1.500 nats; reward-model score -7.000 → -5.000")
     assert objectives.table_row_of("pairs") is None
 
     config = base_config()

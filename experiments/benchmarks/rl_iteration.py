@@ -1,17 +1,19 @@
-r"""Seconds, FLOPs and MFU of each role of a PPO iteration (generate, score, train), from the real loop.
+r"""Seconds, FLOPs and MFU of each role of an RL iteration (generate, reward, score, train), from the real loop,
+for any algorithm's preset.
 
-    python experiments/benchmarks/ppo_iteration.py --policy runs/pipeline/sft --reward runs/pipeline/reward \
-        [--iterations 5] [--warmup 1] [--config.ppo.rollout_batch=256 ...]
+    python experiments/benchmarks/rl_iteration.py --policy runs/pipeline/sft --reward runs/pipeline/reward \
+        [--preset configs/grpo.py:tiny] [--iterations 5] [--warmup 1] [--config.rl.rollout_batch=256 ...]
 
-The config is `configs/ppo.py:tiny` with the policy run's own `model` section (so any SFT run works without
-restating its shape), `train.init_from=--policy`, `ppo.reward_run=--reward`, then the `--config.x=y`
-overrides. It builds `ppo_loop.PPO` and runs `ppo_loop._iteration` exactly as `llm-jax train` does (fresh
-states from the runs; iteration i samples the i-th block of prompts), in a scratch workdir that is deleted.
+The config is `--preset` (default `configs/ppo.py:tiny`) with the policy run's own `model` section (so any SFT
+run works without restating its shape), `train.init_from=--policy`, `rl.reward_run=--reward` (`--reward ""`:
+none, for verifiable rewards), then the `--config.x=y` overrides. It builds `rl.loop.RL` and runs
+`rl.loop.Iterations.step` exactly as `llm-jax train` does (fresh states from the runs; iteration i samples the
+i-th block of prompts), in a scratch workdir that is deleted.
 
-The first iteration compiles every program (generation, scoring, both update steps): its wall seconds
+The first iteration compiles every program (generation, scoring, the update steps): its wall seconds
 (compilation plus one run) are reported apart as `compile_s`, and each role's as `compile_iteration_seconds`.
 Then `--warmup - 1` untimed iterations, then `--iterations` timed ones. Each role's
-seconds are the loop's own timing (each role waited on); its FLOPs are `PPO.role_flops` of that iteration
+seconds are the loop's own timing (each role waited on); its FLOPs are `RL.role_flops` of that iteration
 (generation counts the decode steps of the longest response, so they vary a little between iterations).
 Reported per role: the median seconds, the median FLOPs, the median of the per-iteration FLOP/s, and MFU =
 that FLOP/s over the device's datasheet peak, or on CPU over the square-matmul rate (model dtype, median of 5)
@@ -31,7 +33,8 @@ import jax
 import numpy as np
 
 from llm_jax import cli, config_lib
-from llm_jax.rl import losses, ppo_loop
+from llm_jax.rl import loop as rl_loop
+from llm_jax.rl import losses
 from llm_jax.scaling import flops
 from llm_jax.train import hardware, run_record
 
@@ -39,26 +42,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import run_facts  # noqa: E402
 
 BASE_CONFIG = "configs/ppo.py:tiny"
-ROLES = ("generate", "score", "train")
+ROLES = ("generate", "reward", "score", "train")
 
 
-def ppo_config(policy: str, reward: str, overrides: list[str]):
-    """`BASE_CONFIG` shaped like the policy run, pointed at both runs, then `overrides` (which win)."""
+def rl_config(preset: str, policy: str, reward: str, overrides: list[str]):
+    """`preset` shaped like the policy run, pointed at the runs, then `overrides` (which win)."""
     shape = [f"model.{name}={value}" for name, value in run_record.read_run_config(policy).model.items()]
-    return config_lib.load(BASE_CONFIG, [*shape, f"train.init_from={policy}", f"ppo.reward_run={reward}", *overrides])
+    return config_lib.load(preset, [*shape, f"train.init_from={policy}", f"rl.reward_run={reward}", *overrides])
 
 
-def iterations(p: ppo_loop.PPO, policy, value):
+def iterations(p: rl_loop.RL, states: dict):
     """Runs iterations 1, 2, ... of a run from these states, as `llm-jax train` does; yields for each its wall
     seconds and, per role, the loop's own seconds and FLOPs."""
     s = p.s
     kl_control = losses.make_kl_controller(s.kl_control, s.kl_coef, s.kl_target, s.kl_horizon)
-    key = jax.random.key(p.config.seed)
+    # With a peak of 1 the loop's mfu_<role> is role_flops[role] / seconds, its FLOP/s: the FLOPs are the
+    # loop's own count for this iteration's rollout, with no second copy of its bookkeeping here.
+    ptx = p.ptx_data.train_iterator() if p.ptx_data is not None else None
+    steps = rl_loop.Iterations(p, states, None, kl_control, ptx, peak=1.0)
     for iteration in itertools.count(1):
         start = time.perf_counter()
-        # With a peak of 1 the loop's mfu_<role> is role_flops[role] / seconds, its FLOP/s: the FLOPs are the
-        # loop's own count for this iteration's rollout, with no second copy of its bookkeeping here.
-        policy, value, logged = ppo_loop._iteration(p, policy, value, kl_control, key, iteration, 1.0)
+        steps.step(iteration)
+        logged = steps.metrics(iteration)
         wall = time.perf_counter() - start
         yield dict(wall=wall, **{role: dict(seconds=logged[f"seconds_{role}"],
                                             flops=logged[f"mfu_{role}"] * logged[f"seconds_{role}"])
@@ -75,7 +80,7 @@ def summarise(timed: list[dict], denominator: float) -> dict:
         flops_per_s = float(np.median(role_flops / seconds))
         roles[role] = dict(seconds=float(np.median(seconds)), seconds_min=float(seconds.min()),
                            seconds_max=float(seconds.max()), flops=float(np.median(role_flops)),
-                           tflops_per_s=flops_per_s / 1e12, mfu=flops_per_s / denominator)
+                           tflops_per_s=flops_per_s / 1e12, mfu=flops_per_s / denominator)  # 0 for a role with no FLOPs (judges)
     return roles
 
 
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="an SFT run directory (the policy and the reference)")
-    parser.add_argument("--reward", required=True, help="a reward-model run directory")
+    parser.add_argument("--reward", required=True, help='a reward-model run directory ("": none)')
+    parser.add_argument("--preset", default=BASE_CONFIG, help="an RL config: configs/{ppo,grpo,rloo,reinforce_pp}.py:...")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations; the first one compiles")
     parser.add_argument("--host_allocator", choices=("tuned", "default"), default="tuned",
@@ -98,14 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{args.iterations} and {args.warmup}")
 
     allocator_tuned = args.host_allocator == "tuned" and hardware.tune_host_allocator()
-    config = ppo_config(args.policy, args.reward, overrides)
+    config = rl_config(args.preset, args.policy, args.reward, overrides)
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="ppo_bench_") as workdir:
-        p = ppo_loop.PPO(config, workdir)
+    with tempfile.TemporaryDirectory(prefix="rl_bench_") as workdir:
+        p = rl_loop.RL(config, workdir, resuming=False)
         devices = jax.devices()
         on_cpu = devices[0].platform == "cpu"
         dtype = p.model_cfg.dtype
-        run = iterations(p, *p.fresh_states())
+        run = iterations(p, p.fresh_states())
         first = next(run)  # compiles generation, scoring and both update steps
         for _ in range(args.warmup - 1):
             next(run)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     iteration_s = float(np.median([it["wall"] for it in timed]))
     s = p.s
     result = dict(
-        policy=args.policy, reward=args.reward, config=BASE_CONFIG, overrides=overrides,
+        policy=args.policy, reward=args.reward, config=args.preset, overrides=overrides, estimator=s.estimator,
         roles=roles,
         iteration_s=iteration_s,
         iteration_s_min=min(it["wall"] for it in timed), iteration_s_max=max(it["wall"] for it in timed),
@@ -138,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         mfu_against="measured matmul" if on_cpu else peak_source,
         rollout_batch=s.rollout_batch, samples_per_prompt=s.samples_per_prompt, minibatch=s.minibatch,
         epochs=s.epochs, max_new_tokens=s.max_new_tokens, seq_len=p.seq_len,
-        prompt_width=int(p.prompts.tokens.shape[1]), baseline=s.baseline,
+        prompt_width=int(p.prompts.tokens.shape[1]), value_model=p.value_model is not None,
         n_params=flops.param_counts(p.model_cfg)["total"],
-        reward_n_params=flops.param_counts(p.rm_cfg)["total"],
+        reward_n_params=None if p.rewards.rm_cfg is None else flops.param_counts(p.rewards.rm_cfg)["total"],
         n_layers=p.model_cfg.n_layers, d_model=p.model_cfg.d_model, vocab_size=p.model_cfg.vocab_size,
         dtype=dtype, host_allocator_tuned=allocator_tuned,
         load_avg_1m_before_after=[load_before, load_after], **run_facts(devices),

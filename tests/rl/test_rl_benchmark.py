@@ -1,4 +1,4 @@
-"""experiments/benchmarks/ppo_iteration.py runs the real PPO loop and reports every role's figures: one timed
+"""experiments/benchmarks/rl_iteration.py runs the real RL loop and reports every role's figures: one timed
 iteration on the conftest's untrained runs (the plumbing, not the speed: timings belong to the script itself)."""
 import importlib.util
 import json
@@ -10,10 +10,10 @@ import jax
 from llm_jax import sharding
 from llm_jax.data import default_task
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "benchmarks", "ppo_iteration.py")
-_spec = importlib.util.spec_from_file_location("ppo_iteration", _PATH)
-ppo_iteration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ppo_iteration)
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "benchmarks", "rl_iteration.py")
+_spec = importlib.util.spec_from_file_location("rl_iteration", _PATH)
+rl_iteration = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rl_iteration)
 
 
 def test_one_iteration_reports_seconds_flops_and_mfu_per_role(tiny_rl_runs, tmp_path, capsys, monkeypatch):
@@ -29,14 +29,14 @@ def test_one_iteration_reports_seconds_flops_and_mfu_per_role(tiny_rl_runs, tmp_
                                                                                                    n)))
     # The untrained reward run logged no eval statistics to standardise with. `default` allocator: the test
     # process's malloc stays as it is.
-    result = ppo_iteration.main([
+    result = rl_iteration.main([
         "--policy", policy, "--reward", rm, "--iterations", "1", "--warmup", "1", "--host_allocator", "default",
-        "--matmul_n", "128", f"--config.ppo.prompts={prompts['train']}",
-        f"--config.ppo.eval_prompts={prompts['eval']}", "--config.ppo.n_eval_prompts=8",
-        "--config.ppo.rollout_batch=8", "--config.ppo.minibatch=4", "--config.ppo.epochs=1",
-        "--config.ppo.max_new_tokens=6", "--config.ppo.normalize_score=False", "--config.data.seq_len=48"])
+        "--matmul_n", "128", f"--config.rl.prompts={prompts['train']}",
+        f"--config.rl.eval_prompts={prompts['eval']}", "--config.rl.n_eval_prompts=8",
+        "--config.rl.rollout_batch=8", "--config.rl.minibatch=4", "--config.rl.epochs=1",
+        "--config.rl.max_new_tokens=6", "--config.rl.normalize_score=False", "--config.data.seq_len=48"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert set(result["roles"]) == {"generate", "score", "train"}
+    assert set(result["roles"]) == {"generate", "reward", "score", "train"}
     for figures in result["roles"].values():
         for name in ("seconds", "flops", "tflops_per_s", "mfu", "compile_iteration_seconds"):
             assert math.isfinite(figures[name]) and figures[name] > 0, (name, figures)
