@@ -12,7 +12,9 @@ Stages, in `order`, each in `<workdir>/<name>/`:
               (the program that defines the task stands in for InstructGPT's labellers)
     reward    configs/reward.py from sft, on the task's synthetic pairs and the on-policy ones; pair accuracy
               on the synthetic held-out pairs
-    ppo       configs/ppo.py: policy sft, reward model reward
+    ppo       configs/ppo.py: policy sft, reward model reward (GAE with a value model)
+    grpo      configs/grpo.py: the same policy and reward model, 8 samples a prompt compared within their group
+              (no value model; a KL term in the loss), the same number of responses per iteration as ppo
     dpo       configs/dpo.py from sft; then the same evaluation as sft
     arena     every stage's model answers the same held-out prompts greedily (the pretrained base model
               4-shot in plain text, it has no chat template; the others zero-shot in theirs), the gold judge
@@ -29,7 +31,7 @@ test suite's whole chain in a few minutes; its numbers mean nothing).
 
 `hf`: post-training of a Hugging Face checkpoint instead of pretraining. The first stage imports `base`
 (`llm-jax import-hf`), SFT trains on `chats` (your jsonl conversations, rendered in the checkpoint's own chat
-template; default: the embedded task), and pairs, reward, PPO and DPO follow on the embedded task's prompts,
+template; default: the embedded task), and pairs, reward, PPO, GRPO and DPO follow on the embedded task's prompts,
 judged by its gold scorer, every stage with its `hf` preset (the model taken from the run it starts from):
 
     llm-jax pipeline --config configs/pipeline.py:hf --workdir runs/p --config.base=/models/Qwen2.5-0.5B-Instruct \
@@ -47,8 +49,8 @@ import ml_collections
 from llm_jax.config_lib import ConfigError, parse_arg
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "arena")
-HF_ORDER = ("base", "sft", "pairs", "reward", "ppo", "dpo", "arena")
+ORDER = ("pretrain", "sft", "pairs", "reward", "ppo", "grpo", "dpo", "arena")
+HF_ORDER = ("base", "sft", "pairs", "reward", "ppo", "grpo", "dpo", "arena")
 BASE_FEW_SHOT = 4  # demonstrations before each prompt for the pretrained base model in the arena
 
 # The conftest's small model, with short runs: every code path runs, and the post-training stages take two evals
@@ -67,6 +69,9 @@ SMALL = {
         "ppo": SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
                               "rl.rollout_batch=8", "rl.minibatch=8", "rl.epochs=1", "rl.n_eval_prompts=8",
                               "rl.max_new_tokens=6"),
+        "grpo": SMALL_MODEL + ("train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                               "rl.rollout_batch=8", "rl.samples_per_prompt=4", "rl.minibatch=8", "rl.epochs=1",
+                               "rl.n_eval_prompts=8", "rl.max_new_tokens=6"),
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=16, max_new_tokens=8),
@@ -86,6 +91,9 @@ HF_SMALL = {
         "ppo": ("data.seq_len=256", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
                 "rl.rollout_batch=8", "rl.minibatch=8", "rl.epochs=1", "rl.n_eval_prompts=8",
                 "rl.max_new_tokens=6"),
+        "grpo": ("data.seq_len=256", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                 "rl.rollout_batch=8", "rl.samples_per_prompt=4", "rl.minibatch=8", "rl.epochs=1",
+                 "rl.n_eval_prompts=8", "rl.max_new_tokens=6"),
     },
     "pairs": dict(n_prompts=8, k=4, max_new_tokens=8),
     "eval": dict(n_prompts=8, max_new_tokens=8),
@@ -147,7 +155,8 @@ def eval_settings(size: str) -> ml_collections.ConfigDict:
 
 
 def post_training_stages(preset: str, start: str, *sft_overrides: str) -> dict:
-    """SFT from the stage `start`, on-policy pairs, reward model, PPO and DPO, every train stage with its `preset`."""
+    """SFT from the stage `start`, on-policy pairs, reward model, PPO, GRPO and DPO, every train stage with its
+    `preset`."""
     return dict(
         sft=train_stage(f"sft.py:{preset}", f"train.init_from={{workdir}}/{start}", *sft_overrides, evaluate=True),
         pairs=pairs_stage("{workdir}/sft"),
@@ -155,8 +164,9 @@ def post_training_stages(preset: str, start: str, *sft_overrides: str) -> dict:
                            "data.train=default_task,{workdir}/pairs/pairs.jsonl",
                            "data.eval=default_task"),  # held-out prompts' synthetic pairs: none of the train prompts
         ppo=train_stage(f"ppo.py:{preset}", "train.init_from={workdir}/sft", "rl.reward_run={workdir}/reward"),
+        grpo=train_stage(f"grpo.py:{preset}", "train.init_from={workdir}/sft", "rl.reward_run={workdir}/reward"),
         dpo=train_stage(f"dpo.py:{preset}", "train.init_from={workdir}/sft", evaluate=True),
-        arena=arena_stage(start, ("sft", "ppo", "dpo")),
+        arena=arena_stage(start, ("sft", "ppo", "grpo", "dpo")),
     )
 
 

@@ -11,7 +11,7 @@ from llm_jax import cli, config_lib
 from llm_jax.pipeline import PipelineError, check_config, run_pipeline, train_overrides
 from llm_jax.train.metrics import read_metrics
 
-STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "dpo", "arena")
+STAGES = ("pretrain", "sft", "pairs", "reward", "ppo", "grpo", "dpo", "arena")
 
 
 def test_sizes_and_stage_overrides():
@@ -85,8 +85,8 @@ def test_every_stage_runs_and_the_table_has_every_row(pipeline_dir):
 
     # The arena: every stage's model on the same 16 held-out prompts, ratings with intervals, win rates vs sft.
     arena = summary["arena"]
-    assert set(arena["ratings"]) == {"base", "sft", "ppo", "dpo"} and arena["n_prompts"] == 16
-    assert arena["baseline"] == "sft" and set(arena["win_rates"]) == {"base", "ppo", "dpo"}
+    assert set(arena["ratings"]) == {"base", "sft", "ppo", "grpo", "dpo"} and arena["n_prompts"] == 16
+    assert arena["baseline"] == "sft" and set(arena["win_rates"]) == {"base", "ppo", "grpo", "dpo"}
     assert all(r["ci"][0] <= r["value"] <= r["ci"][1] for r in arena["ratings"].values())
     metrics = summary["stages"]["arena"]["metrics"]
     assert metrics["win_rate_ppo"] == arena["win_rates"]["ppo"]["rate"]["value"]

@@ -29,7 +29,7 @@ def test_the_hf_pipeline_post_trains_an_imported_checkpoint(tmp_path, capsys):
             f"--config.stages.dpo.extra=data.train={pairs} data.eval_fraction=0.2 model.lora_rank=4"]
     assert cli.main(args) == 0
     table = capsys.readouterr().out
-    for stage in ("base", "sft", "pairs", "reward", "ppo", "dpo", "arena"):
+    for stage in ("base", "sft", "pairs", "reward", "ppo", "grpo", "dpo", "arena"):
         assert f"| {stage} |" in table
         assert os.path.isfile(os.path.join(workdir, stage, "stage.json"))
     assert "gemma3 checkpoint, 181,248 params" in table
@@ -48,8 +48,8 @@ def test_the_hf_pipeline_post_trains_an_imported_checkpoint(tmp_path, capsys):
     # a rerun skips every stage; the DPO model exports and re-imports unchanged
     assert cli.main(args) == 0
     captured = capsys.readouterr()
-    assert captured.out == table and captured.err.count(", skipped") == 7
+    assert captured.out == table and captured.err.count(", skipped") == 8
     assert cli.main(["export-hf", "--run", os.path.join(workdir, "dpo"), "--out", str(tmp_path / "out")]) == 0
     assert cli.main(["import-hf", "--hf", str(tmp_path / "out"), "--workdir", str(tmp_path / "again")]) == 0
-    assert config_lib.load("configs/pipeline.py:hf", []).order == ("base", "sft", "pairs", "reward", "ppo", "dpo",
-                                                                         "arena")
+    assert config_lib.load("configs/pipeline.py:hf", []).order == ("base", "sft", "pairs", "reward", "ppo", "grpo",
+                                                                         "dpo", "arena")
