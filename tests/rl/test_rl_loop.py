@@ -225,12 +225,13 @@ def _stops_and_resumes_bit_for_bit(config, resumed: str, straight: str, monkeypa
             == [{k: v for k, v in m.items() if not k.startswith(timings)} for m in _metrics(straight)])
 
 
-ALGORITHMS = {  # every preset (and GRPO's variants) at test size: groups of 4 in a rollout of 8
+ALGORITHMS = {  # every preset (and GRPO's variants) at test size: groups of 4 in a rollout of 8; rloo's rollouts
+    # by continuous batching, 3 rows decoding at a time
     "grpo": ("configs/grpo.py:tiny", "rl.samples_per_prompt=4"),
     "dr_grpo": ("configs/grpo.py:size=tiny,variant=dr_grpo", "rl.samples_per_prompt=4"),
     "dapo": ("configs/grpo.py:size=tiny,variant=dapo", "rl.samples_per_prompt=4", "rl.overlong_cache=2"),
     "gspo": ("configs/grpo.py:size=tiny,variant=gspo", "rl.samples_per_prompt=4"),
-    "rloo": ("configs/rloo.py:tiny", "rl.samples_per_prompt=4"),
+    "rloo": ("configs/rloo.py:tiny", "rl.samples_per_prompt=4", "rl.rollout=continuous", "rl.rollout_slots=3"),
     "reinforce_pp": ("configs/reinforce_pp.py:tiny",),
 }
 
