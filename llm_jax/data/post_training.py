@@ -1,7 +1,8 @@
 """Batches for the post-training objectives: SFT conversations (packed) and preference pairs (one per row).
 
-`data.train` / `data.eval` name record files (jsonl, jsonl.gz, parquet; formats in `records.py`), or
-`default_task` for the embedded task (`default_task.py`), rendered into the cache dir on first use. Without
+`data.train` / `data.eval` name record files (jsonl, jsonl.gz, parquet; formats in `records.py`), or an embedded
+task, rendered into the cache dir on first use: `default_task` (`default_task.py`), `arithmetic_task` or
+`arithmetic_task:direct` (`arithmetic_task.py`: addition with its steps written out, or the answers alone). Without
 `data.eval`, a stable hash of each example's text holds out `data.eval_fraction` of it.
 
 SFT: each conversation is rendered by the chat template (`chat.py`, `data.chat_template`) with a loss mask on
@@ -30,19 +31,34 @@ from llm_jax.data.pipeline import eval_membership
 from llm_jax.data.tokenizer import Tokenizer
 
 DEFAULT_TASK_SPEC = "default_task"
+ARITHMETIC_TASK_SPEC = "arithmetic_task"  # [:variant], llm_jax/data/arithmetic_task.py
 PAIR_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
+def is_task_spec(entry: str) -> bool:
+    """Whether a spec entry names an embedded task: `default_task`, or `arithmetic_task[:variant]`."""
+    return entry == DEFAULT_TASK_SPEC or entry.partition(":")[0] == ARITHMETIC_TASK_SPEC
+
+
+def _task_file(entry: str, kind: str, split: str) -> str:
+    # The files are shared, written on first use: a pure function of the seed.
+    if entry == DEFAULT_TASK_SPEC:
+        from llm_jax.data import default_task
+        return default_task.write_default_task()[f"{kind}_{split}"]
+    from llm_jax.data import arithmetic_task
+    _, colon, variant = entry.partition(":")
+    return arithmetic_task.task_file(kind, split, variant if colon else arithmetic_task.DEFAULT_VARIANT)
+
+
 def resolve_spec(spec: str, kind: str, split: str) -> str:
-    """A record spec with `default_task` replaced by the embedded task's file for `kind` and `split`; in a
-    comma list each `default_task` entry is replaced, so the task's records mix with files of one's own (a
-    reward model on the synthetic pairs plus on-policy ones). A spec without such an entry comes back as is."""
+    """A record spec with each embedded task entry (`default_task`, `arithmetic_task`, `arithmetic_task:direct`)
+    replaced by that task's file for `kind` and `split`; in a comma list each such entry is replaced, so the task's
+    records mix with files of one's own (a reward model on the synthetic pairs plus on-policy ones). A spec without
+    such an entry comes back as is."""
     parts = spec.split(",")
-    if not any(part.strip() == DEFAULT_TASK_SPEC for part in parts):
+    if not any(is_task_spec(part.strip()) for part in parts):
         return spec
-    from llm_jax.data import default_task
-    path = default_task.write_default_task()[f"{kind}_{split}"]  # shared: a pure function of the seed
-    return ",".join(path if part.strip() == DEFAULT_TASK_SPEC else part for part in parts)
+    return ",".join(_task_file(part.strip(), kind, split) if is_task_spec(part.strip()) else part for part in parts)
 
 
 def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterable],
@@ -50,8 +66,8 @@ def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterabl
     """(train, eval) examples: `data.eval` when set (or the task's own eval split), else a hash split."""
     if data_config.eval:
         return examples, list(read(resolve_spec(data_config.eval, kind, "eval")))
-    if data_config.train == DEFAULT_TASK_SPEC:
-        return examples, list(read(resolve_spec(DEFAULT_TASK_SPEC, kind, "eval")))
+    if is_task_spec(data_config.train):
+        return examples, list(read(resolve_spec(data_config.train, kind, "eval")))
     held_out = eval_membership([text_of(e) for e in examples], data_config.eval_fraction)
     return ([e for e, h in zip(examples, held_out) if not h], [e for e, h in zip(examples, held_out) if h])
 
