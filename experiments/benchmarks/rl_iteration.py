@@ -17,7 +17,8 @@ seconds are the loop's own timing (each role waited on); its FLOPs are `RL.role_
 (generation counts the decode steps of the longest response, so they vary a little between iterations).
 Reported per role: the median seconds, the median FLOPs, the median of the per-iteration FLOP/s, and MFU =
 that FLOP/s over the device's datasheet peak, or on CPU over the square-matmul rate (model dtype, median of 5)
-measured just before and just after the timed iterations (their median). Prints one JSON line.
+measured just before and just after the timed iterations (their median). Also the sampler/trainer log-prob
+mismatch of the timed iterations (`logp_mismatch_mean`, `_max`). Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ def iterations(p: rl_loop.RL, states: dict):
         steps.step(iteration)
         logged = steps.metrics(iteration)
         wall = time.perf_counter() - start
-        yield dict(wall=wall, **{role: dict(seconds=logged[f"seconds_{role}"],
-                                            flops=logged[f"mfu_{role}"] * logged[f"seconds_{role}"])
-                                 for role in ROLES})
+        yield dict(wall=wall, mismatch=(logged["logp_mismatch_mean"], logged["logp_mismatch_max"]),
+                   **{role: dict(seconds=logged[f"seconds_{role}"],
+                                 flops=logged[f"mfu_{role}"] * logged[f"seconds_{role}"]) for role in ROLES})
 
 
 def summarise(timed: list[dict], denominator: float) -> dict:
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         iteration_s=iteration_s,
         iteration_s_min=min(it["wall"] for it in timed), iteration_s_max=max(it["wall"] for it in timed),
         responses_per_s=s.rollout_batch / iteration_s,
+        # the sampler's log-probs against the trainer's recomputation (the loop's off-policy gap), over the timed
+        # iterations: mean of the per-iteration means, max of the maxima
+        logp_mismatch_mean=float(np.mean([it["mismatch"][0] for it in timed])),
+        logp_mismatch_max=float(np.max([it["mismatch"][1] for it in timed])),
         compile_s=first["wall"], iterations=args.iterations, warmup=args.warmup,
         matmul_tflops_per_s=denominator / 1e12 if on_cpu else None,
         matmul_tflops_per_s_before_after=[m / 1e12 for m in matmul] if on_cpu else None,
