@@ -181,7 +181,7 @@ RL_TASKS = {
     # Verifiable rewards: the embedded arithmetic task (data/arithmetic_task.py), graded by numeric_match, no
     # reward model; the policy is configs/sft_arithmetic.py's run.
     "arithmetic": dict(rl=dict(prompts="arithmetic_task", eval_prompts="arithmetic_task", reward="numeric_match",
-                               reward_run="", value_from="policy", max_new_tokens=64, n_eval_prompts=256),
+                               reward_run="", value_from="policy", max_new_tokens=48, n_eval_prompts=256),
                        data=dict(seq_len=128)),
 }
 RL_INIT_FROM = {"default": "runs/sft", "arithmetic": "runs/sft_arithmetic"}
