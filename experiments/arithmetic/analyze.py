@@ -1,5 +1,5 @@
 """Where the answers of `llm-jax generate` to arithmetic-task prompts go wrong: accuracy by the number of carries
-and by the longer operand's digits, and for responses that write the steps, whether the columns or the answer
+and by the operands' digits, and for responses that write the steps, whether the columns or the answer
 after them failed.
 
     python experiments/arithmetic/analyze.py runs/arith_steps/generations/prompts_eval.jsonl [more.jsonl ...]
@@ -25,7 +25,7 @@ def analyze(path: str) -> dict:
         a, b = at.parse_prompt(row["prompt"])
         right = last_number(row["response"]) == a + b
         by_carries[sum(total >= 10 for _, total in at.columns(a, b))].append(right)
-        by_digits[max(len(str(a)), len(str(b)))].append(right)
+        by_digits[f"{len(str(a))}+{len(str(b))}"].append(right)
         steps, so, _ = row["response"].rpartition(", so ")
         if not so:
             kinds["right" if right else "no steps, wrong"] += 1
@@ -38,7 +38,7 @@ def analyze(path: str) -> dict:
     return dict(file=path, n=n, accuracy=round(sum(v for k, v in kinds.items() if k.startswith("right")) / n, 4),
                 outcomes=dict(sorted(kinds.items())),
                 accuracy_by_carries={k: rate(v) for k, v in sorted(by_carries.items())},
-                accuracy_by_longer_operand_digits={k: rate(v) for k, v in sorted(by_digits.items())})
+                accuracy_by_operand_digits={k: rate(v) for k, v in sorted(by_digits.items())})
 
 
 def samples(paths: list[str]) -> dict:
