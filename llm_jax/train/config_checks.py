@@ -20,7 +20,7 @@ from flax import linen as nn
 from llm_jax import sharding
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import mixture
-from llm_jax.data.post_training import DEFAULT_TASK_SPEC
+from llm_jax.data.post_training import is_task_spec
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
 from llm_jax.train.optimizer import SCHEDULES, freeze_patterns
@@ -85,9 +85,9 @@ def check_optim(optim) -> None:
 
 def _has_eval_source(data) -> bool:
     """Whether the data holds rows out for evaluation: its own eval spec, a fraction of the training documents,
-    or the embedded task (`data.train="default_task"`), whose eval split the post-training data uses
-    (data/post_training.py)."""
-    return bool(data.eval) or data.train == DEFAULT_TASK_SPEC or data.eval_fraction > 0
+    or an embedded task (`data.train="default_task"`, `"arithmetic_task"`), whose eval split the post-training
+    data uses (data/post_training.py)."""
+    return bool(data.eval) or is_task_spec(data.train) or data.eval_fraction > 0
 
 
 def check_data(config) -> None:

@@ -131,3 +131,9 @@ GOOD = [(spec, []) for spec in (
     for stage in _pipeline_stages(spec)])
 def test_the_presets_pass(spec, overrides):
     loop.validate(load(spec, overrides))
+
+
+def test_an_embedded_task_holds_its_own_eval_split():
+    # default_task and arithmetic_task bring held-out records: no eval_fraction is needed
+    for spec in ("configs/sft.py:tiny", "configs/sft_arithmetic.py"):
+        loop.validate(load(spec, ["data.eval_fraction=0"]))
