@@ -1,5 +1,5 @@
-"""Files written whole, then renamed: a reader never sees half a file, and an interruption leaves none; and the
-sha256 that identifies a file's bytes."""
+"""Files written whole, then renamed: a reader never sees half a file, and an interruption leaves none; the
+sha256 that identifies a file's bytes; and the stats file, written last, that says generated files are complete."""
 from __future__ import annotations
 
 import hashlib
@@ -27,3 +27,17 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def written_with(paths, stats_path: str, wanted: dict) -> bool:
+    """Whether generated files are already there as `wanted` asks: every path in `paths` and the stats file
+    `stats_path` exist, and the stats (written last, so their presence means the rest is complete) hold each of
+    `wanted`'s values. A damaged stats file counts as not written: the caller regenerates."""
+    if not all(os.path.exists(p) for p in (*paths, stats_path)):
+        return False
+    try:
+        with open(stats_path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(stats.get(k) == v for k, v in wanted.items())

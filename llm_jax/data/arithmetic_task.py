@@ -61,7 +61,7 @@ from typing import Iterator
 import numpy as np
 
 from llm_jax.data.default_corpus import default_corpus_dir
-from llm_jax.files import write_text_atomic
+from llm_jax.files import write_text_atomic, written_with
 
 MIN_DIGITS, MAX_DIGITS = 2, 4
 EVAL_PERCENT = 10
@@ -230,14 +230,8 @@ def write_arithmetic_task(directory: str | None = None, seed: int = 0,
     paths["stats"] = os.path.join(task_dir, STATS_FILE)
     wanted = dict(version=VERSION, seed=seed, sizes=sizes, digits=[MIN_DIGITS, MAX_DIGITS],
                   eval_percent=EVAL_PERCENT)
-    if all(os.path.exists(p) for p in paths.values()):
-        try:
-            with open(paths["stats"], encoding="utf-8") as f:
-                stats = json.load(f)
-            if all(stats.get(k) == v for k, v in wanted.items()):
-                return paths
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged stats file: regenerate
+    if written_with(paths.values(), paths["stats"], wanted):
+        return paths
     response_chars = {}
     for name in FILES:
         kind, split = name.split("_")[0], name.split("_")[-1]

@@ -38,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llm_jax.files import write_text_atomic
+from llm_jax.files import write_text_atomic, written_with
 
 DEFAULT_N_DOCS = 7200  # about 4 MB of text
 END_MARKS = (".", "?", "!")
@@ -388,14 +388,8 @@ def write_corpus(directory: str, corpus: EmbeddedCorpus, n_docs: int | None = No
     corpus_path = os.path.join(directory, corpus.file)
     stats_path = os.path.join(directory, corpus.stats_file)
     wanted = dict(n_docs=n_docs, seed=seed, spec=spec.as_dict())
-    if os.path.exists(corpus_path) and os.path.exists(stats_path):
-        try:
-            with open(stats_path, encoding="utf-8") as f:
-                stats = json.load(f)
-            if all(stats.get(k) == v for k, v in wanted.items()):
-                return corpus_path
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged stats file: regenerate
+    if written_with([corpus_path], stats_path, wanted):
+        return corpus_path
     docs = generate_documents(n_docs, seed, spec)
     lines = "".join(json.dumps({"text": t, "log_prob": lp}) + "\n" for t, lp in docs)
     n_chars = sum(len(t) for t, _ in docs)

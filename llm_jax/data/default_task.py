@@ -75,7 +75,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from llm_jax.data.default_corpus import build_source, default_corpus_dir
-from llm_jax.files import write_text_atomic
+from llm_jax.files import write_text_atomic, written_with
 
 TASKS = ("copy", "reverse", "first", "last")
 N_TASK_WORDS = 48
@@ -305,14 +305,8 @@ def write_default_task(directory: str | None = None, seed: int = 0,
     paths["stats"] = os.path.join(task_dir, STATS_FILE)
     wanted = dict(version=VERSION, seed=seed, sizes=sizes, words=list(TASK_WORDS), margin=MARGIN,
                   sft_noise=SFT_NOISE)
-    if all(os.path.exists(p) for p in paths.values()):
-        try:
-            with open(paths["stats"], encoding="utf-8") as f:
-                stats = json.load(f)
-            if all(stats.get(k) == v for k, v in wanted.items()):
-                return paths
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged stats file: regenerate
+    if written_with(paths.values(), paths["stats"], wanted):
+        return paths
     for name in DEFAULT_SIZES:
         write_text_atomic(paths[name], "".join(json.dumps(r) + "\n" for r in iter_records(name, sizes[name], seed)))
     # The stats last: present and matching means the files beside them are complete.
