@@ -62,7 +62,7 @@ from llm_jax.objectives import reward
 from llm_jax.rl import advantages, groups, losses, rollout, rollout_engine
 from llm_jax.rl.policy_loss import logprob_mismatch
 from llm_jax.rl.prompts import Prompts, iteration_prompts, refill_prompts
-from llm_jax.rl.rewards import Rewards, judged
+from llm_jax.rl.rewards import Rewards
 from llm_jax.rl.settings import settings
 from llm_jax.rl.update import PTX_PREFIX, make_policy_loss_fn, make_value_loss_fn
 from llm_jax.scaling import flops
@@ -302,7 +302,9 @@ class Iterations:
         scored = p.rewards.score(prompts, tokens, mask)
         rows = dict(prompt_index=index, prompt_tokens=prompts.tokens, prompt_lengths=prompts.lengths, tokens=tokens,
                     mask=mask, sampler_logp=logp, paid=scored.paid_b, reward=scored.reward_b, dense=scored.dense_bn,
-                    stopped=scored.stopped_b, text=np.array(scored.texts, dtype=object))
+                    stopped=scored.stopped_b,
+                    # NaN where gold does not judge the round's prompts: the metric is logged only without NaN
+                    gold=np.full(len(index), np.nan) if scored.gold_b is None else scored.gold_b)
         rows.update({f"term:{spec}": value for spec, value in scored.terms.items()})
         if scored.score_b is not None:
             rows["score"] = scored.score_b
@@ -405,9 +407,8 @@ class Iterations:
         for key, value in rows.items():
             if key.startswith("term:") and len(p.s.reward_terms) > 1:
                 logged[f"reward_{key[len('term:'):]}"] = float(value.mean())
-        gold = judged(GoldJudge(), p.prompts.take(rows["prompt_index"]), list(rows["text"]))
-        if gold is not None:
-            logged["gold"] = float(gold.mean())
+        if not np.isnan(rows["gold"]).any():
+            logged["gold"] = float(rows["gold"].mean())
         if p.s.dynamic_sampling:
             logged.update(dropped_groups=info["dropped_groups"], sampling_rounds=info["sampling_rounds"],
                           filled_groups=info["filled_groups"])
@@ -462,9 +463,8 @@ def evaluate(p: RL, params, key) -> dict:
             masks.append(host(gen.mask)[:keep])
         scored = p.rewards.score(ep, np.concatenate(tokens), np.concatenate(masks))
         out[f"eval_reward{suffix}"] = float(scored.reward_b.mean())
-        gold = judged(GoldJudge(), ep, scored.texts)
-        if gold is not None:
-            out[f"eval_gold{suffix}"] = float(gold.mean())
+        if scored.gold_b is not None:
+            out[f"eval_gold{suffix}"] = float(scored.gold_b.mean())
         if scored.score_b is not None:
             out[f"eval_score{suffix}"] = float(scored.score_b.mean())
         out[f"eval_response_length{suffix}"] = float(np.concatenate(masks).sum(axis=1).mean())

@@ -28,7 +28,7 @@ import numpy as np
 from llm_jax import runs
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.tokenizer_stage import TokenizerMismatch
-from llm_jax.eval.judges import JudgeError, applies, load_judge
+from llm_jax.eval.judges import GOLD, GoldJudge, JudgeError, applies, load_judge
 from llm_jax.generation_io import decode_response
 from llm_jax.objectives import reward
 from llm_jax.rl import groups, rollout
@@ -48,6 +48,7 @@ class Scored:
     stopped_b: np.ndarray     # bool, the response ended with a stop id
     terms: dict               # term spec -> (B,) float32 raw term values
     score_b: np.ndarray | None  # float32 raw reward-model scores, when the run has a reward model
+    gold_b: np.ndarray | None   # the embedded task's gold score, paying or not, when it applies to every prompt
     texts: list[str]
 
 
@@ -147,7 +148,7 @@ class Rewards:
     def score(self, prompts: Prompts, tokens_bn, mask_bn) -> Scored:
         s = self.s
         texts = response_texts(self.tokenizer, tokens_bn, mask_bn, self.stop_ids)
-        terms, dense_bn, score_b = {}, np.zeros(tokens_bn.shape, np.float32), None
+        terms, judged_by, dense_bn, score_b = {}, {}, np.zeros(tokens_bn.shape, np.float32), None
         if self.rm_model is not None:
             score_b, rm_terms_bn = self.reward_model_scores(prompts, tokens_bn, mask_bn)
         for spec, weight in self.terms:
@@ -157,7 +158,8 @@ class Rewards:
                     dense_bn = weight * rm_terms_bn / self.std
             else:
                 judge = self.judges[spec]
-                terms[spec] = np.asarray(judge.score(prompts.records, texts), np.float32)
+                judged_by[spec] = judge.score(prompts.records, texts)
+                terms[spec] = np.asarray(judged_by[spec], np.float32)
                 if s.reward_shaping == "dense":
                     dense_bn = weight * judge_steps(judge, prompts, self.tokenizer, tokens_bn, mask_bn, self.stop_ids)
         reward_b = sum(weight * terms[spec] for spec, weight in self.terms).astype(np.float32)
@@ -165,4 +167,7 @@ class Rewards:
         paid_b = reward_b - s.unfinished_penalty * (~stopped_b)
         if s.overlong == "penalty":
             paid_b = paid_b + groups.overlong_penalty(mask_bn.sum(axis=1), s.max_new_tokens, s.overlong_cache)
-        return Scored(paid_b.astype(np.float32), reward_b, dense_bn * mask_bn, stopped_b, terms, score_b, texts)
+        # The gold metric is the gold term's own scores when gold pays: each answer judged once.
+        gold_b = judged_by[GOLD] if GOLD in judged_by else judged(GoldJudge(), prompts, texts)
+        return Scored(paid_b.astype(np.float32), reward_b, dense_bn * mask_bn, stopped_b, terms, score_b, gold_b,
+                      texts)
