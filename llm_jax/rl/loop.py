@@ -51,8 +51,7 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.data import chat
 from llm_jax.data.mixture import build_lm_data
-from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
-from llm_jax.data.tokenizer_stage import TokenizerMismatch, prepare_tokenizer
+from llm_jax.data.tokenizer_stage import prepare_tokenizer
 from llm_jax.eval.judges import GoldJudge
 from llm_jax.generate import SamplingConfig
 from llm_jax.generation_io import batch_shards, padding_id
@@ -62,7 +61,7 @@ from llm_jax.objectives import reward
 from llm_jax.rl import advantages, groups, losses, rollout, rollout_engine
 from llm_jax.rl.policy_loss import logprob_mismatch
 from llm_jax.rl.prompts import Prompts, iteration_prompts, refill_prompts
-from llm_jax.rl.rewards import Rewards
+from llm_jax.rl.rewards import Rewards, check_tokenizer
 from llm_jax.rl.settings import settings
 from llm_jax.rl.update import PTX_PREFIX, make_policy_loss_fn, make_value_loss_fn
 from llm_jax.scaling import flops
@@ -107,10 +106,7 @@ class RL:
                                          f"{shards} batch shards")
         self.tokenizer = prepare_tokenizer(config, workdir, vocab_size=self.model_cfg.vocab_size, fresh=not resuming)
         if s.reference_run != config.train.init_from:
-            theirs = load_tokenizer(run_tokenizer_path(s.reference_run))
-            if theirs.sha256 != self.tokenizer.sha256:
-                raise TokenizerMismatch(f"rl.reference_run={s.reference_run!r} has another tokenizer than the "
-                                        f"policy ({config.train.init_from!r})")
+            check_tokenizer("rl.reference_run", s.reference_run, self.tokenizer, config.train.init_from)
         self.template = config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
         self.stop_ids = tuple(chat.stop_ids(self.tokenizer, self.template))
         self.sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -122,7 +118,7 @@ class RL:
         width = max(train.tokens.shape[1], evals.tokens.shape[1])  # one compiled shape for training and evals
         self.prompts, self.eval_prompts = (p.padded(width, padding_id(self.tokenizer)) for p in (train, evals))
         self.seq_len = width + s.max_new_tokens
-        self.rewards = Rewards(s, self.tokenizer, self.stop_ids, self.mesh, self.rules)
+        self.rewards = Rewards(s, self.tokenizer, self.stop_ids, self.mesh, self.rules, config.train.init_from)
         self.rewards.check(self.prompts, f"rl.prompts={s.prompts!r}")
         self.rewards.check(self.eval_prompts, f"rl.eval_prompts={s.eval_prompts!r}")
         self.ptx_data = self._ptx_data() if s.ptx_coef > 0 else None

@@ -1,6 +1,6 @@
 """What pays an RL rollout: `rl.reward`'s weighted terms (rl/settings.py), each the reward model or a judge.
 
-    rewards = Rewards(s, tokenizer, stop_ids, mesh, rules)
+    rewards = Rewards(s, tokenizer, stop_ids, mesh, rules, policy_run)
     scored = rewards.score(prompts, tokens_bn, mask_bn)      host arrays in, a `Scored` of host arrays out
 
 A judge is called as `judge.score(prompt records, response texts)` (eval/judges.py's protocol: verifiable
@@ -61,6 +61,12 @@ def reward_statistics(reward_run: str) -> tuple[float, float]:
     return float(evals[-1]["eval_reward_mean"]), max(float(evals[-1]["eval_reward_std"]), 1e-6)
 
 
+def check_tokenizer(field: str, run_dir: str, tokenizer, policy_run: str) -> None:
+    """TokenizerMismatch unless the run `field` names (a reference or reward run) has the policy's tokenizer."""
+    if load_tokenizer(run_tokenizer_path(run_dir)).sha256 != tokenizer.sha256:
+        raise TokenizerMismatch(f"{field}={run_dir!r} has another tokenizer than the policy ({policy_run!r})")
+
+
 def reward_judge(spec: str):
     """The judge a term of `rl.reward` names (eval/judges.py load_judge); ValueError naming the option."""
     try:
@@ -93,7 +99,7 @@ def judge_steps(judge, prompts: Prompts, tokenizer, tokens_bn, mask_bn, stop_ids
 class Rewards:
     """The judges and the reward model of one run (module docstring)."""
 
-    def __init__(self, s: RLSettings, tokenizer, stop_ids, mesh, rules):
+    def __init__(self, s: RLSettings, tokenizer, stop_ids, mesh, rules, policy_run: str):
         self.s, self.tokenizer, self.stop_ids = s, tokenizer, tuple(stop_ids)
         self.terms = s.reward_terms
         self.judges = {spec: reward_judge(spec) for spec, _ in self.terms if spec != REWARD_MODEL}
@@ -103,8 +109,7 @@ class Rewards:
             objective = read_run_config(s.reward_run).objective
             if objective != "reward":
                 raise CheckpointError(f"rl.reward_run={s.reward_run!r} is a {objective!r} run, not a reward model")
-            if load_tokenizer(run_tokenizer_path(s.reward_run)).sha256 != tokenizer.sha256:
-                raise TokenizerMismatch(f"rl.reward_run={s.reward_run!r} has another tokenizer than the policy")
+            check_tokenizer("rl.reward_run", s.reward_run, tokenizer, policy_run)
             rm = runs.load_run(s.reward_run, mesh=mesh, rules=rules, model_cls=reward.RewardModel)
             self.rm_model, self.rm_params, self.rm_cfg = rm.model, rm.params, rm.model_cfg
             self.readout = reward.readout_of(rm.config)
