@@ -28,12 +28,12 @@ import numpy as np
 from llm_jax import runs
 from llm_jax.data.tokenizer_files import load_tokenizer, run_tokenizer_path
 from llm_jax.data.tokenizer_stage import TokenizerMismatch
-from llm_jax.eval.judges import GOLD, GoldJudge, JudgeError, applies, load_judge
+from llm_jax.eval.judges import GOLD, GoldJudge, JudgeError, applies
 from llm_jax.generation_io import decode_response
 from llm_jax.objectives import reward
 from llm_jax.rl import groups, rollout
 from llm_jax.rl.prompts import Prompts, response_texts
-from llm_jax.rl.settings import REWARD_MODEL, RLSettings
+from llm_jax.rl.settings import REWARD_MODEL, RLSettings, reward_judge
 from llm_jax.train.checkpoint import CheckpointError
 from llm_jax.train.metrics import read_metrics
 from llm_jax.train.run_record import read_run_config
@@ -65,14 +65,6 @@ def check_tokenizer(field: str, run_dir: str, tokenizer, policy_run: str) -> Non
     """TokenizerMismatch unless the run `field` names (a reference or reward run) has the policy's tokenizer."""
     if load_tokenizer(run_tokenizer_path(run_dir)).sha256 != tokenizer.sha256:
         raise TokenizerMismatch(f"{field}={run_dir!r} has another tokenizer than the policy ({policy_run!r})")
-
-
-def reward_judge(spec: str):
-    """The judge a term of `rl.reward` names (eval/judges.py load_judge); ValueError naming the option."""
-    try:
-        return load_judge(spec)
-    except JudgeError as e:
-        raise ValueError(f"rl.reward term {spec!r}: {e}") from None
 
 
 def judged(judge, prompts: Prompts, answers: list[str]) -> np.ndarray | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from llm_jax.eval.judges import JudgeError, load_judge
 from llm_jax.rl import advantages, losses
 from llm_jax.rl.policy_loss import PolicyLossOptions
 
@@ -120,6 +121,14 @@ class RLSettings:
                                  entropy_coef=self.entropy_coef, tis_cap=self.tis_cap)
 
 
+def reward_judge(spec: str):
+    """The judge a term of `rl.reward` names (eval/judges.py load_judge); ValueError naming the option."""
+    try:
+        return load_judge(spec)
+    except JudgeError as e:
+        raise ValueError(f"rl.reward term {spec!r}: {e}") from None
+
+
 def _named(field: str, error: ValueError) -> ValueError:
     return ValueError(f"rl.{field}: {error}")
 
@@ -135,6 +144,9 @@ def settings(config) -> RLSettings:
         raise ValueError(f'rl.reward is empty: "{REWARD_MODEL}" and/or judges (gold, numeric_match, module:function, '
                          '...), e.g. "numeric_match" or "reward_model=1,gold=0.5"')
     terms = s.reward_terms
+    for spec, _ in terms:  # a judge that does not load is named before the tokenizer, data or models
+        if spec != REWARD_MODEL:
+            reward_judge(spec)
     if s.uses_reward_model and not s.reward_run:
         raise ValueError(f'rl.reward={s.reward!r} pays the reward model: set rl.reward_run to a reward run directory')
     if s.reward_shaping not in REWARD_SHAPINGS:
@@ -144,13 +156,13 @@ def settings(config) -> RLSettings:
                          f"{len(terms)} terms")
     if s.value_from not in VALUE_FROM:
         raise ValueError(f"rl.value_from={s.value_from!r} is not one of {VALUE_FROM}")
-    if s.value_from == "reward" and s.value_model and not s.reward_run:
-        raise ValueError('rl.value_from="reward" starts the value model from the reward run, and rl.reward_run is '
-                         'empty: set it, or rl.value_from="policy"')
-    try:
+    try:  # before anything that reads the estimator (`value_model`), so a bad name is named as the field
         advantages.check_estimator(s.estimator, has_value_model=s.value_from != "none", group=s.samples_per_prompt)
     except ValueError as e:
         raise _named("estimator", e) from None
+    if s.value_from == "reward" and s.value_model and not s.reward_run:
+        raise ValueError('rl.value_from="reward" starts the value model from the reward run, and rl.reward_run is '
+                         'empty: set it, or rl.value_from="policy"')
     try:
         s.loss_options  # noqa: B018 - validates every loss option
     except ValueError as e:

@@ -331,3 +331,19 @@ def test_a_reward_run_that_is_not_a_reward_model_is_named(runs, tmp_path, monkey
     policy, _, _ = runs
     with pytest.raises(Exception, match="not a reward model"):
         rl_loop.RL(_config(runs, f"rl.reward_run={policy}", "mesh.data=1"), str(tmp_path), resuming=False)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rl.estimator=foo", "llm-jax train: rl.estimator: advantage estimator 'foo' is not one of"),
+    ("rl.reward=nomod:fn", "llm-jax train: rl.reward term 'nomod:fn': judge 'nomod:fn': module 'nomod' does not "
+                           "import"),
+])
+def test_bad_rl_settings_through_the_command_are_one_line_before_anything_is_written(override, message, tmp_path,
+                                                                                      capsys):
+    from llm_jax import cli
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", "configs/grpo.py:tiny", "--workdir", str(workdir),
+                     f"--config.{override}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message) and "Traceback" not in err[0]
+    assert not workdir.exists() or not os.listdir(workdir)
