@@ -26,6 +26,8 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "jinja2>=3.1",
+        # quantized frozen bases (model.base_quant: int8, nf4): the code book and blockwise numerics
+        "qwix>=0.1.8",
     ],
     extras_require={
         # scaling-fit's PNGs (llm_jax/scaling/plots.py imports it only when drawing; --no-plots needs none)

@@ -70,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
         lora_alpha=16.0,
         lora_dropout=0.0,      # on the adapters' input, training steps only
         lora_targets="wq,wk,wv,wo",  # comma-separated subset of wq,wk,wv,wo,w_gate,w_up,w_down
+        # A quantized frozen base (QLoRA; llm_jax/model/quant.py): the seven projections stored as codes and
+        # dequantized inside each matmul. Needs adapters (lora_rank > 0), a soft prompt or optim.freeze over them.
+        base_quant="none",     # none | int8 | nf4
+        quant_block=64,        # weights per absmax scale, along the projection's input
+        quant_double=True,     # double quantization: the scales stored as int8 too
+        quant_scale_block=256,  # scales per second-level scale
+        # Prompt tuning (Lester et al. 2021): this many trained embeddings before every sequence; 0: none.
+        prompt_tuning_tokens=0,
         # The architecture (llm_jax/model/families/): today's model is "llama"; an imported checkpoint sets these.
         family="llama",        # llama | mistral | qwen2 | qwen3 | gemma3
         sliding_window=0,      # local layers attend to the last W positions; 0: no window

@@ -74,6 +74,23 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def divisible_axes(shape, logical_axes, mesh: Mesh | None, rules) -> tuple:
+    """`logical_axes` with None wherever the mesh axes that name maps to do not divide that dim of `shape`: a
+    smaller companion of a weight (its quantization scales) shards like the weight where it can, and stays
+    whole along the rest. A companion of lower rank (a per-tensor scalar) is whole."""
+    if len(shape) != len(logical_axes):
+        return (None,) * len(shape)
+    if mesh is None:
+        return tuple(logical_axes)
+    spec = logical_to_spec(logical_axes, rules)
+    out = []
+    for size, name, axes in zip(shape, logical_axes, tuple(spec) + (None,) * len(shape)):
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        parts = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+        out.append(name if size % parts == 0 else None)
+    return tuple(out)
+
+
 def named_sharding(mesh: Mesh, logical_axes, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 

@@ -78,8 +78,8 @@ def export_hf(run_dir: str, out_dir: str, *, overwrite: bool = False, dtype: str
         raise ExportError(f"--out {out_dir} is not empty: pass --overwrite to replace its contents")
     run = runs.load_run(run_dir, step=step)
     cfg, params = run.model_cfg, run.params
-    if cfg.lora_rank:
-        params, cfg = lora.merge(params, cfg), lora.without_lora(cfg)
+    if cfg.lora_rank or cfg.base_quant != "none":  # adapters merged into a full-precision (dequantized) base
+        params, cfg = lora.merge(params, cfg), lora.merged_config(cfg)
     out_dtype = np.dtype(dtype or cfg.param_dtype)
     template = run.config.data.get("chat_template", chat.DEFAULT_TEMPLATE)
     stop_ids = chat.stop_ids(run.tokenizer, template)

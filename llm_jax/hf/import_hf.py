@@ -12,10 +12,13 @@ are then streamed from the memory-mapped safetensors straight onto the run's mes
 for training): each device's block of a param is read alone (`weights.TensorMap.hf_block`) and placed, so the host
 holds the params once plus one block, never the whole model twice (peak RSS 1.48× the checkpoint for a 1B Llama on
 FSDP 4 × tensor 2: experiments/benchmarks/README.md). Params keep the checkpoint's dtype unless
-`model.param_dtype` is overridden.
+`model.param_dtype` is overridden. With `--config.model.base_quant=nf4` (or int8) the projections are quantized as
+they are read (model/quant.py): the run holds the quantized base, and a QLoRA stage started from it carries the
+codes as they are.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,6 +36,7 @@ from llm_jax.data.tokenizer import check_vocab
 from llm_jax.files import file_sha256
 from llm_jax.hf import weights
 from llm_jax.hf.safetensors_io import CheckpointFilesError, SafetensorsReader
+from llm_jax.model import quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.families import family_of_hf
 from llm_jax.model.transformer import Transformer
@@ -155,6 +159,23 @@ def _load_param(reader, names, m: weights.TensorMap, stacked: bool, target) -> j
     return jax.make_array_from_callback(target.shape, sharding, shard)
 
 
+def _quantizer(cfg: ModelConfig, mesh, rules):
+    """(path, full-precision tensor) → the tensor as the model of `cfg` stores it: quantized (placed on the
+    shardings of its parts) where `cfg.base_quant` quantizes that projection, else as it is."""
+    if quant.settings(cfg) is None:
+        return lambda path, value: value
+    abstract = runs.abstract_params(Transformer(cfg, mesh, rules), mesh, rules, init_method=Transformer.logits)
+    stored = traverse_util.flatten_dict(abstract["params"], is_leaf=lambda _, node: quant.is_quantized(node))
+
+    def convert(path, value):
+        if path[-1] not in quant.QUANTIZED:
+            return value
+        shardings = jax.tree.map(lambda a: a.sharding, stored[path])
+        return jax.jit(lambda w: quant.quantize_tree({path[-1]: w}, cfg)[path[-1]], out_shardings=shardings,
+                       donate_argnums=0)(value)
+    return convert
+
+
 def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
     """Imports `hf_dir` into `workdir` (see the module docstring); returns the summary also in import.json.
 
@@ -181,14 +202,17 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)
-    model = Transformer(cfg, mesh, rules)
-    abstract = runs.abstract_params(model, mesh, rules, init_method=Transformer.logits)
+    # The checkpoint's tensors fill the full-precision model; with model.base_quant each projection is quantized
+    # as soon as it is read (`_quantizer`), so at most one full-precision tensor is held beside the codes.
+    full_cfg = dataclasses.replace(cfg, base_quant="none")
+    abstract = runs.abstract_params(Transformer(full_cfg, mesh, rules), mesh, rules, init_method=Transformer.logits)
     flat = traverse_util.flatten_dict(abstract["params"])
     sources = _sources(cfg, flat)
     n_bytes = _check_tensors(reader, cfg, sources, flat)
+    quantized = _quantizer(cfg, mesh, rules)
     t_checked = time.perf_counter()
 
-    params = traverse_util.unflatten_dict({path: _load_param(reader, names, m, stacked, flat[path])
+    params = traverse_util.unflatten_dict({path: quantized(path, _load_param(reader, names, m, stacked, flat[path]))
                                            for path, (names, m, stacked) in sources.items()})
     t_loaded = time.perf_counter()
 
@@ -211,7 +235,7 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
         files={name: file_sha256(os.path.join(hf_dir, name)) for name in files + ["config.json"]},
         tokenizer_sha256=tokenizer.sha256, tensors=len(reader.shard_of), bytes=n_bytes,
         params=int(sum(np.prod(a.shape) for a in flat.values())),
-        mesh=dict(mesh.shape), param_dtype=cfg.param_dtype,
+        mesh=dict(mesh.shape), param_dtype=cfg.param_dtype, base_quant=quant.describe(cfg),
         seconds=dict(check=round(t_checked - t0, 3), load=round(t_loaded - t_checked, 3),
                      save=round(t_written - t_loaded, 3)),
         gb_per_s=round(n_bytes / 1e9 / max(t_loaded - t_checked, 1e-9), 3))

@@ -6,6 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from llm_jax.kernels.attention import IMPLEMENTATIONS, BlockSizes
+from llm_jax.model import quant
 from llm_jax.model.families import Family, get_family
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
@@ -38,6 +39,11 @@ class ModelConfig:
     lora_alpha: float = 16.0       # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0      # dropout on the adapters' input, in training only
     lora_targets: str = "wq,wk,wv,wo"
+    base_quant: str = "none"       # none | int8 | nf4: the projections stored quantized (see model/quant.py)
+    quant_block: int = 64          # weights per absmax scale
+    quant_double: bool = True      # the scales quantized again (int8, per quant_scale_block scales)
+    quant_scale_block: int = 256
+    prompt_tuning_tokens: int = 0  # trained embeddings before every sequence (prompt tuning); 0: none
     family: str = "llama"
     sliding_window: int = 0        # W > 0: local layers attend to the last W positions only; 0: no window
     global_every: int = 0          # with a window: every global_every-th layer is global (Gemma 3); 0: all local
@@ -89,6 +95,12 @@ class ModelConfig:
         if unknown or len(set(targets)) != len(targets):
             fail(f"lora_targets={self.lora_targets!r} must be a comma-separated subset (no repeats) of "
                  f"{','.join(LORA_TARGETS)}" + (f"; unknown: {unknown}" if unknown else ""))
+        try:
+            quant.check(self)
+        except ValueError as e:
+            fail(str(e))
+        if self.prompt_tuning_tokens < 0:
+            fail(f"prompt_tuning_tokens must be >= 0 (0: none), got {self.prompt_tuning_tokens}")
         try:
             get_family(self.family)
         except ValueError as e:

@@ -32,7 +32,8 @@ Sharding
 
 Merge
     `merge(params, cfg)` folds each adapter into its weight, W' = W + (α/r)·A·B (in f32), and drops the
-    adapters: the params of the plain model `Transformer(without_lora(cfg))`, which gives the same logits.
+    adapters: the params of the plain model `Transformer(merged_config(cfg))`, which gives the same logits. A
+    quantized base (QLoRA, model/quant.py) is dequantized first, so the merged model is full precision.
 
 Memory (f32 weights, AdamW; N params without adapters, a adapter params, n = a + heads the params that train)
     full fine-tuning   weights 4N + gradients 4N + Adam m, v 8N          = 16N bytes
@@ -55,12 +56,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from llm_jax.model import quant
 from llm_jax.model.config import LORA_TARGETS, ModelConfig
 from llm_jax.model.transformer import Transformer
 
 __all__ = ["LORA_TARGETS", "ADAPTER_SUFFIX", "is_trainable", "trainable_mask", "trainable_for", "mask_of",
            "split", "combine", "without_adapters", "count", "memory_report", "describe", "training_report", "merge",
-           "without_lora"]
+           "without_lora", "merged_config"]
 
 ADAPTER_SUFFIX = "_lora"  # the adapter of `wq` is the module `wq_lora`, with params `a` and `b`
 Trainable = Any  # a rule `params -> bool mask`, a bool mask, or None (every param trains)
@@ -98,8 +100,9 @@ def trainable_mask(params, cfg: ModelConfig | None = None):
 
 
 def trainable_for(cfg: ModelConfig):
-    """The rule `params -> mask` of what trains for a model of `cfg`: None (everything) without LoRA."""
-    return functools.partial(trainable_mask, cfg=cfg) if cfg.lora_rank else None
+    """The rule `params -> mask` of what trains for a model of `cfg`: None (everything) without LoRA or a soft
+    prompt."""
+    return functools.partial(trainable_mask, cfg=cfg) if cfg.lora_rank or cfg.prompt_tuning_tokens else None
 
 
 def mask_of(trainable: Trainable, params):
@@ -156,12 +159,24 @@ def _bytes(tree) -> int:
     return sum(_size(x) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _weights(tree) -> int:
+    """The number of weights in `tree`, a quantized projection counted as the weights it encodes."""
+    return sum(quant.logical_size(x) for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized))
+
+
+def _full_precision(tree):
+    """Abstract f32 weights of the same count in place of each quantized projection (full fine-tuning's view)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((quant.logical_size(x),), jnp.float32)
+                        if quant.is_quantized(x) else x, tree, is_leaf=quant.is_quantized)
+
+
 def count(params, trainable: Trainable = trainable_mask) -> dict:
-    """Params that train and in all, and the fraction that trains (params may be abstract)."""
+    """Params that train and in all, and the fraction that trains (params may be abstract; a quantized
+    projection counts the weights it encodes)."""
     mask = mask_of(trainable, params)
     picked = params if mask is None else split(params, mask)[0]
-    n_trainable = sum(_size(x) for x in jax.tree.leaves(picked))
-    total = sum(_size(x) for x in jax.tree.leaves(params))
+    n_trainable = _weights(picked)
+    total = _weights(params)
     return dict(trainable=n_trainable, total=total, trainable_fraction=n_trainable / max(total, 1))
 
 
@@ -178,7 +193,7 @@ def memory_report(params, optimizer, trainable: Trainable = trainable_mask, grad
         return dict(params_bytes=weights, grads_bytes=grads, opt_state_bytes=opt, total_bytes=weights + grads + opt)
     mask = mask_of(trainable, params)
     lora = measure(params, params if mask is None else split(params, mask)[0])
-    base = without_adapters(params)
+    base = _full_precision(without_adapters(params))
     full = measure(base, base)
     return {**lora, **{f"full_{k}": v for k, v in full.items()}}
 
@@ -207,8 +222,13 @@ def training_report(params, optimizer, trainable: Trainable, grad_accum: int = 1
 
 
 def without_lora(cfg: ModelConfig) -> ModelConfig:
-    """The plain model's config: the same weights, no adapters."""
+    """The plain model's config: the same weights (quantized where they are), no adapters."""
     return dataclasses.replace(cfg, lora_rank=0)
+
+
+def merged_config(cfg: ModelConfig) -> ModelConfig:
+    """The config of `merge`'s params: no adapters, a full-precision base."""
+    return dataclasses.replace(cfg, lora_rank=0, base_quant="none")
 
 
 def _fold(w, a, b, scale: float):
@@ -223,7 +243,11 @@ def _fold(w, a, b, scale: float):
 
 
 def merge(params, cfg: ModelConfig) -> dict:
-    """The params of `Transformer(without_lora(cfg))`: each W' = W + (α/r)·A·B, the adapters dropped."""
+    """The params of `Transformer(merged_config(cfg))`: each W' = W + (α/r)·A·B, the adapters dropped; a
+    quantized base is dequantized first (the merged model is full precision)."""
+    if cfg.base_quant != "none":
+        params = quant.dequantize_tree(params, cfg)
+
     def walk(tree):
         if not isinstance(tree, Mapping):
             return tree

@@ -11,7 +11,8 @@ are constrained by name at block boundaries. Parameters are kept in `param_dtype
 compute `dtype` (bf16 on accelerators) at use; norms, softmax and logits run in f32.
 
 With `lora_rank > 0` the projections named in `lora_targets` carry LoRA adapters (see `llm_jax/model/lora.py`);
-their dropout runs only when the apply call is given a "dropout" rng (`dropout_rngs(rng)`).
+their dropout runs only when the apply call is given a "dropout" rng (`dropout_rngs(rng)`). With `base_quant`
+the seven projections are stored quantized and dequantized inside their matmuls (see `llm_jax/model/quant.py`).
 
 `attention_weights(model, params, tokens)` returns every layer's softmax weights (L, B, H, T, T) for inspection.
 """
@@ -27,6 +28,7 @@ from jax.sharding import Mesh
 from llm_jax import sharding
 from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, attention, decode_attention, platform_of,
                                       reference_attention, resolve_impl)
+from llm_jax.model import quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.rope import inverse_frequencies, rotary
 
@@ -46,10 +48,42 @@ def _param(module: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=Non
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
 
 
-def project(module: nn.Module, name: str, x, w, axes, n_in: int = 1):
-    """x·W over x's last `n_in` dims, plus the `LoRA` update where `name` is one of `cfg.lora_target_names`."""
+class QuantizedWeight(NamedTuple):
+    """A projection stored quantized (model/quant.py): its parts and how they encode the weight."""
+    parts: dict
+    layout: quant.Layout
+
+    @property
+    def shape(self) -> tuple:
+        return self.layout.shape
+
+
+def _weight(module: nn.Module, name: str, shape, axes, n_in: int = 1, init=None):
+    """Projection `name`: a `param_dtype` array, or with `cfg.base_quant` its quantized parts, each part with
+    W's logical axes (where the mesh divides the part's shrunken dims: `sharding.divisible_axes`). A fresh
+    quantized model quantizes its random init."""
     cfg = module.cfg
-    y = token_matmul(x, w.astype(cfg.compute_dtype), n_contract=n_in)
+    if cfg.base_quant == "none":
+        return _param(module, name, shape, axes, cfg, init)
+    lay = quant.layout(cfg, name, tuple(shape), n_in)
+    init = init or nn.initializers.normal(cfg.init_std)
+
+    def init_parts(key):
+        parts = quant.quantize(init(key, shape, cfg.weights_dtype), lay)
+        return {part: nn.LogicallyPartitioned(value, sharding.divisible_axes(value.shape, axes, module.mesh,
+                                                                             module.rules))
+                for part, value in parts.items()}
+    return QuantizedWeight(module.param(name, init_parts), lay)
+
+
+def project(module: nn.Module, name: str, x, w, axes, n_in: int = 1):
+    """x·W over x's last `n_in` dims, plus the `LoRA` update where `name` is one of `cfg.lora_target_names`.
+    A quantized W is dequantized inside the matmul (`quant.matmul`)."""
+    cfg = module.cfg
+    if isinstance(w, QuantizedWeight):
+        y = quant.matmul(x, w.parts, w.layout)
+    else:
+        y = token_matmul(x, w.astype(cfg.compute_dtype), n_contract=n_in)
     if name in cfg.lora_target_names:
         y = y + LoRA(cfg, w.shape, axes, n_in, module.mesh, module.rules, name=f"{name}_lora")(x)
     return y
@@ -180,10 +214,10 @@ class Attention(nn.Module):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_axes, o_axes = ("embed", "heads", "head_dim"), ("heads", "head_dim", "embed")
         kv_axes = ("embed", "kv_heads", "head_dim")
-        wq_dhk = _param(self, "wq", (d, h, hd), q_axes, cfg)
-        wk_dkh = _param(self, "wk", (d, k, hd), kv_axes, cfg)
-        wv_dkh = _param(self, "wv", (d, k, hd), kv_axes, cfg)
-        wo_hkd = _param(self, "wo", (h, hd, d), o_axes, cfg, _residual_init(cfg))
+        wq_dhk = _weight(self, "wq", (d, h, hd), q_axes)
+        wk_dkh = _weight(self, "wk", (d, k, hd), kv_axes)
+        wv_dkh = _weight(self, "wv", (d, k, hd), kv_axes)
+        wo_hkd = _weight(self, "wo", (h, hd, d), o_axes, n_in=2, init=_residual_init(cfg))
 
         family = cfg.family_spec
         q_bthd = project(self, "wq", x_btd, wq_dhk, q_axes)
@@ -271,9 +305,9 @@ class MLP(nn.Module):
     def __call__(self, x_btd):
         cfg = self.cfg
         up_axes, down_axes = ("embed", "mlp"), ("mlp", "embed")
-        w_gate_df = _param(self, "w_gate", (cfg.d_model, cfg.d_ff), up_axes, cfg)
-        w_up_df = _param(self, "w_up", (cfg.d_model, cfg.d_ff), up_axes, cfg)
-        w_down_fd = _param(self, "w_down", (cfg.d_ff, cfg.d_model), down_axes, cfg, _residual_init(cfg))
+        w_gate_df = _weight(self, "w_gate", (cfg.d_model, cfg.d_ff), up_axes)
+        w_up_df = _weight(self, "w_up", (cfg.d_model, cfg.d_ff), up_axes)
+        w_down_fd = _weight(self, "w_down", (cfg.d_ff, cfg.d_model), down_axes, init=_residual_init(cfg))
         gate_btf = project(self, "w_gate", x_btd, w_gate_df, up_axes)
         up_btf = project(self, "w_up", x_btd, w_up_df, up_axes)
         gated_btf = (swiglu(gate_btf, up_btf) if cfg.family_spec.activation == "silu"

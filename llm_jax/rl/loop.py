@@ -67,7 +67,7 @@ from llm_jax.rl.update import PTX_PREFIX, make_policy_loss_fn, make_value_loss_f
 from llm_jax.scaling import flops
 from llm_jax.train import hardware, run_record
 from llm_jax.train import step as train_step
-from llm_jax.train.checkpoint import Checkpointer, restore_params
+from llm_jax.train.checkpoint import Checkpointer, carries_adapters, start_params
 from llm_jax.train.guard import TrainingDiverged
 from llm_jax.train.harness import CheckpointSet, Harness
 from llm_jax.train.loop import validate
@@ -160,12 +160,18 @@ class RL:
             self.value_opt, self.value_schedule = make_optimizer(value_optim, total, trainable)
             self.init_value = lambda key: self.value_model.init(key, dummy, method=Transformer.logits)
             self.value_abstract, self.value_sh = state_shardings(self.init_value, self.value_opt, mesh, rules)
-        # The reference: a LoRA policy's own base weights (adapters left out: one shared copy), else a run.
+        # The reference: a LoRA policy's own base weights (adapters left out: one shared copy, quantized or
+        # not), else a run. A policy whose adapters continue those of a run on the same quantized base starts as
+        # base + those adapters, so that is its reference: the shared base and a copy of the adapters alone.
         self.ref_model = Transformer(lora.without_lora(cfg), mesh, rules)
-        self.ref_params = None
+        self.ref_params = self.ref_adapters = None
         if not cfg.lora_rank:
             run_record.check_lineage(config, s.reference_run)
-            self.ref_params = restore_params(s.reference_run, lora.without_adapters(self.policy_abstract.params))
+            self.ref_params = start_params(s.reference_run, lora.without_adapters(self.policy_abstract.params), cfg)
+        elif carries_adapters(config.train.init_from, cfg):
+            self.ref_model = self.policy
+            start = start_params(config.train.init_from, self.policy_abstract.params, cfg)
+            self.ref_adapters = lora.split(start)[0]
 
     def abstract_states(self) -> dict:
         out = dict(policy=self.policy_abstract)
@@ -176,18 +182,21 @@ class RL:
     def fresh_states(self) -> dict:
         s, config = self.s, self.config
         run_record.check_lineage(config, config.train.init_from)
-        params = restore_params(config.train.init_from, lora.without_adapters(self.policy_abstract.params))
+        params = start_params(config.train.init_from, self.policy_abstract.params, self.model_cfg)
         states = dict(policy=create_state(self.init_policy, self.policy_opt, self.policy_sh, config.seed, params))
         if self.value_model is not None:
             value_run = s.reward_run if s.value_from == "reward" else config.train.init_from
             run_record.check_lineage(config, value_run)
-            value_params = reward.params_from_run(value_run, lora.without_adapters(self.value_abstract.params))
+            value_params = reward.params_from_run(value_run, self.value_abstract.params, self.model_cfg)
             states["value"] = create_state(self.init_value, self.value_opt, self.value_sh, config.seed + 1,
                                            value_params)
         return states
 
     def reference_params(self, policy_params):
-        return lora.without_adapters(policy_params) if self.ref_params is None else self.ref_params
+        if self.ref_params is not None:
+            return self.ref_params
+        base = lora.without_adapters(policy_params)
+        return base if self.ref_adapters is None else lora.combine(base, self.ref_adapters)
 
     # ---------------------------------------------------------------------------------------- programs
 

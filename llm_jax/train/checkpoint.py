@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from llm_jax.model import lora
+from llm_jax.model import lora, quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import manifest
 from llm_jax.train.metrics import log_line
@@ -24,6 +24,11 @@ from llm_jax.train.state import TrainState
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged, or does not fit the model being built."""
+
+
+class CannotStartFrom(CheckpointError):
+    """A run whose weights a new run's settings cannot take as they are (its base is quantized differently,
+    or its adapters cannot be merged into its quantized base and do not fit this run's)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -294,15 +299,13 @@ def intact_step(run_dir: str, step: int | None = None) -> int | None:
     return newest
 
 
-def _lora_config(run_dir: str):
-    """The run's ModelConfig when it trained LoRA adapters (its checkpoint holds them), else None."""
+def _run_model_config(run_dir: str) -> ModelConfig | None:
+    """The run's ModelConfig from its config.json (None without one)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         model = json.load(f).get("model", {})
-    if not model.get("lora_rank"):
-        return None
     return ModelConfig.from_config(ml_collections.ConfigDict(model))
 
 
@@ -312,26 +315,85 @@ def _has_adapters(tree) -> bool:
     return any(str(k).endswith(lora.ADAPTER_SUFFIX) or _has_adapters(v) for k, v in tree.items())
 
 
+def _has_quantized(tree) -> bool:
+    if not isinstance(tree, dict):
+        return False
+    return quant.is_quantized(tree) or any(_has_quantized(v) for v in tree.values())
+
+
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
     """The params of another run (its newest intact checkpoint unless `step`, `intact_step`), placed on
     `abstract_params`' shardings, refused if any value is not finite.
 
-    From a LoRA run into a model without adapters (the next stage, an export), each adapter is merged into its
-    weight first (W + α/r·A·B, `lora.merge`): the run's learning is in its adapters."""
+    Into a model without adapters (the next stage, an export) from a LoRA run, each adapter is merged into its
+    weight first (W + α/r·A·B, `lora.merge`): the run's learning is in its adapters. Into a full-precision
+    model from a quantized run, the base is dequantized (and then merged). A new run starts through
+    `start_params`, which also quantizes."""
     if not os.path.isdir(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {run_dir!r} has no checkpoints/ folder to start from")
     step = intact_step(run_dir, step)
     if step is None:
         raise CheckpointError(f"run directory {run_dir!r} holds no finished checkpoint")
-    lora_cfg = _lora_config(run_dir)
-    if lora_cfg is not None and not _has_adapters(abstract_params):
-        params = _restore_merged(run_dir, abstract_params, lora_cfg, step)
+    run_cfg = _run_model_config(run_dir)
+    merge = run_cfg is not None and run_cfg.lora_rank and not _has_adapters(abstract_params)
+    dequantize = (run_cfg is not None and quant.settings(run_cfg) is not None
+                  and not _has_quantized(abstract_params))
+    if merge or dequantize:
+        params = _restore_merged(run_dir, abstract_params, run_cfg, step)
     else:
         params = _restore_plain(run_dir, abstract_params, step)
     bad = _non_finite(params)
     if bad:
         raise CheckpointError(f"checkpoint {checkpoint_dir(run_dir)}/{step} holds non-finite values in {bad}")
     return params
+
+
+def carries_adapters(run_dir: str, model_cfg: ModelConfig) -> bool:
+    """Whether a run of `model_cfg` started from `run_dir` continues that run's adapters (`start_params`):
+    both quantized alike, and the run trained adapters."""
+    run_cfg = _run_model_config(run_dir) if run_dir else None
+    return (run_cfg is not None and bool(run_cfg.lora_rank) and quant.settings(model_cfg) is not None
+            and quant.settings(run_cfg) == quant.settings(model_cfg))
+
+
+def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
+    """What a new run of `model_cfg` (abstract params `abstract_params`, adapters included) takes from the run
+    `run_dir` it starts from (`train.init_from`): a tree the fresh init completes (`state.create_state`).
+
+    - From a full-precision run: its weights (a LoRA run's adapters merged), quantized here when `model_cfg`
+      has a quantized base: the only time a base is quantized. The new adapters start fresh.
+    - From a run quantized the same way (`quant.settings`): its codes bit for bit, never quantized again; and
+      where it trained adapters, they continue as this run's adapters (a quantized base cannot take them
+      merged), which needs the same LoRA rank and targets.
+    - From a quantized run into a full-precision model: the dequantized base, adapters merged.
+    - A quantized run into a differently quantized model is refused: it would quantize quantized weights."""
+    run_cfg = _run_model_config(run_dir)
+    target = quant.settings(model_cfg)
+    source = quant.settings(run_cfg) if run_cfg is not None else None
+    if target is not None and source is not None:
+        if source != target:
+            raise CannotStartFrom(
+                f"train.init_from {run_dir} holds a base already quantized ({quant.describe(run_cfg)}); "
+                f"model.base_quant={model_cfg.base_quant} ({quant.describe(model_cfg)}) would quantize it again: "
+                f"use the run's own base_quant/quant_block/quant_double, or base_quant=none")
+        if not run_cfg.lora_rank:
+            return restore_params(run_dir, lora.without_adapters(abstract_params))
+        same = ((run_cfg.lora_rank, set(run_cfg.lora_target_names), run_cfg.lora_alpha)
+                == (model_cfg.lora_rank, set(model_cfg.lora_target_names), model_cfg.lora_alpha))
+        if not same:
+            raise CannotStartFrom(
+                f"train.init_from {run_dir} trained adapters (rank {run_cfg.lora_rank}, targets "
+                f"{run_cfg.lora_targets}, alpha {run_cfg.lora_alpha}) on a quantized base, where they cannot be "
+                f"merged; they continue in this run, which needs model.lora_rank={run_cfg.lora_rank}, "
+                f"lora_targets={run_cfg.lora_targets!r} and lora_alpha={run_cfg.lora_alpha} (this config: rank "
+                f"{model_cfg.lora_rank}, targets {model_cfg.lora_targets!r}, alpha {model_cfg.lora_alpha})")
+        return restore_params(run_dir, abstract_params)
+    base = lora.without_adapters(abstract_params)
+    if target is None:
+        return restore_params(run_dir, base)
+    plain = restore_params(run_dir, quant.plain_abstract(base, model_cfg))
+    shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), base)
+    return jax.jit(lambda p: quant.quantize_tree(p, model_cfg), out_shardings=shardings, donate_argnums=0)(plain)
 
 
 def _restore_plain(run_dir: str, abstract_params, step: int):
@@ -347,15 +409,15 @@ def _restore_plain(run_dir: str, abstract_params, step: int):
     return restored["params"]
 
 
-def _restore_merged(run_dir: str, abstract_params, lora_cfg, step: int):
-    """A LoRA run's params with its adapters folded in, cut to the keys of `abstract_params` and placed on its
-    dtypes and shardings."""
+def _restore_merged(run_dir: str, abstract_params, run_cfg, step: int):
+    """A LoRA or quantized run's params with its base dequantized and its adapters folded in (`lora.merge`),
+    cut to the keys of `abstract_params` and placed on its dtypes and shardings."""
     path = os.path.join(checkpoint_dir(run_dir), str(step), "params")
     metadata = ocp.StandardCheckpointer().metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
     saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree, is_leaf=lambda x: hasattr(x, "shape"))
     full = ocp.StandardCheckpointer().restore(path, saved)
-    merged = lora.merge(full, lora_cfg)
+    merged = lora.merge(full, run_cfg)
 
     def place(target, source, where=()):
         if isinstance(target, dict):

@@ -21,6 +21,7 @@ from llm_jax import sharding
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import mixture
 from llm_jax.data.post_training import is_task_spec
+from llm_jax.model import quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
 from llm_jax.train.optimizer import SCHEDULES, freeze_patterns
@@ -32,6 +33,24 @@ def check_config(config, model_cfg: ModelConfig) -> None:
     check_data(config)
     check_objective_sections(config)
     check_param_sharding(config, model_cfg)
+    check_quantized_base(config, model_cfg)
+
+
+def check_quantized_base(config, model_cfg: ModelConfig) -> None:
+    """A quantized base is frozen: it needs adapters (QLoRA), a soft prompt, or `optim.freeze` over every
+    quantized projection, since its codes cannot take a gradient step."""
+    if model_cfg.base_quant == "none" or model_cfg.lora_rank or model_cfg.prompt_tuning_tokens:
+        return
+    patterns = freeze_patterns(config.optim.get("freeze", ""))
+    layers = ["blocks"] if model_cfg.scan_layers else [f"block_{i}" for i in range(model_cfg.n_layers)]
+    for layer in layers:
+        for name in quant.QUANTIZED:
+            path = f"params/{layer}/{'attn' if name.startswith('w') and len(name) == 2 else 'mlp'}/{name}/codes"
+            if not any(p.search(path) for p in patterns):
+                raise ConfigError(
+                    f"model.base_quant={model_cfg.base_quant!r}: {path} would train, but a quantized weight cannot "
+                    "be trained; set model.lora_rank > 0 (QLoRA) or model.prompt_tuning_tokens > 0, or freeze the "
+                    "projections with optim.freeze")
 
 
 def _refuse(field: str, value, why: str):
@@ -152,8 +171,10 @@ def check_param_sharding(config, model_cfg: ModelConfig) -> None:
     """
     sizes = _mesh_sizes(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)
-    # The reference attention traces on any backend at any length; the params do not depend on the kernel.
-    model = Transformer(dataclasses.replace(model_cfg, attention_impl="reference"))
+    # The reference attention traces on any backend at any length; the params do not depend on the kernel. A
+    # quantized base is checked as its full-precision weights: its parts shard like them where the mesh divides
+    # their shrunken dims, and stay whole elsewhere (sharding.divisible_axes).
+    model = Transformer(dataclasses.replace(model_cfg, attention_impl="reference", base_quant="none"))
     boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32), method=Transformer.logits),
                            jax.random.key(0))
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]

@@ -160,6 +160,7 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
 # how it computes and what it adds, never what the params mean.
 OWN_MODEL_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "attention_block_q",
                     "attention_block_kv", "init_std", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                    "base_quant", "quant_block", "quant_double", "quant_scale_block", "prompt_tuning_tokens",
                     "from_init")
 
 
