@@ -4,6 +4,7 @@
     llm-jax classifier --config configs/classifier.py:quality --workdir runs/quality_clf
     llm-jax tokenizer --config configs/tokenizer.py:default --workdir runs/tok
     llm-jax train     --config configs/pretrain.py:tiny --workdir runs/pre [--config.optim.lr=1e-3 ...]
+    llm-jax memory    --config configs/sft.py:tiny [--config.model.lora_rank=16 ... --json]
     llm-jax generate  --run runs/sft --prompts prompts.jsonl [--out answers.jsonl --max-new-tokens 64 ...]
     llm-jax import-hf --hf /models/Qwen2.5-0.5B-Instruct --workdir runs/qwen [--config.mesh.tensor=2 ...]
     llm-jax export-hf --run runs/qwen-dpo --out exports/qwen-dpo [--overwrite --dtype bfloat16]
@@ -21,6 +22,10 @@
 held-out precision and recall, and saves it for prepare's classifier steps
 (see llm_jax/data/prepare/classifier_stage.py); a bad config exits 2, bad example data 1.
 `train` runs whichever objective the config names and resumes when the workdir holds a checkpoint.
+`memory` says, before launch, how much accelerator memory each device needs to train the config (params,
+optimizer state, the compiled step's temporaries with the gradients among them): the train step compiled on
+abstract shapes, nothing allocated (see llm_jax/train/memory.py); `--json` prints one JSON object. It measures the
+objectives of the shared loop (lm, sft, reward, dpo); a bad config, or objective rl, exits 2.
 `generate` answers every prompt of a file with a finished run's model (see llm_jax/generation_io.py).
 `import-hf` turns a local Hugging Face checkpoint (Llama, Mistral, Qwen2/3, Gemma 3) into a run directory that every
 stage starts from with `train.init_from` (see llm_jax/hf/import_hf.py); `export-hf` writes any run as a checkpoint
@@ -70,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
         sub.add_argument("--num-processes", type=int)
         sub.add_argument("--process-id", type=int)
+    sub = commands.add_parser("memory", help="per-device memory of the config's train step before launch: params, "
+                                             "optimizer, temporaries (see llm_jax/train/memory.py)")
+    sub.add_argument("--config", required=True, help="path/to/config.py[:arg], as for train")
+    sub.add_argument("--json", action="store_true", help="print one JSON object (the per-device bytes) instead of "
+                                                         "the table")
     sub = commands.add_parser("classifier", help="train a fastText-style document classifier for prepare's quality "
                                                  "and toxicity steps (see llm_jax/data/prepare/classifier_stage.py)")
     sub.add_argument("--config", required=True, help="path/to/classifier.py[:arg]")
@@ -285,6 +295,28 @@ def _preference_pairs(args, overrides: list[str]) -> int:
         check=lambda: pp.check_options(args.k, args.min_margin, args.pairs, args.batch_size))
 
 
+def _memory(config, args, overrides: list[str]) -> int:
+    """The per-device memory of the config's train step; a bad config, or an objective with its own loop, exits 2
+    (checked as `train` checks it, before anything is built)."""
+    from llm_jax.objectives import get_objective, own_loop
+    from llm_jax.train.loop import memory_before_launch, validate
+    try:
+        validate(config)
+        objective = get_objective(config.objective)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    if own_loop(objective) is not None:
+        raise config_lib.ConfigError(f"objective {config.objective!r} runs its own loop; llm-jax memory measures the "
+                                     "train step of the LM-style objectives: lm, sft, reward, dpo")
+    report = memory_before_launch(config, objective)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(" ".join([args.config, *(f"--config.{o}" for o in overrides)]))
+        print(report.table(), end="")
+    return 0
+
+
 def _pipeline(config, workdir: str) -> int:
     from llm_jax.pipeline import PipelineError, run_pipeline
     try:
@@ -487,6 +519,8 @@ def _main(argv: list[str]) -> int:
     if args.command in ("import-hf", "export-hf"):
         return _hf_command(args, overrides)
     config = config_lib.load(args.config, overrides)
+    if args.command == "memory":
+        return _memory(config, args, overrides)
     if args.command == "pipeline":
         return _pipeline(config, args.workdir)
     if args.command == "sweep":

@@ -42,6 +42,7 @@ from llm_jax.data.post_training import data_cache_dir, render_preferences, rows_
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives import fmt, gold_text
 from llm_jax.objectives.lm import token_log_probs
+from llm_jax.objectives import reward
 from llm_jax.objectives.reward import both_sides
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import intact_step
@@ -92,6 +93,13 @@ def _settings(config) -> dict:
     if not 0.0 <= settings["label_smoothing"] < 0.5:
         raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {settings['label_smoothing']}")
     return settings
+
+
+def abstract_batch(config) -> dict:
+    """One global train batch as shapes and dtypes: the reward model's pairs plus the reference's cached
+    sequence log-probs, (B,) each (`REFERENCE_KEYS`), for `llm-jax memory`."""
+    rows = (config.data.batch_size,)
+    return {**reward.abstract_batch(config), **{k: jax.ShapeDtypeStruct(rows, jnp.float32) for k in REFERENCE_KEYS}}
 
 
 def make_loss_fn(model: Transformer, beta: float, label_smoothing: float, loss: str, nll_coef: float = 0.0):

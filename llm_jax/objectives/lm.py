@@ -16,6 +16,8 @@ from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives import fmt
 from llm_jax.train import step as train_step
 
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")  # every (B, T) array of a batch
+
 
 @jax.custom_vjp
 def _log_softmax_at(logits_btv, targets_bt):
@@ -93,6 +95,13 @@ def make_loss_fn(model: Transformer):
         correct = jnp.sum(argmax_hits(logits_btv, batch["targets"]) * batch["loss_mask"])
         return loss_sum, {"weight": weight, "accuracy": correct.astype(jnp.float32)}
     return loss_fn
+
+
+def abstract_batch(config) -> dict:
+    """One global train batch as shapes and dtypes, (data.batch_size, data.seq_len) per key, as the data gives
+    it: what `llm-jax memory` compiles the step for without reading any data (train/memory.py)."""
+    shape = (config.data.batch_size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
 
 
 def make_train_step(config, model: Transformer, optimizer, schedule):

@@ -37,6 +37,7 @@ from llm_jax.data.post_training import build_preference_data, pair_rows
 from llm_jax.data.records import Message
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives import fmt
+from llm_jax.objectives import lm
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import CheckpointError, restore_params
@@ -110,6 +111,13 @@ def both_sides(batch: dict, key: str):
 def bradley_terry_loss(chosen_b, rejected_b, margin: float = 0.0):
     """−log σ(r_c − r_r − m) per pair."""
     return jax.nn.softplus(-(chosen_b - rejected_b - margin))
+
+
+def abstract_batch(config) -> dict:
+    """One global train batch of pairs as shapes and dtypes: the language model's (B, T) arrays once per side,
+    under `chosen_<key>` and `rejected_<key>` (data/post_training.py `pair_rows`), for `llm-jax memory`."""
+    one_side = lm.abstract_batch(config)
+    return {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in one_side.items()}
 
 
 def make_loss_fn(model: RewardModel, margin: float, readout: str = "last"):

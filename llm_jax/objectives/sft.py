@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from llm_jax.data.post_training import build_sft_data
 from llm_jax.objectives import fmt, gold_text
-from llm_jax.objectives.lm import finish_eval, make_eval_step, make_train_step
+from llm_jax.objectives.lm import abstract_batch, finish_eval, make_eval_step, make_train_step
 
-__all__ = ["build_data", "finish_eval", "make_eval_step", "make_train_step", "table_row"]
+__all__ = ["abstract_batch", "build_data", "finish_eval", "make_eval_step", "make_train_step", "table_row"]
 
 
 def build_data(config, tokenizer, workdir: str):

@@ -17,6 +17,11 @@ is their weighted mean.
 The lifecycle (resume, history, metrics, cadence, SIGTERM) is train/harness.py's, shared with the RL loop; this
 module supplies the steps: build, then `_Steps` (train step, async metrics through the divergence guard,
 throughput, evaluation, checkpoints).
+
+The train step is compiled ahead of the first batch, on abstract shapes, and its per-device memory is logged and
+written to the step-0 metrics (`memory_*_bytes`, train/memory.py); the steps then call that compiled executable,
+so the step compiles once per run. `memory_before_launch(config, objective)` is the same measurement without a
+run: `llm-jax memory`.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from llm_jax.model import lora
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
 from llm_jax.scaling import flops
-from llm_jax.train import hardware
+from llm_jax.train import hardware, memory
 from llm_jax.train import run_record
 from llm_jax.train.checkpoint import Checkpointer, restore_params
 from llm_jax.train.config_checks import check_config
@@ -110,6 +115,26 @@ def build_training(config, model_cfg: ModelConfig, mesh, rules, objective) -> Tr
                     eval_step, config.seed)
 
 
+def _checked(config, devices=None) -> tuple[ModelConfig, jax.sharding.Mesh, tuple]:
+    """(model config, mesh, rules) of a config that passed every check made before building: `validate`, the mesh
+    (over `devices`, default all), the rules and the batch against them."""
+    model_cfg = validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.check_rules(config.mesh_rules)
+    sharding.check_batch(config.data.batch_size, config.data.seq_len, mesh, rules, config.optim.grad_accum)
+    return model_cfg, mesh, rules
+
+
+def memory_before_launch(config, objective, devices=None) -> memory.MemoryReport:
+    """The per-device memory of `config`'s train step (train/memory.py), compiled on abstract shapes: no weights,
+    data or tokenizer, and the same checks as `run` first. `llm-jax memory` prints it. `devices`: those the mesh
+    is built over (default every device, as for a run)."""
+    model_cfg, mesh, rules = _checked(config, devices)
+    memory.abstract_batch(config, objective, mesh, rules)  # an objective it cannot measure fails before building
+    t = build_training(config, model_cfg, mesh, rules, objective)
+    return memory.measure(t, config, objective, mesh, rules)[0]
+
+
 def run(config, workdir: str, objective, generative_evals=None) -> dict:
     """Trains (or resumes) the run `config` describes in `workdir` with `objective` (an objectives/ module, looked
     up by name above this layer: llm_jax/training.py). `generative_evals`: the evaluations of
@@ -120,10 +145,7 @@ def run(config, workdir: str, objective, generative_evals=None) -> dict:
                           "build them with llm_jax.eval.during_training.training_evals(config), as `llm-jax train` "
                           "does")
     # Everything that can be checked is checked before anything is written to the workdir.
-    model_cfg = validate(config)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.check_rules(config.mesh_rules)
-    sharding.check_batch(config.data.batch_size, config.data.seq_len, mesh, rules, config.optim.grad_accum)
+    model_cfg, mesh, rules = _checked(config)
     harness = Harness(config, workdir)
     if config.train.init_from and not harness.resuming:
         run_record.check_lineage(config, config.train.init_from)
@@ -132,6 +154,10 @@ def run(config, workdir: str, objective, generative_evals=None) -> dict:
     data = objective.build_data(config, tokenizer, workdir)
 
     t = build_training(config, model_cfg, mesh, rules, objective)
+    # Compiled here, on abstract shapes, for the memory report; the steps call this executable, so the step is
+    # compiled once (a batch of another shape or dtype is an error rather than a silent second compilation).
+    step_memory, compiled_step = memory.measure(t, config, objective, mesh, rules)
+    t = dataclasses.replace(t, train_step=compiled_step)
     if generative_evals:  # prompts rendered and judges loaded now: bad ones fail before the first step
         if type(t.model) is not Transformer:
             raise ConfigError(f"train.generative_evals: a {config.objective} model does not generate")
@@ -156,17 +182,22 @@ def run(config, workdir: str, objective, generative_evals=None) -> dict:
     counts = flops.param_counts(model_cfg)
     lora_metrics, lora_line = lora.training_report(t.abstract_state.params, t.optimizer, trainable_of(t.optimizer),
                                                    config.optim.grad_accum)
+    # The LoRA report's memory_* metrics are whole-model estimates; the step-0 metrics carry the compiled step's
+    # per-device figures under those names instead (its log line keeps the comparison with full fine-tuning).
+    lora_metrics = {k: v for k, v in lora_metrics.items() if not k.startswith("memory_")}
 
     def constants(h: Harness) -> None:
         if start == 0:
             h.write(0, {"n_params": counts["total"], "n_params_kaplan": counts["kaplan"],
                         "flops_per_token": steps.flops_per_step / steps.tokens_per_step, "peak_flops": steps.peak,
-                        **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}, **lora_metrics})
+                        **{k: v for k, v in data.stats.items() if isinstance(v, (int, float))}, **lora_metrics,
+                        "n_params_trainable": step_memory.n_params_trainable, **step_memory.metrics()})
 
     if lora_line:
         log_line(lora_line)
     log_line(f"{model_cfg.n_layers} layers, {counts['total']:,} params, mesh "
              f"{dict(mesh.shape)}, {steps.tokens_per_step:,} tokens/step; MFU against {steps.peak_source}")
+    log_line(step_memory.line())
     return harness.run(steps, start, before=constants)
 
 
@@ -175,7 +206,8 @@ class _Steps:
 
     Metrics stay on the device until a log, eval or save step needs them (`pending`), so steps never wait on the
     host; every fetched step goes through the divergence guard, which stops a run that is not finite or spikes.
-    Throughput leaves out the first step (compilation) and the time spent evaluating and saving."""
+    Throughput leaves out the first step (the step is compiled before it, but its first call still warms up) and
+    the time spent evaluating and saving."""
 
     eval_at_start = False
 
@@ -206,7 +238,7 @@ class _Steps:
         batch = sharding.global_batch_from_local(next(self.train_iter), self.mesh, self.rules)
         self.state, metrics = self.t.train_step(self.state, batch)
         self.pending.append((step, metrics))
-        if step == self.start + 1:  # leave compilation out of the throughput figures
+        if step == self.start + 1:  # leave the first call out of the throughput figures
             jax.block_until_ready(metrics)
             self.interval.update(start=time.perf_counter(), steps=0, paused=0.0)
         else:
