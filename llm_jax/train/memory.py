@@ -29,9 +29,14 @@ update); with LoRA (0.1 MB of gradients) the temporaries fall to 8.0 MB. They ca
 gradient norm needs every gradient before the first update, and the donated outputs still hold the old params.
 
 How close the figure is to a real device: temporaries come from the compiler of the devices the mesh is built
-on, so measure on the platform that will train (on CPU the activation buffers are laid out by the CPU compiler,
-which fuses less than the GPU and TPU ones; experiments/memory/README.md compares). `device_memory_bytes` is
-the device's `memory_stats()['bytes_limit']` (GPU, TPU); a CPU reports none.
+on, so measure on the platform that will train. XLA's CPU compiler has no bf16 matmul: it converts bf16 weights
+to f32 and lifts that conversion of a scanned layer stack out of the layer loop, so on CPU the temporaries hold
+an f32 copy of every bf16 weight (24 GiB of Llama 2 7B with LoRA) that a GPU or TPU never makes; the buffers it
+fuses and reuses differ too (experiments/memory/README.md measures both). `device_memory_bytes` is the
+device's `memory_stats()['bytes_limit']` (GPU, TPU); a CPU reports none.
+
+`step_memory(step, state, batch, optimizer)` measures any jitted train step the same way, from abstract or real
+arguments: a loop with steps of its own (RL's policy update) logs its memory with one call.
 
 Every training run (train/loop.py) logs the same figures at step 0 and writes them to its step-0 metrics as
 `memory_params_bytes`, `memory_grads_bytes`, `memory_optimizer_bytes`, `memory_temp_bytes` and
