@@ -49,7 +49,7 @@ class _Slots(NamedTuple):
 def make_continuous_generate_fn(model: Transformer, sampling: SamplingConfig, prompt_len: int, slots: int):
     """A jittable (params, prompt_tokens (n, P), prompt_lengths (n,), rng) -> Generation of the n prompts."""
     cfg, n_new = model.cfg, sampling.max_new_tokens
-    max_len = cache_length(prompt_len, n_new)
+    max_len = cache_length(prompt_len, n_new, cfg.prompt_tuning_tokens)
 
     def by_slot(x, *axes):
         return sharding.constrain(x, ("batch", *axes), model.mesh, model.rules)
@@ -68,11 +68,12 @@ def make_continuous_generate_fn(model: Transformer, sampling: SamplingConfig, pr
             slot, j = jnp.argmax(st.prompt_s == FREE).astype(jnp.int32), st.next_prompt
             tokens_1p = jax.lax.dynamic_slice_in_dim(prompt_tokens_np, j, 1, axis=0)
             length_1 = jax.lax.dynamic_slice_in_dim(prompt_lengths_n, j, 1)
-            logits_1v, row = prefill(model, params, tokens_1p, length_1, prompt_len)  # row: (L, 1, K, P, D)
+            # row: (L, 1, K, S + P, D) with a soft prompt of S tokens first; its length counts them
+            logits_1v, row = prefill(model, params, tokens_1p, length_1, cfg.prompt_tuning_tokens + prompt_len)
             at_slot = (0, slot, 0, 0, 0)
             cache = KVCache(jax.lax.dynamic_update_slice(st.cache.k, row.k, at_slot),
                             jax.lax.dynamic_update_slice(st.cache.v, row.v, at_slot),
-                            jax.lax.dynamic_update_slice(st.cache.lengths, length_1, (slot,)))
+                            jax.lax.dynamic_update_slice(st.cache.lengths, row.lengths, (slot,)))
             set_at = functools.partial(jax.lax.dynamic_update_slice, start_indices=(slot,))
             return placed(st._replace(
                 prompt_s=set_at(st.prompt_s, j[None]), step_s=set_at(st.step_s, jnp.zeros((1,), jnp.int32)),

@@ -5,6 +5,8 @@
 
 Rows of different prompt lengths share one batch: row b's prompt is its first lengths[b] tokens; its padding
 is written into the cache but never attended to, and decoding overwrites it from position lengths[b] on.
+A model with a soft prompt (prompt tuning, model/prompt_tuning.py) holds it in the cache too: the cache is P
+entries longer, prefill writes them first, and the cache's lengths count them.
 
 Sampling: greedy (`temperature=0`), or temperature with optional top-k and top-p (nucleus) filtering. A row
 stops after emitting one of `stop_ids` (the stop token is kept, with mask 1: PPO scores the decision to stop)
@@ -153,8 +155,9 @@ def check_prompts(prompt_tokens_bp, prompt_lengths_b, vocab_size: int):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
 
 
-def cache_length(prompt_len: int, max_new_tokens: int) -> int:
-    return -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+def cache_length(prompt_len: int, max_new_tokens: int, soft_prompt: int = 0) -> int:
+    """Cache entries for a soft prompt of `soft_prompt` tokens, the prompt and the new tokens, rounded up."""
+    return -(-(soft_prompt + prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
 
 def constrain_cache(model: Transformer, cache: KVCache) -> KVCache:
@@ -165,7 +168,8 @@ def constrain_cache(model: Transformer, cache: KVCache) -> KVCache:
 
 
 def prefill(model: Transformer, params, prompt_tokens_bp, prompt_lengths_b, max_len: int):
-    """(logits (B, V) of each row's first new token, cache (B rows of `max_len`) holding the prompts)."""
+    """(logits (B, V) of each row's first new token, cache (B rows of `max_len`) holding the prompts, after the
+    model's soft prompt where it has one: `max_len` counts it, and so do the cache's lengths)."""
     b, p = prompt_tokens_bp.shape
     cache = KVCache.zeros(model.cfg, b, max_len)._replace(lengths=prompt_lengths_b.astype(jnp.int32))
     cache = constrain_cache(model, cache)
@@ -184,7 +188,7 @@ def decode_step(model: Transformer, params, cache: KVCache, tokens_b):
 
 def make_generate_fn(model: Transformer, sampling: SamplingConfig, prompt_len: int, row_keys: bool = False):
     """A jittable (params, prompt_tokens (B, P), prompt_lengths (B,), rng) -> Generation using the cache."""
-    max_len = cache_length(prompt_len, sampling.max_new_tokens)
+    max_len = cache_length(prompt_len, sampling.max_new_tokens, model.cfg.prompt_tuning_tokens)
 
     def generate_fn(params, prompt_tokens_bp, prompt_lengths_b, rng):
         first_logits_bv, cache = prefill(model, params, prompt_tokens_bp, prompt_lengths_b, max_len)

@@ -8,7 +8,9 @@
                              a run trained here gets a tokenizer.json that reproduces its sentencepiece ids
                              (data/spm_export.py) and its chat template as jinja
 
-LoRA adapters are merged into their weights first (`lora.merge`), so the export is a plain model. Params are
+LoRA adapters are merged into their weights first (`lora.merge`), so the export is a plain model. A run with a
+soft prompt (`model.prompt_tuning_tokens`, model/prompt_tuning.py) is refused: no Hugging Face checkpoint holds
+one, and the model without it is not the model that was trained. Params are
 gathered to the host one at a time and written shard by shard (a shard's tensors are held until it is written,
 hence the modest default shard size); the tensors keep the run's param dtype unless
 `dtype` says otherwise. A non-empty output directory is refused unless `overwrite`.
@@ -27,6 +29,7 @@ from llm_jax import runs
 from llm_jax.hf import weights
 from llm_jax.hf.safetensors_io import write_sharded
 from llm_jax.model import lora
+from llm_jax.train.run_record import read_run_config
 
 DEFAULT_MAX_SHARD_BYTES = 1024 ** 3  # one shard of tensors is held on the host before it is written
 
@@ -76,6 +79,10 @@ def export_hf(run_dir: str, out_dir: str, *, overwrite: bool = False, dtype: str
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ExportError(f"--out {out_dir} is not empty: pass --overwrite to replace its contents")
+    soft_prompt = read_run_config(run_dir).model.get("prompt_tuning_tokens", 0)
+    if soft_prompt:
+        raise ExportError(f"run {run_dir} trained a soft prompt (model.prompt_tuning_tokens={soft_prompt}), which a "
+                          "Hugging Face checkpoint cannot hold: it cannot be exported")
     run = runs.load_run(run_dir, step=step)
     cfg, params = run.model_cfg, run.params
     if cfg.lora_rank or cfg.base_quant != "none":  # adapters merged into a full-precision (dequantized) base

@@ -18,7 +18,9 @@ The model (`transformer.project`)
 
 What trains
     `trainable_for(cfg)` is the rule: the adapters, plus every param a plain Transformer of the same config
-    lacks (a task head, such as the reward model's, starts untrained and must learn); None without LoRA. An
+    lacks (a task head, such as the reward model's, starts untrained and must learn); None without LoRA or a
+    soft prompt. The soft prompt of prompt tuning (model/prompt_tuning.py) counts as an adapter here: it trains,
+    `without_adapters` leaves it out, and `without_lora` (the plain model) has none. An
     optimizer built with it (`train.optimizer.make_optimizer(..., trainable=rule)`) holds state for those
     leaves only, the train step differentiates w.r.t. them only, and the frozen base comes out of every step
     bit for bit unchanged. `split` / `combine` cut a param tree into (trainable, frozen) nested dicts and back.
@@ -33,7 +35,8 @@ Sharding
 Merge
     `merge(params, cfg)` folds each adapter into its weight, W' = W + (α/r)·A·B (in f32), and drops the
     adapters: the params of the plain model `Transformer(merged_config(cfg))`, which gives the same logits. A
-    quantized base (QLoRA, model/quant.py) is dequantized first, so the merged model is full precision.
+    quantized base (QLoRA, model/quant.py) is dequantized first, so the merged model is full precision. A soft
+    prompt has no weight to fold into: it stays, and `merged_config` keeps `prompt_tuning_tokens`.
 
 Memory (f32 weights, AdamW; N params without adapters, a adapter params, n = a + heads the params that train)
     full fine-tuning   weights 4N + gradients 4N + Adam m, v 8N          = 16N bytes
@@ -58,6 +61,7 @@ from flax import linen as nn
 
 from llm_jax.model import quant
 from llm_jax.model.config import LORA_TARGETS, ModelConfig
+from llm_jax.model.prompt_tuning import SOFT_PROMPT
 from llm_jax.model.transformer import Transformer
 
 __all__ = ["LORA_TARGETS", "ADAPTER_SUFFIX", "is_trainable", "trainable_mask", "trainable_for", "mask_of",
@@ -80,8 +84,9 @@ def path_names(path) -> tuple[str, ...]:
 
 
 def is_trainable(path) -> bool:
-    """True on a LoRA adapter's path (`.../attn/wq_lora/a`)."""
-    return any(name.endswith(ADAPTER_SUFFIX) for name in path_names(path))
+    """True on a LoRA adapter's path (`.../attn/wq_lora/a`) and on the soft prompt's (`params/soft_prompt`)."""
+    names = path_names(path)
+    return SOFT_PROMPT in names or any(name.endswith(ADAPTER_SUFFIX) for name in names)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +98,8 @@ def _plain_paths(cfg: ModelConfig) -> frozenset:
 
 
 def trainable_mask(params, cfg: ModelConfig | None = None):
-    """A bool per leaf: True at the adapters and, given `cfg`, at every param a plain Transformer lacks."""
+    """A bool per leaf: True at the adapters (the soft prompt included) and, given `cfg`, at every param a plain
+    Transformer lacks."""
     plain = _plain_paths(cfg) if cfg is not None else None
     return jax.tree_util.tree_map_with_path(
         lambda path, _: is_trainable(path) or (plain is not None and path_names(path) not in plain), params)
@@ -147,7 +153,8 @@ def combine(*parts) -> dict:
 
 
 def without_adapters(params) -> dict:
-    """Every leaf but the adapters: what a plain model's checkpoint can fill (base weights, heads)."""
+    """Every leaf but the adapters and the soft prompt: what a plain model's checkpoint can fill (base weights,
+    heads)."""
     return split(params)[1]
 
 
@@ -222,12 +229,12 @@ def training_report(params, optimizer, trainable: Trainable, grad_accum: int = 1
 
 
 def without_lora(cfg: ModelConfig) -> ModelConfig:
-    """The plain model's config: the same weights (quantized where they are), no adapters."""
-    return dataclasses.replace(cfg, lora_rank=0)
+    """The plain model's config: the same weights (quantized where they are), no adapters, no soft prompt."""
+    return dataclasses.replace(cfg, lora_rank=0, prompt_tuning_tokens=0)
 
 
 def merged_config(cfg: ModelConfig) -> ModelConfig:
-    """The config of `merge`'s params: no adapters, a full-precision base."""
+    """The config of `merge`'s params: no adapters, a full-precision base; a soft prompt stays."""
     return dataclasses.replace(cfg, lora_rank=0, base_quant="none")
 
 
@@ -244,7 +251,7 @@ def _fold(w, a, b, scale: float):
 
 def merge(params, cfg: ModelConfig) -> dict:
     """The params of `Transformer(merged_config(cfg))`: each W' = W + (α/r)·A·B, the adapters dropped; a
-    quantized base is dequantized first (the merged model is full precision)."""
+    quantized base is dequantized first (the merged model is full precision); a soft prompt is kept as it is."""
     if cfg.base_quant != "none":
         params = quant.dequantize_tree(params, cfg)
 

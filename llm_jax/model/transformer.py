@@ -13,6 +13,9 @@ compute `dtype` (bf16 on accelerators) at use; norms, softmax and logits run in 
 With `lora_rank > 0` the projections named in `lora_targets` carry LoRA adapters (see `llm_jax/model/lora.py`);
 their dropout runs only when the apply call is given a "dropout" rng (`dropout_rngs(rng)`). With `base_quant`
 the seven projections are stored quantized and dequantized inside their matmuls (see `llm_jax/model/quant.py`).
+With `prompt_tuning_tokens` P > 0 a trained soft prompt of P embeddings runs before every sequence, and the
+outputs are the T tokens' alone (see `llm_jax/model/prompt_tuning.py`): rows packed with `segment_ids` hold it
+once, visible to every segment; their attention runs on the xla path where `attention_impl` names a kernel.
 
 `attention_weights(model, params, tokens)` returns every layer's softmax weights (L, B, H, T, T) for inspection.
 """
@@ -26,9 +29,9 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, attention, decode_attention, platform_of,
-                                      reference_attention, resolve_impl)
-from llm_jax.model import quant
+from llm_jax.kernels.attention import (ATTENTION_RESIDUAL_NAMES, PROMPT_SEGMENT, SHARED_PREFIX_IMPLEMENTATIONS,
+                                      attention, decode_attention, platform_of, reference_attention, resolve_impl)
+from llm_jax.model import prompt_tuning, quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.rope import inverse_frequencies, rotary
 
@@ -209,6 +212,10 @@ class Attention(nn.Module):
         Where the apply call makes the "intermediates" collection mutable (`attention_weights`), the layer runs
         the reference attention whatever `attention_impl` names (a kernel never forms the weights) and sows its
         softmax weights (B, H, T, T) as `attention_weights`; decoding sows nothing.
+
+        With a soft prompt before packed rows (`cfg.prompt_tuning_tokens` and segment ids: the prompt is the
+        segment PROMPT_SEGMENT, model/prompt_tuning.py), the mask needs the positions and the prompt segment,
+        which only the reference and xla attention serve: a pallas or cudnn `attention_impl` runs xla here.
         """
         cfg = self.cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -247,14 +254,18 @@ class Attention(nn.Module):
             out_bthd = self._by_layer_kind(attend, local, q_bthd, *kv)
         else:
             capture = self.is_mutable_collection("intermediates")
+            shared_prefix = bool(cfg.prompt_tuning_tokens) and segment_ids_bt is not None
+            prefix_positions_bt = positions_bt if shared_prefix else None
+            impl = self._shared_prefix_impl() if shared_prefix else cfg.attention_impl
 
             def attend(window):
                 if capture:
                     return lambda q, k, v: reference_attention(q, k, v, segment_ids_bt=segment_ids_bt, causal=True,
-                                                               window=window, return_probs=True)
+                                                               window=window, positions_bt=prefix_positions_bt,
+                                                               return_probs=True)
                 return lambda q, k, v: attention(q, k, v, segment_ids_bt=segment_ids_bt, causal=True, window=window,
-                                                 impl=cfg.attention_impl, mesh=self.mesh, rules=self.rules,
-                                                 blocks=cfg.attention_blocks)
+                                                 impl=impl, mesh=self.mesh, rules=self.rules,
+                                                 blocks=cfg.attention_blocks, positions_bt=prefix_positions_bt)
             out_bthd = self._by_layer_kind(attend, local, q_bthd, k_btkd, v_btkd)
             if capture:
                 out_bthd, probs_bhts = out_bthd
@@ -283,6 +294,13 @@ class Attention(nn.Module):
         if isinstance(local, bool):
             return attend(cfg.sliding_window if local else 0)(*args)
         return jax.lax.cond(local, attend(cfg.sliding_window), attend(0), *args)
+
+    def _shared_prefix_impl(self) -> str:
+        """`attention_impl`, or xla where it names (or `auto` resolves to) a kernel that cannot mask a soft prompt
+        shared by packed segments."""
+        cfg = self.cfg
+        impl = resolve_impl(cfg.attention_impl, platform_of(self.mesh), cfg.compute_dtype)
+        return impl if impl in SHARED_PREFIX_IMPLEMENTATIONS else "xla"
 
     def _decode_impl(self) -> str:
         """The Pallas decode kernel where a kernel path serves training attention, else the reference."""
@@ -341,7 +359,7 @@ class Block(nn.Module):
 
 class KVCache(NamedTuple):
     """Keys and values of every layer, (L, B, K, S, D) each, head-major for the decode kernel; `lengths` (B,)
-    counts each row's valid entries."""
+    counts each row's valid entries (a soft prompt's P entries included)."""
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
@@ -354,7 +372,8 @@ class KVCache(NamedTuple):
 
 
 class Transformer(nn.Module):
-    """tokens (B, T) -> hidden states (B, T, D) via `__call__`, or logits (B, T, V) via `logits`."""
+    """tokens (B, T) -> hidden states (B, T, D) via `__call__`, or logits (B, T, V) via `logits`; with a soft
+    prompt (`prompt_tuning_tokens` P) the model runs P + T positions and returns the T tokens' outputs."""
 
     cfg: ModelConfig
     mesh: Mesh | None = None
@@ -371,6 +390,11 @@ class Transformer(nn.Module):
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
                 nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), cfg.weights_dtype)
+        if cfg.prompt_tuning_tokens:  # declared last: every other param keeps the plain model's init key
+            table_vd = self.embedding
+            self.soft_prompt = self.param(prompt_tuning.SOFT_PROMPT, nn.with_logical_partitioning(
+                lambda key, shape, dtype: prompt_tuning.from_vocab(table_vd, key, shape[0]).astype(dtype),
+                (None, "embed")), (cfg.prompt_tuning_tokens, cfg.d_model), cfg.weights_dtype)
 
     def _make_layers(self):
         cfg = self.cfg
@@ -397,15 +421,27 @@ class Transformer(nn.Module):
         cache.lengths[b] tokens; the padding after it is written but never attended to and is overwritten by
         decoding); otherwise the T tokens are new, at positions cache.lengths + [0, T). The returned cache's
         lengths count the tokens it now holds.
+
+        With a soft prompt of P tokens, `positions_bt` count the tokens as without one (from 0); the model puts
+        the prompt at positions 0..P-1 and shifts the tokens by P. Prefill writes the prompt's keys and values
+        at cache positions [0, P), the tokens' after them, and the cache's lengths count the P entries.
         """
-        cfg = self.cfg
+        cfg, n_prompt = self.cfg, self.cfg.prompt_tuning_tokens
+        decoding = cache is not None and not prefill
+        if prefill and cache.k.shape[3] < n_prompt + tokens_bt.shape[1]:
+            raise ValueError(f"a KV cache of {cache.k.shape[3]} entries cannot hold the soft prompt's {n_prompt} and "
+                             f"the prompt's {tokens_bt.shape[1]} (generate.cache_length counts both)")
         if positions_bt is None:
-            start_b = cache.lengths if cache is not None and not prefill else jnp.zeros(tokens_bt.shape[:1], jnp.int32)
+            start_b = cache.lengths - n_prompt if decoding else jnp.zeros(tokens_bt.shape[:1], jnp.int32)
             positions_bt = start_b[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
         # Gather the FSDP shards of the table first (as FSDP does for every weight at use): a lookup into a
         # table split along embed would force XLA to replicate the whole activation.
         table_vd = sharding.constrain(self.embedding, ("vocab", None), self.mesh, self.rules)
         x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(cfg.compute_dtype)
+        if n_prompt:
+            positions_bt = positions_bt + n_prompt
+            if not decoding:
+                x_btd, positions_bt, segment_ids_bt = self._prepend_prompt(x_btd, positions_bt, segment_ids_bt)
         if cfg.family_spec.embed_scale:  # √d rounded to the compute dtype first, as the checkpoints' code does
             x_btd = x_btd * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
         x_btd = sharding.constrain(x_btd, ("batch", "length", "act_embed"), self.mesh, self.rules)
@@ -424,11 +460,26 @@ class Transformer(nn.Module):
                 per_layer.append(layer_kv)
             if kv is not None:
                 kv = tuple(jnp.stack(parts) for parts in zip(*per_layer))
+        if n_prompt and not decoding:
+            x_btd = x_btd[:, n_prompt:]  # the T tokens' outputs
         hidden_btd = self.final_norm(x_btd)
         if cache is None:
             return hidden_btd
-        lengths = cache.lengths if prefill else cache.lengths + tokens_bt.shape[1]
+        lengths = cache.lengths + n_prompt if prefill else cache.lengths + tokens_bt.shape[1]
         return hidden_btd, KVCache(*kv, lengths)
+
+    def _prepend_prompt(self, x_btd, positions_bt, segment_ids_bt):
+        """The soft prompt (P, D) before every row: (x (B, P + T, D), positions, segment ids), the prompt at
+        positions 0..P-1 in the segment PROMPT_SEGMENT (segment ids stay None where none are given)."""
+        b, p = x_btd.shape[0], self.cfg.prompt_tuning_tokens
+        prompt_bpd = jnp.broadcast_to(self.soft_prompt.astype(x_btd.dtype)[None], (b, p, x_btd.shape[-1]))
+        x_btd = jnp.concatenate([prompt_bpd, x_btd], axis=1)
+        prompt_positions_bp = jnp.broadcast_to(jnp.arange(p, dtype=positions_bt.dtype)[None], (b, p))
+        positions_bt = jnp.concatenate([prompt_positions_bp, positions_bt], axis=1)
+        if segment_ids_bt is not None:
+            prompt_segment_bp = jnp.full((b, p), PROMPT_SEGMENT, segment_ids_bt.dtype)
+            segment_ids_bt = jnp.concatenate([prompt_segment_bp, segment_ids_bt], axis=1)
+        return x_btd, positions_bt, segment_ids_bt
 
     def logits(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
         return self.head(self(tokens_bt, positions_bt, segment_ids_bt))
@@ -442,7 +493,8 @@ class Transformer(nn.Module):
 
 
 def attention_weights(model: Transformer, params, tokens_bt, positions_bt=None, segment_ids_bt=None):
-    """Every layer's attention weights on `tokens_bt`: float32 (L, B, H, T, T), row t a softmax over keys s ≤ t.
+    """Every layer's attention weights on `tokens_bt`: float32 (L, B, H, T, T), row t a softmax over keys s ≤ t
+    (with a soft prompt of P tokens, (L, B, H, P + T, P + T): the prompt's positions first).
 
     One forward of the model with its "intermediates" collection mutable, so each layer sows the softmax of the
     reference attention (`reference_attention`), masked as it masks: causal, the layer's sliding window, the

@@ -67,7 +67,7 @@ from llm_jax.rl.update import PTX_PREFIX, make_policy_loss_fn, make_value_loss_f
 from llm_jax.scaling import flops
 from llm_jax.train import hardware, run_record
 from llm_jax.train import step as train_step
-from llm_jax.train.checkpoint import Checkpointer, carries_adapters, start_params
+from llm_jax.train.checkpoint import Checkpointer, carries_adapters, run_prompt_tokens, start_params
 from llm_jax.train.guard import TrainingDiverged
 from llm_jax.train.harness import CheckpointSet, Harness
 from llm_jax.train.loop import validate
@@ -163,15 +163,22 @@ class RL:
         # The reference: a LoRA policy's own base weights (adapters left out: one shared copy, quantized or
         # not), else a run. A policy whose adapters continue those of a run on the same quantized base starts as
         # base + those adapters, so that is its reference: the shared base and a copy of the adapters alone.
-        self.ref_model = Transformer(lora.without_lora(cfg), mesh, rules)
+        # A soft prompt is the reference's only where its run trained one (a frozen copy, as those adapters),
+        # never the policy's own: a fresh soft prompt is not part of the model the policy started from.
         self.ref_params = self.ref_adapters = None
         if not cfg.lora_rank:
             run_record.check_lineage(config, s.reference_run)
-            self.ref_params = start_params(s.reference_run, lora.without_adapters(self.policy_abstract.params), cfg)
-        elif carries_adapters(config.train.init_from, cfg):
-            self.ref_model = self.policy
-            start = start_params(config.train.init_from, self.policy_abstract.params, cfg)
-            self.ref_adapters = lora.split(start)[0]
+            ref_cfg = dataclasses.replace(lora.without_lora(cfg),
+                                          prompt_tuning_tokens=run_prompt_tokens(s.reference_run))
+            self.ref_params = start_params(s.reference_run, self.policy_abstract.params, ref_cfg)
+        else:
+            carried = carries_adapters(config.train.init_from, cfg)
+            init_prompt = run_prompt_tokens(config.train.init_from)
+            ref_cfg = dataclasses.replace(cfg if carried else lora.without_lora(cfg), prompt_tuning_tokens=init_prompt)
+            if carried or init_prompt:
+                start = start_params(config.train.init_from, self.policy_abstract.params, cfg)
+                self.ref_adapters = lora.split(start)[0]  # the carried adapters and soft prompt
+        self.ref_model = Transformer(ref_cfg, mesh, rules)
 
     def abstract_states(self) -> dict:
         out = dict(policy=self.policy_abstract)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from llm_jax.model import lora, quant
+from llm_jax.model import lora, prompt_tuning, quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.train import manifest
 from llm_jax.train.metrics import log_line
@@ -28,7 +28,8 @@ class CheckpointError(RuntimeError):
 
 class CannotStartFrom(CheckpointError):
     """A run whose weights a new run's settings cannot take as they are (its base is quantized differently,
-    or its adapters cannot be merged into its quantized base and do not fit this run's)."""
+    its adapters cannot be merged into its quantized base and do not fit this run's, or it trained a soft
+    prompt of another length)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -321,13 +322,28 @@ def _has_quantized(tree) -> bool:
     return quant.is_quantized(tree) or any(_has_quantized(v) for v in tree.values())
 
 
+def run_prompt_tokens(run_dir: str) -> int:
+    """The length of the soft prompt `run_dir` trained (its model.prompt_tuning_tokens; 0: none)."""
+    run_cfg = _run_model_config(run_dir) if run_dir else None
+    return run_cfg.prompt_tuning_tokens if run_cfg is not None else 0
+
+
+def _check_soft_prompt(run_dir: str, run_prompt: int, model_prompt: int) -> None:
+    """A run's soft prompt continues in a model with one as long, and nowhere else: no weight can take it."""
+    if run_prompt and run_prompt != model_prompt:
+        raise CannotStartFrom(
+            f"{run_dir} trained a soft prompt (model.prompt_tuning_tokens={run_prompt}), which no weight can take: "
+            f"set model.prompt_tuning_tokens={run_prompt} to continue it (this model has {model_prompt})")
+
+
 def restore_params(run_dir: str, abstract_params, step: int | None = None):
     """The params of another run (its newest intact checkpoint unless `step`, `intact_step`), placed on
     `abstract_params`' shardings, refused if any value is not finite.
 
     Into a model without adapters (the next stage, an export) from a LoRA run, each adapter is merged into its
     weight first (W + α/r·A·B, `lora.merge`): the run's learning is in its adapters. Into a full-precision
-    model from a quantized run, the base is dequantized (and then merged). A new run starts through
+    model from a quantized run, the base is dequantized (and then merged). A run's soft prompt is restored into
+    a soft prompt of the same length only (`CannotStartFrom` otherwise). A new run starts through
     `start_params`, which also quantizes."""
     if not os.path.isdir(checkpoint_dir(run_dir)):
         raise CheckpointError(f"run directory {run_dir!r} has no checkpoints/ folder to start from")
@@ -335,6 +351,13 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
     if step is None:
         raise CheckpointError(f"run directory {run_dir!r} holds no finished checkpoint")
     run_cfg = _run_model_config(run_dir)
+    run_prompt = run_cfg.prompt_tuning_tokens if run_cfg is not None else 0
+    model_prompt = prompt_tuning.n_tokens(abstract_params)
+    _check_soft_prompt(run_dir, run_prompt, model_prompt)
+    if model_prompt and not run_prompt:
+        raise CheckpointError(f"{run_dir} has no soft prompt to restore into this model's "
+                              f"(model.prompt_tuning_tokens={model_prompt}): start from it with train.init_from, "
+                              "which begins a fresh soft prompt")
     merge = run_cfg is not None and run_cfg.lora_rank and not _has_adapters(abstract_params)
     dequantize = (run_cfg is not None and quant.settings(run_cfg) is not None
                   and not _has_quantized(abstract_params))
@@ -356,6 +379,15 @@ def carries_adapters(run_dir: str, model_cfg: ModelConfig) -> bool:
             and quant.settings(run_cfg) == quant.settings(model_cfg))
 
 
+def _restorable(abstract_params, adapters: bool, soft_prompt: bool):
+    """`abstract_params` less the LoRA adapters unless `adapters`, less the soft prompt unless `soft_prompt`."""
+    def keep(path, _):
+        if not lora.is_trainable(path):
+            return True
+        return soft_prompt if prompt_tuning.SOFT_PROMPT in lora.path_names(path) else adapters
+    return lora.split(abstract_params, jax.tree_util.tree_map_with_path(keep, abstract_params))[0]
+
+
 def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
     """What a new run of `model_cfg` (abstract params `abstract_params`, adapters included) takes from the run
     `run_dir` it starts from (`train.init_from`): a tree the fresh init completes (`state.create_state`).
@@ -366,8 +398,13 @@ def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
       where it trained adapters, they continue as this run's adapters (a quantized base cannot take them
       merged), which needs the same LoRA rank and targets.
     - From a quantized run into a full-precision model: the dequantized base, adapters merged.
-    - A quantized run into a differently quantized model is refused: it would quantize quantized weights."""
+    - A quantized run into a differently quantized model is refused: it would quantize quantized weights.
+    - A soft prompt (prompt tuning) starts fresh from a run without one (drawn from the run's embeddings by
+      `create_state`), and continues that of a run with one, which needs the same `prompt_tuning_tokens`: it
+      cannot be folded into any weight, so a model with another length (or none) is refused."""
     run_cfg = _run_model_config(run_dir)
+    run_prompt = bool(run_cfg is not None and run_cfg.prompt_tuning_tokens)
+    _check_soft_prompt(run_dir, run_cfg.prompt_tuning_tokens if run_prompt else 0, model_cfg.prompt_tuning_tokens)
     target = quant.settings(model_cfg)
     source = quant.settings(run_cfg) if run_cfg is not None else None
     if target is not None and source is not None:
@@ -377,7 +414,7 @@ def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
                 f"model.base_quant={model_cfg.base_quant} ({quant.describe(model_cfg)}) would quantize it again: "
                 f"use the run's own base_quant/quant_block/quant_double, or base_quant=none")
         if not run_cfg.lora_rank:
-            return restore_params(run_dir, lora.without_adapters(abstract_params))
+            return restore_params(run_dir, _restorable(abstract_params, False, run_prompt))
         same = ((run_cfg.lora_rank, set(run_cfg.lora_target_names), run_cfg.lora_alpha)
                 == (model_cfg.lora_rank, set(model_cfg.lora_target_names), model_cfg.lora_alpha))
         if not same:
@@ -387,8 +424,8 @@ def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
                 f"merged; they continue in this run, which needs model.lora_rank={run_cfg.lora_rank}, "
                 f"lora_targets={run_cfg.lora_targets!r} and lora_alpha={run_cfg.lora_alpha} (this config: rank "
                 f"{model_cfg.lora_rank}, targets {model_cfg.lora_targets!r}, alpha {model_cfg.lora_alpha})")
-        return restore_params(run_dir, abstract_params)
-    base = lora.without_adapters(abstract_params)
+        return restore_params(run_dir, _restorable(abstract_params, True, run_prompt))
+    base = _restorable(abstract_params, False, run_prompt)
     if target is None:
         return restore_params(run_dir, base)
     plain = restore_params(run_dir, quant.plain_abstract(base, model_cfg))

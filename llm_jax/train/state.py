@@ -16,7 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from llm_jax import sharding
-from llm_jax.model import lora
+from llm_jax.model import lora, prompt_tuning
 from llm_jax.train.optimizer import trainable_of
 
 
@@ -73,7 +73,8 @@ def _overlay(given, fresh):
 def create_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
                  shardings: TrainState, seed: int, params=None) -> TrainState:
     """A fresh state; `params` (already sharded) replaces the random init, as when starting from a run. They
-    may hold a part of the model's params (a LoRA model's base, `lora.without_adapters`): the rest is fresh."""
+    may hold a part of the model's params (a LoRA model's base, `lora.without_adapters`): the rest is fresh,
+    and a fresh soft prompt is drawn from the given embedding table (`prompt_tuning.from_given_vocab`)."""
     partial = params is not None and jax.tree.structure(params) != jax.tree.structure(shardings.params)
 
     def build(key, p):
@@ -81,7 +82,8 @@ def create_state(init_params: Callable[[jax.Array], Any], optimizer: optax.Gradi
         if p is None:
             p = nn.unbox(init_params(init_key))
         elif partial:  # the fresh values of the given leaves are dead code, which XLA drops
-            p = _overlay(p, nn.unbox(init_params(init_key)))
+            prompt_key = jax.random.fold_in(init_key, 1)
+            p = prompt_tuning.from_given_vocab(_overlay(p, nn.unbox(init_params(init_key))), p, prompt_key)
         trained, _ = partition(p, trainable_of(optimizer))
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(trained),
                           rng=state_key)

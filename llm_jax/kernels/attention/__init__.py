@@ -18,6 +18,11 @@ Given a mesh, the kernel paths (pallas, cudnn) run under `shard_map`: batch spli
 `sequence`-sharded mesh gives every device the whole sequence of its heads (no ring attention yet).
 The XLA paths need no shard_map: the compiler partitions them from the activations' shardings.
 
+A soft prompt shared by a row's packed segments (prompt tuning) is the segment `PROMPT_SEGMENT`, visible to
+every non-padding query, with windows measured in `positions_bt` (`reference.py`). The reference and xla paths
+serve it; the pallas and cudnn kernels mask by segment equality and row index, so a call that gives
+`positions_bt` to them is refused (the model runs such calls on the xla path: model/transformer.py).
+
 Decode (`decode_attention`): a few new queries against a head-major KV cache with per-row lengths.
 """
 from __future__ import annotations
@@ -32,15 +37,17 @@ from llm_jax.kernels.attention.blocks import BlockSizes
 from llm_jax.kernels.attention.decode import pallas_decode_attention
 from llm_jax.kernels.attention.flash import RESIDUAL_NAMES as ATTENTION_RESIDUAL_NAMES
 from llm_jax.kernels.attention.flash import flash_attention
-from llm_jax.kernels.attention.reference import (MASK_VALUE, attention_mask, check_window, reference_attention,
-                                                 reference_decode_attention)
+from llm_jax.kernels.attention.reference import (MASK_VALUE, PROMPT_SEGMENT, attention_mask, check_window,
+                                                 reference_attention, reference_decode_attention)
 from llm_jax.kernels.attention.xla import xla_attention
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "cudnn")
+SHARED_PREFIX_IMPLEMENTATIONS = ("reference", "xla")  # those that serve PROMPT_SEGMENT and positions_bt
 DECODE_IMPLEMENTATIONS = ("auto", "reference", "pallas")
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
-__all__ = ["ATTENTION_RESIDUAL_NAMES", "IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE", "attention",
+__all__ = ["ATTENTION_RESIDUAL_NAMES", "IMPLEMENTATIONS", "DECODE_IMPLEMENTATIONS", "BlockSizes", "MASK_VALUE",
+           "PROMPT_SEGMENT", "SHARED_PREFIX_IMPLEMENTATIONS", "attention",
            "attention_mask", "check_window", "cudnn_attention", "decode_attention", "flash_attention", "platform_of",
            "reference_attention", "reference_decode_attention", "resolve_impl", "xla_attention"]
 
@@ -113,14 +120,19 @@ def _shard_mapped(fn, q_bthd, k_bskd, v_bskd, segment_ids_bt, mesh, rules):
 
 
 def attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0, impl="auto", mesh=None,
-              rules=(), blocks: BlockSizes | None = None):
-    """Dispatches to the implementation named by `impl`; see the module docstring."""
+              rules=(), blocks: BlockSizes | None = None, positions_bt=None):
+    """Dispatches to the implementation named by `impl`; see the module docstring. `positions_bt` (a soft prompt
+    shared by packed segments) is served by SHARED_PREFIX_IMPLEMENTATIONS only."""
     impl = resolve_impl(impl, platform_of(mesh), q_bthd.dtype)
     if impl == "reference":
         return reference_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal,
-                                   window=window)
+                                   window=window, positions_bt=positions_bt)
     if impl == "xla":
-        return xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window)
+        return xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window,
+                             positions_bt=positions_bt)
+    if positions_bt is not None:
+        raise ValueError(f"attention impl {impl!r} masks by segment equality and row index: a soft prompt shared by "
+                         f"packed segments (positions_bt given) needs one of {SHARED_PREFIX_IMPLEMENTATIONS}")
     if impl == "pallas":
         def fn(q, k, v, seg):
             return flash_attention(q, k, v, segment_ids_bt=seg, causal=causal, window=window, blocks=blocks)

@@ -5,6 +5,12 @@ serves H/K query heads, never materialised as H heads). `segment_ids` (B, T) mar
 query attends only to keys of its own segment, and segment 0 (padding) attends to nothing of value.
 `window` W > 0 (sliding-window attention, Mistral's and Gemma's local layers) also hides keys W or more
 positions behind the query: key s is visible to query t when t − W < s ≤ t. W = 0 is no window.
+
+A soft prompt shared by the packed segments of a row (prompt tuning, model/prompt_tuning.py) has the segment id
+`PROMPT_SEGMENT`: its keys are visible to every query but padding's (still causally: the prompt comes first),
+and its own queries see only the prompt. With `positions_bt` (B, T) given, the window is measured between
+positions instead of row indices: the same thing inside a segment, and for the prompt's keys the distance each
+segment would have to a prompt prepended to it alone.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give no NaN
+PROMPT_SEGMENT = -1  # the segment id of a soft prompt: visible to every non-padding segment of its row
 
 
 def check_window(window: int, causal: bool) -> None:
@@ -21,22 +28,29 @@ def check_window(window: int, causal: bool) -> None:
         raise ValueError(f"a sliding attention window (window={window}) needs causal attention")
 
 
-def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool, window: int = 0):
-    """(B, T, S) bool: key s is visible to query t (causal: s ≤ t; packed: same segment; window: t − W < s)."""
+def attention_mask(segment_ids_bt, b: int, t: int, s: int, causal: bool, window: int = 0, positions_bt=None):
+    """(B, T, S) bool: key s is visible to query t (causal: s ≤ t; packed: same segment, or the key is in the
+    prompt segment and the query is not padding; window: t − W < s, in positions where `positions_bt` is given)."""
     check_window(window, causal)
     mask_bts = jnp.ones((b, t, s), dtype=bool)
     if causal:
         mask_bts &= (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
-    if window:
+    if window and positions_bt is not None:
+        if s != t:
+            raise ValueError(f"positions need self-attention; got query length {t} and key length {s}")
+        mask_bts &= positions_bt[:, :, None] - window < positions_bt[:, None, :]
+    elif window:
         mask_bts &= (jnp.arange(t)[:, None] - window < jnp.arange(s)[None, :])[None]
     if segment_ids_bt is not None:
         if s != t:
             raise ValueError(f"segment ids need self-attention; got query length {t} and key length {s}")
-        mask_bts &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        prompt_bts = (segment_ids_bt[:, None, :] == PROMPT_SEGMENT) & (segment_ids_bt[:, :, None] != 0)
+        mask_bts &= same_bts | prompt_bts
     return mask_bts
 
 
-def _attention_probs(q_bthd, k_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
+def _attention_probs(q_bthd, k_bskd, *, segment_ids_bt=None, causal=True, window: int = 0, positions_bt=None):
     """softmax(q·kᵀ/√D + mask) in float32, grouped (B, K, G, T, S): query head k·G + g's weights on the keys.
 
     The step of `reference_attention` that holds the attention pattern; G = H/K query heads share K/V head k.
@@ -48,19 +62,20 @@ def _attention_probs(q_bthd, k_bskd, *, segment_ids_bt=None, causal=True, window
     q_btkgd = q_bthd.reshape(b, t, kv, h // kv, d)
     scores_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
                               preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window)
+    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window, positions_bt)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, MASK_VALUE)
     return jax.nn.softmax(scores_bkgts, axis=-1)
 
 
 def reference_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0,
-                        return_probs: bool = False):
+                        positions_bt=None, return_probs: bool = False):
     """softmax(q·kᵀ/√D + mask)·v, computed in float32 and returned in q's dtype.
 
     With `return_probs`, (output, weights): the float32 softmax weights (B, H, T, S) the output was made of.
     """
     b, t, h, d = q_bthd.shape
-    probs_bkgts = _attention_probs(q_bthd, k_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window)
+    probs_bkgts = _attention_probs(q_bthd, k_bskd, segment_ids_bt=segment_ids_bt, causal=causal, window=window,
+                                   positions_bt=positions_bt)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bskd.dtype), v_bskd,
                            preferred_element_type=jnp.float32)
     out_bthd = out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)

@@ -53,8 +53,10 @@ def _xla_attention_bwd(g, dtype, residuals, dout_bkmd):
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
-def xla_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0):
+def xla_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, window: int = 0, positions_bt=None):
     """The reference's maths with a memory-light custom backward; every (B, H, T, S) array is transient.
+
+    Masked as the reference masks (`attention_mask`): the prompt segment and a window in positions included.
 
     Query heads are laid out (B, K, G·T, D) so grouped-query attention is one batched matmul per K/V head.
     """
@@ -63,7 +65,7 @@ def xla_attention(q_bthd, k_bskd, v_bskd, *, segment_ids_bt=None, causal=True, w
     if h % kv:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
     g = h // kv
-    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window)
+    mask_bts = attention_mask(segment_ids_bt, b, t, s, causal, window, positions_bt)
     scale = (1.0 / jnp.sqrt(jnp.float32(d))).astype(q_bthd.dtype)
     q_bkmd = jnp.transpose((q_bthd * scale).reshape(b, t, kv, g, d), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, d)
     k_bksd = jnp.transpose(k_bskd, (0, 2, 1, 3))
