@@ -63,11 +63,15 @@ def load(config_spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Applies `a.b.c=value` strings (the `--config.` prefix already stripped) in order."""
+    """Applies `a.b.c=value` strings (the `--config.` prefix already stripped) in order. A `*` segment stands for
+    every child that has the rest of the path (`stages.*.extra=...`: each stage's `extra`); none is an error."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form field=value")
         dotted, value = item.split("=", 1)
+        if "*" in dotted.split("."):
+            _apply_wildcard(config, dotted, value)
+            continue
         *parents, leaf = dotted.split(".")
         node = config
         for i, name in enumerate(parents):
@@ -79,6 +83,41 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         with node.ignore_type():
             node[leaf] = _cast(value, node[leaf], dotted)
     return config
+
+
+def _apply_wildcard(config, dotted: str, value: str) -> None:
+    """`dotted` with its first `*` replaced by each child of that node that has the rest of the path."""
+    head, tail = dotted.split(".*", 1) if ".*" in dotted else ("", dotted[1:])
+    tail = tail.lstrip(".")
+    node = config
+    for name in filter(None, head.split(".")):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"override {dotted!r}: config has no field {head!r}")
+        node = node[name]
+    matched = []
+    for key, child in node.items():
+        try:
+            _resolve(child, tail)
+        except ConfigError:
+            continue
+        matched.append(f"{head}.{key}.{tail}" if head else f"{key}.{tail}")
+    if not matched:
+        raise ConfigError(f"override {dotted!r}: no field of {head or 'the config'!r} has {tail!r}")
+    apply_overrides(config, [f"{path}={value}" for path in matched])
+
+
+def _resolve(node, dotted: str):
+    """The value at `dotted` under `node` (a `*` in it matches any child that has the rest); ConfigError if none."""
+    first, _, rest = dotted.partition(".")
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(dotted)
+    children = list(node.values()) if first == "*" else [node[first]] if first in node else []
+    for child in children:
+        try:
+            return _resolve(child, rest) if rest else child
+        except ConfigError:
+            continue
+    raise ConfigError(dotted)
 
 
 def _cast(text: str, current: Any, name: str) -> Any:

@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, grad_accum=1,
         freeze="",             # comma-separated regexes; params whose path ("params/blocks/attn/wq",
                                # "params/embedding") one of them matches do not train, e.g. "embedding"
+        also_train="",         # with adapters or a soft prompt, comma-separated regexes of params that train
+                               # beside them (PEFT's modules_to_save), e.g. "embedding" for new chat tokens
     ))
 
     c.train = ml_collections.ConfigDict(dict(

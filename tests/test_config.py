@@ -52,3 +52,14 @@ def test_command_line_overrides_are_split_out():
                                         "5", "--workdir", "w"])
     assert rest == ["train", "--config", "c.py", "--workdir", "w"]
     assert overrides == ["optim.lr=1", "train.steps=5"]
+
+
+def test_a_star_in_an_override_sets_every_child_that_has_the_field():
+    from llm_jax.config_lib import ConfigError, load
+    config = load("configs/pipeline.py:tiny", ["stages.*.extra=model.remat=full"])
+    with_extra = {name for name, stage in config.stages.items() if "extra" in stage}
+    assert with_extra == {"pretrain", "sft", "reward", "ppo", "grpo", "dpo"}
+    assert all(config.stages[name].extra == "model.remat=full" for name in with_extra)
+    assert "extra" not in config.stages.pairs and "extra" not in config.stages.arena
+    with pytest.raises(ConfigError, match=r"override 'stages.\*.extrax': no field of 'stages' has 'extrax'"):
+        load("configs/pipeline.py:tiny", ["stages.*.extrax=1"])

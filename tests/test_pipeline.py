@@ -138,3 +138,34 @@ def test_a_failing_stage_is_named_and_the_earlier_stages_kept(pipeline_dir, smal
 def _mtimes_present(workdir):
     return {n: os.path.getmtime(os.path.join(workdir, n, "stage.json")) for n in STAGES
             if os.path.exists(os.path.join(workdir, n, "stage.json"))}
+
+
+@pytest.mark.slow
+def test_every_post_training_stage_runs_on_an_nf4_base(pipeline_dir, small_tokenizer, tmp_path):
+    """QLoRA through the whole chain, set once for every stage (`stages.*.extra`): SFT quantizes the pretrained
+    weights, and the reward model, PPO, GRPO and DPO carry SFT's codes and continue its adapters; the pairs and
+    the arena sample from the quantized runs."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from llm_jax.model import quant
+
+    workdir = tmp_path / "qlora"
+    shutil.copytree(os.path.join(pipeline_dir, "pretrain"), workdir / "pretrain")  # complete: skipped
+    qlora = "model.base_quant=nf4 model.lora_rank=8 model.lora_targets=wq,wk,wv,wo,w_gate,w_up,w_down"
+    assert cli.main(["pipeline", "--config", "configs/pipeline.py:small", "--workdir", str(workdir),
+                     f"--config.stages.*.extra=tokenizer.path={small_tokenizer} {qlora}"]) == 0
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["ran"] == [s for s in STAGES if s != "pretrain"]
+
+    def codes(stage):
+        run = workdir / stage
+        step = max(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+        with ocp.CheckpointManager(str(run / "checkpoints")) as manager:
+            params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+        return params["params"]["blocks"]["attn"]["wq"]
+    sft = codes("sft")
+    assert set(sft) == set(quant.PARTS) and sft["codes"].dtype == np.uint8
+    for stage in ("reward", "dpo"):
+        np.testing.assert_array_equal(codes(stage)["codes"], sft["codes"])
+    assert set(summary["arena"]["ratings"]) == {"base", "sft", "ppo", "grpo", "dpo"}

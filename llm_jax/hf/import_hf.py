@@ -171,8 +171,7 @@ def _quantizer(cfg: ModelConfig, mesh, rules):
         if path[-1] not in quant.QUANTIZED:
             return value
         shardings = jax.tree.map(lambda a: a.sharding, stored[path])
-        return jax.jit(lambda w: quant.quantize_tree({path[-1]: w}, cfg)[path[-1]], out_shardings=shardings,
-                       donate_argnums=0)(value)
+        return jax.jit(lambda w: quant.quantize_tree({path[-1]: w}, cfg)[path[-1]], out_shardings=shardings)(value)
     return convert
 
 

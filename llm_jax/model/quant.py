@@ -45,7 +45,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import qwix
-from qwix._src.core.qarray import QArray
 
 SCHEMES = ("none", "int8", "nf4")
 QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections a quantized base stores
@@ -123,7 +122,7 @@ def _input_tiles(shape: tuple, n_in: int, block: int, name: str) -> tuple:
             break
         tiles[axis], left = size, left // size
     if left != 1 or math.prod(tiles) != block:
-        raise ValueError(f"model.quant_block={block} does not divide the input of {name} (shape {shape}, input "
+        raise ValueError(f"quant_block={block} does not divide the input of {name} (shape {shape}, input "
                          f"dims {shape[:n_in]}): choose a block that divides {math.prod(shape[:n_in])} along the "
                          "innermost input dims")
     return tuple(tiles)
@@ -146,7 +145,7 @@ def layout(cfg, name: str, shape: tuple, n_in: int) -> Layout:
     tensor where the block does not fit it."""
     tiles = _input_tiles(tuple(shape), n_in, cfg.quant_block, name)
     if cfg.base_quant == "nf4" and shape[n_in - 1] % 2:
-        raise ValueError(f"model.base_quant=nf4 packs two codes per byte along the innermost input dim of {name}, "
+        raise ValueError(f"base_quant=nf4 packs two codes per byte along the innermost input dim of {name}, "
                          f"whose size {shape[n_in - 1]} is odd")
     scales_shape = tuple(s // t for s, t in zip(shape, tiles))
     scale_tiles = _scale_tiles(scales_shape, cfg.quant_scale_block) if cfg.quant_double else ()
@@ -210,7 +209,7 @@ def scales_of(parts: Mapping, lay: Layout):
     """The f32 per-block scales (decoding the double quantization)."""
     if not lay.double:
         return parts["scales"]
-    second = qwix.dequantize(QArray(qvalue=parts["scales"], scale=parts["scales_scale"], qtype=jnp.int8))
+    second = qwix.dequantize(qwix.QArray(qvalue=parts["scales"], scale=parts["scales_scale"], qtype=jnp.int8))
     return second + parts["scales_mean"]
 
 
@@ -219,7 +218,7 @@ def dequantize(parts: Mapping, lay: Layout):
     codes = parts["codes"]
     if lay.packed:
         codes = _along(_unpack, codes, lay.pack_axis)
-    w = qwix.dequantize(QArray(qvalue=codes, scale=scales_of(parts, lay), qtype=_QTYPE[lay.scheme]))
+    w = qwix.dequantize(qwix.QArray(qvalue=codes, scale=scales_of(parts, lay), qtype=_QTYPE[lay.scheme]))
     return w.astype(lay.dtype)
 
 

@@ -6,6 +6,8 @@ Each module exports
 - `finish_eval(metrics)`: eval means (sums over batches / weight, keys `eval_<stat>`) -> reported metrics;
 - `table_row(metrics, summary) -> str`: its stage's result in the pipeline's table (llm_jax/pipeline.py), from
   the stage's stage.json metrics and summary;
+- `abstract_batch(config)`: one global train batch as shapes and dtypes, for `llm-jax memory`
+  (llm_jax/train/memory.py);
 and optionally
 - `CONFIG_SECTION` and `CONFIG_DEFAULTS`: the name of its section of the config (`config.dpo`) and that section's
   fields with their defaults, which `configs_common.base_config` gathers (`config_sections`). Both are literals,
@@ -13,7 +15,8 @@ and optionally
   loading a config file does not import JAX;
 - `model_class`: the flax module the objective trains (default `Transformer`);
 - `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs);
-- `params_from_run(run_dir, abstract_params)`: params to start from `train.init_from` (default: restore all).
+- `params_from_run(run_dir, abstract_params, model_cfg)`: params to start from `train.init_from` (default:
+  `train.checkpoint.start_params`).
 
 An objective that is not a pass over a fixed dataset (RL samples its own data) instead names its own loop:
 `LOOP`, the module whose `run(config, workdir) -> summary` `llm_jax.training.run` hands the run to (`own_loop`).

@@ -40,7 +40,7 @@ from llm_jax.objectives import fmt
 from llm_jax.objectives import lm
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.train import step as train_step
-from llm_jax.train.checkpoint import CheckpointError, restore_params
+from llm_jax.train.checkpoint import CannotStartFrom, CheckpointError, start_params
 
 HEAD_PARAMS = ("reward_head", "reward_bias")
 READOUTS = ("last", "likelihood")
@@ -165,14 +165,17 @@ def build_data(config, tokenizer, workdir: str):
     return build_preference_data(config, tokenizer, workdir)
 
 
-def params_from_run(run_dir: str, abstract_params):
-    """The trunk from an LM run (SFT), with a fresh zero head; or everything from a reward run."""
+def params_from_run(run_dir: str, abstract_params, model_cfg):
+    """The trunk from an LM run (SFT), with a fresh zero head; or everything from a reward run (either through
+    `start_params`: quantized, merged or carried as the two runs' configs say)."""
     top = abstract_params["params"]
     trunk = {"params": {k: v for k, v in top.items() if k not in HEAD_PARAMS}}
     try:
-        return restore_params(run_dir, abstract_params)
+        return start_params(run_dir, abstract_params, model_cfg)
+    except CannotStartFrom:
+        raise
     except CheckpointError:  # not a reward run: restore the trunk and start the head at zero
-        restored = restore_params(run_dir, trunk)
+        restored = start_params(run_dir, trunk, model_cfg)
     head = {k: jax.device_put(jnp.zeros(top[k].shape, top[k].dtype), top[k].sharding) for k in HEAD_PARAMS}
     return {"params": {**restored["params"], **head}}
 

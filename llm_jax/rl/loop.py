@@ -65,7 +65,7 @@ from llm_jax.rl.rewards import Rewards, check_tokenizer
 from llm_jax.rl.settings import settings
 from llm_jax.rl.update import PTX_PREFIX, make_policy_loss_fn, make_value_loss_fn
 from llm_jax.scaling import flops
-from llm_jax.train import hardware, run_record
+from llm_jax.train import hardware, memory, run_record
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import Checkpointer, carries_adapters, run_prompt_tokens, start_params
 from llm_jax.train.guard import TrainingDiverged
@@ -382,6 +382,10 @@ class Iterations:
                 chosen = order[start:start + s.minibatch]
                 mb = _local_rows({key: v[chosen] for key, v in batch.items()}, mesh, rules)
                 ptx = p.ptx_rows(self.ptx_iterator) if self.ptx_iterator is not None else {}
+                if not self.logged and not sums:  # the policy update's memory per device, once a process
+                    report = memory.step_memory(p.policy_step, policy, {**mb, **ptx}, p.policy_opt, objective="rl")[0]
+                    log_line(report.line())
+                    self.memory_metrics = report.metrics() if iteration == 1 else {}  # in the run's first row
                 policy, metrics = p.policy_step(policy, {**mb, **ptx})
                 if value is not None:
                     value, value_metrics = p.value_step(value, mb)
@@ -390,6 +394,8 @@ class Iterations:
                 for name, v in metrics.items():
                     sums.setdefault(name, []).append(v)
         means = {name: float(np.mean(jax.device_get(v))) for name, v in sums.items()}
+        means.update(getattr(self, "memory_metrics", {}))
+        self.memory_metrics = {}
         for name in ("loss", "value_loss"):
             if not np.isfinite(means.get(name, 0.0)):
                 raise TrainingDiverged(f"non-finite RL {name} at iteration {iteration}: {means[name]}; the last "
@@ -412,6 +418,7 @@ class Iterations:
                      "value_clip_fraction", "value_grad_norm"):
             if name in means:
                 logged[name] = means[name]
+        logged.update({name: v for name, v in means.items() if name.startswith("memory_")})  # the first row's
         if "kl" in means:
             logged["kl_term"] = means["kl"]  # the loss's estimator of KL(π‖π_ref) on the update's tokens
         if "score" in rows:

@@ -371,6 +371,32 @@ def restore_params(run_dir: str, abstract_params, step: int | None = None):
     return params
 
 
+def check_start(run_dir: str, run_cfg: ModelConfig | None, model_cfg: ModelConfig) -> None:
+    """CannotStartFrom where a run of `model_cfg` cannot take `run_dir`'s weights as they are (`start_params`):
+    a base quantized otherwise than this run's would be quantized twice; adapters trained on a quantized base
+    cannot be merged, so they continue here, which needs this run's LoRA to be theirs; a soft prompt cannot be
+    folded into any weight, so it continues too, which needs this run's prompt_tuning_tokens to be the run's."""
+    _check_soft_prompt(run_dir, run_cfg.prompt_tuning_tokens if run_cfg is not None else 0,
+                       model_cfg.prompt_tuning_tokens)
+    target = quant.settings(model_cfg)
+    source = quant.settings(run_cfg) if run_cfg is not None else None
+    if target is None or source is None:
+        return
+    if source != target:
+        raise CannotStartFrom(
+            f"train.init_from {run_dir} holds a base already quantized ({quant.describe(run_cfg)}); "
+            f"model.base_quant={model_cfg.base_quant} ({quant.describe(model_cfg)}) would quantize it again: "
+            f"use the run's own base_quant/quant_block/quant_double, or base_quant=none")
+    lora_of = lambda c: (c.lora_rank, set(c.lora_target_names), c.lora_alpha)  # noqa: E731
+    if run_cfg.lora_rank and lora_of(run_cfg) != lora_of(model_cfg):
+        raise CannotStartFrom(
+            f"train.init_from {run_dir} trained adapters (rank {run_cfg.lora_rank}, targets "
+            f"{run_cfg.lora_targets}, alpha {run_cfg.lora_alpha}) on a quantized base, where they cannot be "
+            f"merged; they continue in this run, which needs model.lora_rank={run_cfg.lora_rank}, "
+            f"lora_targets={run_cfg.lora_targets!r} and lora_alpha={run_cfg.lora_alpha} (this config: rank "
+            f"{model_cfg.lora_rank}, targets {model_cfg.lora_targets!r}, alpha {model_cfg.lora_alpha})")
+
+
 def carries_adapters(run_dir: str, model_cfg: ModelConfig) -> bool:
     """Whether a run of `model_cfg` started from `run_dir` continues that run's adapters (`start_params`):
     both quantized alike, and the run trained adapters."""
@@ -403,34 +429,18 @@ def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
       `create_state`), and continues that of a run with one, which needs the same `prompt_tuning_tokens`: it
       cannot be folded into any weight, so a model with another length (or none) is refused."""
     run_cfg = _run_model_config(run_dir)
+    check_start(run_dir, run_cfg, model_cfg)
     run_prompt = bool(run_cfg is not None and run_cfg.prompt_tuning_tokens)
-    _check_soft_prompt(run_dir, run_cfg.prompt_tuning_tokens if run_prompt else 0, model_cfg.prompt_tuning_tokens)
     target = quant.settings(model_cfg)
-    source = quant.settings(run_cfg) if run_cfg is not None else None
-    if target is not None and source is not None:
-        if source != target:
-            raise CannotStartFrom(
-                f"train.init_from {run_dir} holds a base already quantized ({quant.describe(run_cfg)}); "
-                f"model.base_quant={model_cfg.base_quant} ({quant.describe(model_cfg)}) would quantize it again: "
-                f"use the run's own base_quant/quant_block/quant_double, or base_quant=none")
-        if not run_cfg.lora_rank:
-            return restore_params(run_dir, _restorable(abstract_params, False, run_prompt))
-        same = ((run_cfg.lora_rank, set(run_cfg.lora_target_names), run_cfg.lora_alpha)
-                == (model_cfg.lora_rank, set(model_cfg.lora_target_names), model_cfg.lora_alpha))
-        if not same:
-            raise CannotStartFrom(
-                f"train.init_from {run_dir} trained adapters (rank {run_cfg.lora_rank}, targets "
-                f"{run_cfg.lora_targets}, alpha {run_cfg.lora_alpha}) on a quantized base, where they cannot be "
-                f"merged; they continue in this run, which needs model.lora_rank={run_cfg.lora_rank}, "
-                f"lora_targets={run_cfg.lora_targets!r} and lora_alpha={run_cfg.lora_alpha} (this config: rank "
-                f"{model_cfg.lora_rank}, targets {model_cfg.lora_targets!r}, alpha {model_cfg.lora_alpha})")
-        return restore_params(run_dir, _restorable(abstract_params, True, run_prompt))
+    if target is not None and run_cfg is not None and quant.settings(run_cfg) is not None:
+        # the same quantized base (check_start): its codes as they are, and its adapters where it has some
+        return restore_params(run_dir, _restorable(abstract_params, bool(run_cfg.lora_rank), run_prompt))
     base = _restorable(abstract_params, False, run_prompt)
     if target is None:
         return restore_params(run_dir, base)
     plain = restore_params(run_dir, quant.plain_abstract(base, model_cfg))
     shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), base)
-    return jax.jit(lambda p: quant.quantize_tree(p, model_cfg), out_shardings=shardings, donate_argnums=0)(plain)
+    return jax.jit(lambda p: quant.quantize_tree(p, model_cfg), out_shardings=shardings)(plain)
 
 
 def _restore_plain(run_dir: str, abstract_params, step: int):

@@ -39,18 +39,22 @@ def check_config(config, model_cfg: ModelConfig) -> None:
 def check_quantized_base(config, model_cfg: ModelConfig) -> None:
     """A quantized base is frozen: it needs adapters (QLoRA), a soft prompt, or `optim.freeze` over every
     quantized projection, since its codes cannot take a gradient step."""
-    if model_cfg.base_quant == "none" or model_cfg.lora_rank or model_cfg.prompt_tuning_tokens:
+    if model_cfg.base_quant == "none":
         return
+    adapters = bool(model_cfg.lora_rank or model_cfg.prompt_tuning_tokens)
     patterns = freeze_patterns(config.optim.get("freeze", ""))
+    also = freeze_patterns(config.optim.get("also_train", ""), "optim.also_train") if adapters else ()
     layers = ["blocks"] if model_cfg.scan_layers else [f"block_{i}" for i in range(model_cfg.n_layers)]
     for layer in layers:
         for name in quant.QUANTIZED:
             path = f"params/{layer}/{'attn' if name.startswith('w') and len(name) == 2 else 'mlp'}/{name}/codes"
-            if not any(p.search(path) for p in patterns):
-                raise ConfigError(
-                    f"model.base_quant={model_cfg.base_quant!r}: {path} would train, but a quantized weight cannot "
-                    "be trained; set model.lora_rank > 0 (QLoRA) or model.prompt_tuning_tokens > 0, or freeze the "
-                    "projections with optim.freeze")
+            trains = any(p.search(path) for p in also) if adapters else True
+            if trains and not any(p.search(path) for p in patterns):
+                fix = (f"leave it out of optim.also_train={config.optim.also_train!r}" if adapters else
+                       "set model.lora_rank > 0 (QLoRA) or model.prompt_tuning_tokens > 0, or freeze the "
+                       "projections with optim.freeze")
+                raise ConfigError(f"model.base_quant={model_cfg.base_quant!r}: {path} would train, but a quantized "
+                                  f"weight cannot be trained; {fix}")
 
 
 def _refuse(field: str, value, why: str):

@@ -44,7 +44,7 @@ from llm_jax.model.transformer import Transformer
 from llm_jax.scaling import flops
 from llm_jax.train import hardware, memory
 from llm_jax.train import run_record
-from llm_jax.train.checkpoint import Checkpointer, restore_params
+from llm_jax.train.checkpoint import Checkpointer, start_params
 from llm_jax.train.config_checks import check_config
 from llm_jax.train.guard import DivergenceGuard, TrainingDiverged  # noqa: F401 - TrainingDiverged: the loop's error
 from llm_jax.train.harness import Harness
@@ -168,9 +168,10 @@ def run(config, workdir: str, objective, generative_evals=None) -> dict:
         state = checkpointer.restore(t.abstract_state, train_iter)
         harness.resumed(int(state.step))
     elif config.train.init_from:
-        params_from_run = getattr(objective, "params_from_run", restore_params)
-        # A LoRA model takes the run's weights as its base; its adapters start fresh (B = 0: no change yet).
-        params = params_from_run(config.train.init_from, lora.without_adapters(t.abstract_state.params))
+        params_from_run = getattr(objective, "params_from_run", start_params)
+        # A LoRA model takes the run's weights as its base (quantized here if model.base_quant says so); its
+        # adapters start fresh (B = 0: no change yet), or continue those of a run with the same quantized base.
+        params = params_from_run(config.train.init_from, t.abstract_state.params, model_cfg)
         state = t.create_state(params)
         harness.started(init_from=config.train.init_from)
         log_line(f"started from the params of {config.train.init_from}")

@@ -1,9 +1,9 @@
 """AdamW with a weight-decay mask, gradient clipping and the learning-rate schedules of `config.optim`.
 
-An optimizer may train only part of the params (LoRA's adapters, `llm_jax/model/lora.py`, and whatever
-`optim.freeze` names): it then carries the rule that picks them (`trainable_of`), its state is built for those
-leaves alone (`train/state.py`), and the train step takes gradients w.r.t. those alone (`train/step.py`). Every
-other param is frozen.
+An optimizer may train only part of the params (LoRA's adapters, `llm_jax/model/lora.py`, plus whatever
+`optim.also_train` names, less whatever `optim.freeze` names): it then carries the rule that picks them
+(`trainable_of`), its state is built for those leaves alone (`train/state.py`), and the train step takes gradients
+w.r.t. those alone (`train/step.py`). Every other param is frozen.
 """
 from __future__ import annotations
 
@@ -52,32 +52,38 @@ def param_path(path) -> str:
     return "/".join(lora.path_names(path))
 
 
-def freeze_patterns(freeze: str) -> tuple[re.Pattern, ...]:
-    """`optim.freeze` ("embedding, blocks/mlp") as compiled regexes; a clear error for a malformed one."""
+def freeze_patterns(freeze: str, field: str = "optim.freeze") -> tuple[re.Pattern, ...]:
+    """`optim.freeze` ("embedding, blocks/mlp"), or another such `field`, as compiled regexes; a clear error for a
+    malformed one."""
     patterns = []
     for text in (part.strip() for part in freeze.split(",")):
         if text:
             try:
                 patterns.append(re.compile(text))
             except re.error as e:
-                raise ValueError(f"optim.freeze: {text!r} is not a regular expression ({e})") from None
+                raise ValueError(f"{field}: {text!r} is not a regular expression ({e})") from None
     return tuple(patterns)
 
 
-def _trainable_mask(params, lora_rule, patterns):
+def _trainable_mask(params, lora_rule, patterns, also):
     base = lora.mask_of(lora_rule, params) if lora_rule is not None else jax.tree.map(lambda _: True, params)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, trains: bool(trains) and not any(p.search(param_path(path)) for p in patterns), base)
+
+    def trains(path, adapter):
+        name = param_path(path)
+        return (bool(adapter) or any(p.search(name) for p in also)) and not any(p.search(name) for p in patterns)
+    return jax.tree_util.tree_map_with_path(trains, base)
 
 
 def trainable_rule(model_cfg, optim_config):
-    """The rule `params -> bool mask` of what trains: LoRA's adapters (or everything), less the params whose
-    path matches `optim.freeze`; None when every param trains."""
+    """The rule `params -> bool mask` of what trains: LoRA's adapters and soft prompt with the params whose path
+    matches `optim.also_train` (or everything without them), less the params whose path matches `optim.freeze`;
+    None when every param trains."""
     lora_rule = lora.trainable_for(model_cfg)
     patterns = freeze_patterns(optim_config.get("freeze", ""))
-    if not patterns:
+    also = freeze_patterns(optim_config.get("also_train", ""), "optim.also_train") if lora_rule is not None else ()
+    if not patterns and not also:
         return lora_rule
-    return functools.partial(_trainable_mask, lora_rule=lora_rule, patterns=patterns)
+    return functools.partial(_trainable_mask, lora_rule=lora_rule, patterns=patterns, also=also)
 
 
 class PartialOptimizer(NamedTuple):

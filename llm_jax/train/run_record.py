@@ -25,7 +25,7 @@ from flax import traverse_util
 from llm_jax.config_lib import ConfigError
 from llm_jax.files import write_text_atomic
 from llm_jax.model.config import ModelConfig
-from llm_jax.train.checkpoint import CheckpointError
+from llm_jax.train.checkpoint import CheckpointError, check_start
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
@@ -146,6 +146,7 @@ def check_lineage(config, init_from: str) -> None:
               for name in _PARAM_SHAPING if getattr(theirs, name) != getattr(mine, name)]
     if differ:
         raise CheckpointError(f"train.init_from={init_from!r} has a different model; " + "; ".join(differ))
+    check_start(init_from, theirs, mine)  # a quantized base is never quantized again
 
 
 def read_run_config(run_dir: str) -> ml_collections.ConfigDict:

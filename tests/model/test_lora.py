@@ -296,9 +296,11 @@ def test_eval_step_is_deterministic():
     np.testing.assert_allclose(loss, cross_entropy(logits, batch["targets"], jnp.ones((8, 16)))[0], rtol=1e-6)
 
 
-def test_sharded_lora_step_matches_one_device():
-    """data=2, fsdp=2, tensor=2 against one device, adapters on every projection and dropout on."""
-    cfg = _cfg(lora_targets=ALL, lora_dropout=0.1)
+@pytest.mark.parametrize("base_quant", ["none", "nf4"])
+def test_sharded_lora_step_matches_one_device(base_quant):
+    """data=2, fsdp=2, tensor=2 against one device, adapters on every projection and dropout on; on a full-precision
+    and on an NF4 base (QLoRA: the codes sharded like the weights they replace)."""
+    cfg = _cfg(lora_targets=ALL, lora_dropout=0.1, base_quant=base_quant)
     rules = sharding.check_rules(base_config().mesh_rules)
     histories, finals = [], []
     for mesh_axes, devices in ((dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1]),
@@ -323,8 +325,34 @@ def test_sharded_lora_step_matches_one_device():
     assert mu.sharding.spec == sharded.params["params"]["blocks"]["attn"]["wq_lora"]["b"].sharding.spec
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-4),
                  lora.split(sharded.params)[0], lora.split(finals[0].params)[0])
+    if base_quant != "none":
+        codes = sharded.params["params"]["blocks"]["mlp"]["w_up"]["codes"]
+        assert codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # (layers, embed/2, mlp)
+        # the same codes; a scale's mean may differ in its last bit (summed across shards in another order)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0),
+                     jax.device_get(lora.split(sharded.params)[1])["params"]["blocks"],
+                     jax.device_get(lora.split(finals[0].params)[1])["params"]["blocks"])
 
 
 def test_optimizer_without_a_rule_is_plain_optax():
     optimizer, _ = make_optimizer(base_config().optim, 10)
     assert isinstance(optimizer, optax.GradientTransformation)
+
+
+def test_also_train_adds_params_beside_the_adapters_and_freeze_still_wins():
+    from llm_jax.train.optimizer import trainable_rule
+    cfg = _cfg(lora_targets="wq")
+    params = _init(cfg)
+    optim = base_config().optim
+    optim.also_train = "embedding, final_norm"
+    mask = trainable_rule(cfg, optim)(params)["params"]
+    assert mask["embedding"] and mask["final_norm"]["scale"] and mask["blocks"]["attn"]["wq_lora"]["a"]
+    assert not mask["blocks"]["attn"]["wq"] and not mask["blocks"]["mlp"]["w_up"]
+    optim.freeze = "final_norm"
+    mask = trainable_rule(cfg, optim)(params)["params"]
+    assert mask["embedding"] and not mask["final_norm"]["scale"]
+    optim.also_train = "embedding("
+    with pytest.raises(ValueError, match=r"optim.also_train: 'embedding\(' is not a regular expression"):
+        trainable_rule(cfg, optim)
+    optim.also_train, optim.freeze = "embedding", ""
+    assert trainable_rule(lora.without_lora(cfg), optim) is None  # without adapters every param trains anyway
