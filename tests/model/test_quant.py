@@ -365,3 +365,22 @@ def test_an_rl_policy_on_a_quantized_base_starts_at_its_reference(start, qlora_s
     if started is not None:
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                      quant_parts(policy), quant_parts(started))
+
+
+def test_import_hf_quantizes_each_projection_as_it_is_read(tmp_path):
+    """`import-hf --config.model.base_quant=nf4`: the run holds the codes of the checkpoint's own weights (as the
+    full-precision import quantized afterwards), and the quantized import is the dequantized weights' model."""
+    from llm_jax.hf.import_hf import import_hf
+    fixture = os.path.join(os.path.dirname(__file__), "..", "hf", "fixtures", "llama")
+    summaries = {scheme: import_hf(fixture, str(tmp_path / scheme), [f"model.base_quant={scheme}",
+                                                                     "model.quant_block=32"])
+                 for scheme in ("none", "nf4")}
+    assert summaries["nf4"]["base_quant"].startswith("nf4, blocks of 32")
+    full, quantized = runs.load_run(str(tmp_path / "none")), runs.load_run(str(tmp_path / "nf4"))
+    expected = quant.quantize_tree(full.params, quantized.model_cfg)
+    jax.tree.map(_same_codes, quant_parts(quantized.params), quant_parts(expected))
+    tokens = _tokens(16) % full.model_cfg.vocab_size
+    dequantized = Transformer(lora.merged_config(quantized.model_cfg))
+    np.testing.assert_allclose(quantized.model.apply(quantized.params, tokens, method=Transformer.logits),
+                               dequantized.apply(quant.dequantize_tree(quantized.params, quantized.model_cfg), tokens,
+                                                 method=Transformer.logits), atol=1e-4)
