@@ -56,3 +56,16 @@ def tiny_rl_runs(small_tokenizer, tmp_path_factory):
     policy = save_run(root / "sft", "configs/sft.py:tiny", small_tokenizer, stopping_policy)
     rm = save_run(root / "rm", "configs/reward.py:tiny", small_tokenizer, random_head)
     return policy, rm
+
+
+@pytest.fixture(scope="session")
+def pretrained(small_tokenizer, tmp_path_factory):
+    """A pretraining run (RL_MODEL_OVERRIDES' small model) whose weights are a fresh init moved by N(0, 0.02²)
+    noise: a base that is not all init values, for the stages that start from one (tests/run_fixtures.py)."""
+    import jax
+
+    def perturbed(params):
+        keys = iter(jax.random.split(jax.random.key(7), 64))
+        return jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), params)
+    return save_run(tmp_path_factory.mktemp("pretrained") / "pre", "configs/pretrain.py:tiny", small_tokenizer,
+                    perturbed)

@@ -29,19 +29,13 @@ import time
 
 import numpy as np
 
+from llm_jax.train.metrics import read_metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARMS = {
     "lora": ["model.lora_rank=2", "model.lora_alpha=16", "model.lora_targets=wq,wv"],
     "prompt": ["model.prompt_tuning_tokens=28"],
 }
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def sft_run(pretrain: str, run_dir: str, arm: str, lr: float, seed: int, steps: int, extra: list[str]) -> dict:

@@ -29,20 +29,14 @@ import sys
 
 import numpy as np
 
+from llm_jax.train.metrics import read_metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The chat tokens (<|user|>, <|end|>, ...) are new to the pretrained model: their embeddings train beside the
 # adapters (optim.also_train), as PEFT's modules_to_save does. Without it LoRA alone stalls at a loss of about 5.4
 # on the answers after 200 steps (2.8 with the embedding training), and no base scores above 0.02 gold.
 LORA = ["model.lora_rank=16", "model.lora_alpha=32", "model.lora_targets=wq,wk,wv,wo,w_gate,w_up,w_down",
         "optim.also_train=embedding"]
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def sft_run(pretrain: str, workdir: str, base: str, seed: int, steps: int, extra: list[str]) -> dict:

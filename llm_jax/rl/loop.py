@@ -297,6 +297,7 @@ class Iterations:
         self.checkpoint_dir = None if checkpoints is None else checkpoints.directory
         self.last_saved = None if checkpoints is None else checkpoints.main.latest_step()
         self.logged: dict = {}
+        self.memory_metrics: dict = {}  # the policy update's per-device bytes, for the run's first row
 
     # ------------------------------------------------------------------------------------------ rollout
 
@@ -385,7 +386,8 @@ class Iterations:
                 if not self.logged and not sums:  # the policy update's memory per device, once a process
                     report = memory.step_memory(p.policy_step, policy, {**mb, **ptx}, p.policy_opt, objective="rl")[0]
                     log_line(report.line())
-                    self.memory_metrics = report.metrics() if iteration == 1 else {}  # in the run's first row
+                    if iteration == 1:  # in the run's first row
+                        self.memory_metrics = report.metrics()
                 policy, metrics = p.policy_step(policy, {**mb, **ptx})
                 if value is not None:
                     value, value_metrics = p.value_step(value, mb)
@@ -394,8 +396,6 @@ class Iterations:
                 for name, v in metrics.items():
                     sums.setdefault(name, []).append(v)
         means = {name: float(np.mean(jax.device_get(v))) for name, v in sums.items()}
-        means.update(getattr(self, "memory_metrics", {}))
-        self.memory_metrics = {}
         for name in ("loss", "value_loss"):
             if not np.isfinite(means.get(name, 0.0)):
                 raise TrainingDiverged(f"non-finite RL {name} at iteration {iteration}: {means[name]}; the last "
@@ -408,6 +408,8 @@ class Iterations:
         self.logged = self._metrics(rows, info, stats, means, beta,
                                     dict(generate=info["seconds_generate"], reward=info["seconds_reward"],
                                          score=seconds_score, train=seconds_train))
+        self.logged.update(self.memory_metrics)
+        self.memory_metrics = {}
 
     def _metrics(self, rows, info, stats, means, beta, seconds) -> dict:
         p = self.p
@@ -418,7 +420,6 @@ class Iterations:
                      "value_clip_fraction", "value_grad_norm"):
             if name in means:
                 logged[name] = means[name]
-        logged.update({name: v for name, v in means.items() if name.startswith("memory_")})  # the first row's
         if "kl" in means:
             logged["kl_term"] = means["kl"]  # the loss's estimator of KL(π‖π_ref) on the update's tokens
         if "score" in rows:

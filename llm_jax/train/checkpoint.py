@@ -397,12 +397,17 @@ def check_start(run_dir: str, run_cfg: ModelConfig | None, model_cfg: ModelConfi
             f"{model_cfg.lora_rank}, targets {model_cfg.lora_targets!r}, alpha {model_cfg.lora_alpha})")
 
 
+def _carries_base(run_cfg: ModelConfig | None, model_cfg: ModelConfig) -> bool:
+    """Whether a run of `model_cfg` takes the quantized base of a run of `run_cfg` as it is: both quantized alike."""
+    return (run_cfg is not None and quant.settings(model_cfg) is not None
+            and quant.settings(run_cfg) == quant.settings(model_cfg))
+
+
 def carries_adapters(run_dir: str, model_cfg: ModelConfig) -> bool:
     """Whether a run of `model_cfg` started from `run_dir` continues that run's adapters (`start_params`):
     both quantized alike, and the run trained adapters."""
     run_cfg = _run_model_config(run_dir) if run_dir else None
-    return (run_cfg is not None and bool(run_cfg.lora_rank) and quant.settings(model_cfg) is not None
-            and quant.settings(run_cfg) == quant.settings(model_cfg))
+    return _carries_base(run_cfg, model_cfg) and bool(run_cfg.lora_rank)
 
 
 def _restorable(abstract_params, adapters: bool, soft_prompt: bool):
@@ -431,12 +436,10 @@ def start_params(run_dir: str, abstract_params, model_cfg: ModelConfig):
     run_cfg = _run_model_config(run_dir)
     check_start(run_dir, run_cfg, model_cfg)
     run_prompt = bool(run_cfg is not None and run_cfg.prompt_tuning_tokens)
-    target = quant.settings(model_cfg)
-    if target is not None and run_cfg is not None and quant.settings(run_cfg) is not None:
-        # the same quantized base (check_start): its codes as they are, and its adapters where it has some
+    if _carries_base(run_cfg, model_cfg):  # its codes as they are, and its adapters where it has some
         return restore_params(run_dir, _restorable(abstract_params, bool(run_cfg.lora_rank), run_prompt))
     base = _restorable(abstract_params, False, run_prompt)
-    if target is None:
+    if quant.settings(model_cfg) is None:
         return restore_params(run_dir, base)
     plain = restore_params(run_dir, quant.plain_abstract(base, model_cfg))
     shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), base)

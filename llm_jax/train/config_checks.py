@@ -21,10 +21,10 @@ from llm_jax import sharding
 from llm_jax.config_lib import ConfigError
 from llm_jax.data import mixture
 from llm_jax.data.post_training import is_task_spec
-from llm_jax.model import quant
+from llm_jax.model import lora, quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
-from llm_jax.train.optimizer import SCHEDULES, freeze_patterns
+from llm_jax.train.optimizer import SCHEDULES, freeze_patterns, trainable_rule
 
 
 def check_config(config, model_cfg: ModelConfig) -> None:
@@ -37,24 +37,34 @@ def check_config(config, model_cfg: ModelConfig) -> None:
 
 
 def check_quantized_base(config, model_cfg: ModelConfig) -> None:
-    """A quantized base is frozen: it needs adapters (QLoRA), a soft prompt, or `optim.freeze` over every
-    quantized projection, since its codes cannot take a gradient step."""
+    """A quantized base is frozen: what trains (`train.optimizer.trainable_rule`: adapters, a soft prompt,
+    `optim.also_train`, less `optim.freeze`) must leave out every quantized projection, whose codes cannot take
+    a gradient step. The first one that would train is named (layer by layer, in `quant.QUANTIZED` order)."""
     if model_cfg.base_quant == "none":
         return
-    adapters = bool(model_cfg.lora_rank or model_cfg.prompt_tuning_tokens)
-    patterns = freeze_patterns(config.optim.get("freeze", ""))
-    also = freeze_patterns(config.optim.get("also_train", ""), "optim.also_train") if adapters else ()
-    layers = ["blocks"] if model_cfg.scan_layers else [f"block_{i}" for i in range(model_cfg.n_layers)]
-    for layer in layers:
-        for name in quant.QUANTIZED:
-            path = f"params/{layer}/{'attn' if name.startswith('w') and len(name) == 2 else 'mlp'}/{name}/codes"
-            trains = any(p.search(path) for p in also) if adapters else True
-            if trains and not any(p.search(path) for p in patterns):
-                fix = (f"leave it out of optim.also_train={config.optim.also_train!r}" if adapters else
-                       "set model.lora_rank > 0 (QLoRA) or model.prompt_tuning_tokens > 0, or freeze the "
-                       "projections with optim.freeze")
-                raise ConfigError(f"model.base_quant={model_cfg.base_quant!r}: {path} would train, but a quantized "
-                                  f"weight cannot be trained; {fix}")
+    rule = trainable_rule(model_cfg, config.optim)
+    params = nn.unbox(_abstract_params(model_cfg))
+    mask = jax.tree.map(lambda _: True, params) if rule is None else lora.mask_of(rule, params)
+    trained = [names for names in (lora.path_names(path) for path, trains
+                                   in jax.tree_util.tree_leaves_with_path(mask) if trains)
+               if names[-1] in quant.PARTS]
+    if not trained:
+        return
+    names = min(trained, key=lambda n: (n[:-3], quant.QUANTIZED.index(n[-2]), quant.PARTS.index(n[-1])))
+    fix = (f"leave it out of optim.also_train={config.optim.also_train!r}"
+           if model_cfg.lora_rank or model_cfg.prompt_tuning_tokens else
+           "set model.lora_rank > 0 (QLoRA) or model.prompt_tuning_tokens > 0, or freeze the projections with "
+           "optim.freeze")
+    raise ConfigError(f"model.base_quant={model_cfg.base_quant!r}: {'/'.join(names)} would train, but a quantized "
+                      f"weight cannot be trained; {fix}")
+
+
+def _abstract_params(model_cfg: ModelConfig):
+    """The boxed (logically partitioned) params of `model_cfg`'s model as shapes only: no compilation, ~0.1 s.
+    The reference attention traces on any backend at any length; the params do not depend on the kernel."""
+    model = Transformer(dataclasses.replace(model_cfg, attention_impl="reference"))
+    return jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32), method=Transformer.logits),
+                          jax.random.key(0))
 
 
 def _refuse(field: str, value, why: str):
@@ -175,12 +185,9 @@ def check_param_sharding(config, model_cfg: ModelConfig) -> None:
     """
     sizes = _mesh_sizes(config.mesh)
     rules = sharding.check_rules(config.mesh_rules)
-    # The reference attention traces on any backend at any length; the params do not depend on the kernel. A
-    # quantized base is checked as its full-precision weights: its parts shard like them where the mesh divides
+    # A quantized base is checked as its full-precision weights: its parts shard like them where the mesh divides
     # their shrunken dims, and stay whole elsewhere (sharding.divisible_axes).
-    model = Transformer(dataclasses.replace(model_cfg, attention_impl="reference", base_quant="none"))
-    boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32), method=Transformer.logits),
-                           jax.random.key(0))
+    boxed = _abstract_params(dataclasses.replace(model_cfg, base_quant="none"))
     leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     problems = []
     for path, leaf in leaves:

@@ -327,14 +327,6 @@ STAGE = ["data.batch_size=8", "mesh.data=4", "mesh.fsdp=2", "train.steps=6", "tr
 PROMPT = ["model.prompt_tuning_tokens=4"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(small_tokenizer, tmp_path_factory):
-    def perturbed(params):
-        keys = iter(jax.random.split(jax.random.key(7), 64))
-        return jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), params)
-    return save_run(tmp_path_factory.mktemp("pt") / "pre", "configs/pretrain.py:tiny", small_tokenizer, perturbed)
-
-
 def _stage(spec, init_from, small_tokenizer, *extra):
     return load(spec, RL_MODEL_OVERRIDES + STAGE + [f"train.init_from={init_from}",
                                                     f"tokenizer.path={small_tokenizer}", *extra])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from run_fixtures import RL_MODEL_OVERRIDES, save_run
+from run_fixtures import RL_MODEL_OVERRIDES
 from llm_jax import runs, sharding, training
 from llm_jax.config_lib import ConfigError, load
 from llm_jax.configs_common import base_config
@@ -191,14 +191,6 @@ QUANT = ["model.lora_rank=4", "model.lora_targets=wq,wk,wv,wo,w_gate,w_up,w_down
          "model.quant_block=32"]
 STAGE = ["data.batch_size=8", "mesh.data=4", "mesh.fsdp=2", "train.steps=4", "train.log_every=1", "train.eval_every=100",
          "train.checkpoint_every=2", "train.eval_batches=1", "optim.warmup_steps=0", "optim.lr=3e-3"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(small_tokenizer, tmp_path_factory):
-    def perturbed(params):
-        keys = iter(jax.random.split(jax.random.key(7), 64))
-        return jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), params)
-    return save_run(tmp_path_factory.mktemp("quant") / "pre", "configs/pretrain.py:tiny", small_tokenizer, perturbed)
 
 
 def _sft(pretrained, small_tokenizer, *extra):
