@@ -22,6 +22,10 @@ objective's other eval metrics) for each, and the overall `eval_loss` is the mea
 weighted by their mixture weights (renormalised over the components that have held-out rows): the loss on the
 distribution being trained, independent of how many held-out rows each component happens to have. The components'
 statistics are logged with a `<name>_` prefix (`domain_source_entropy_nats_per_token`: its entropy floor).
+
+SFT (data/post_training.py) mixes the same way: its components are conversation records, each rendered and packed
+on its own, then `mix_components` does the rest, so a round of SFT adds demonstrations of a capability of one's
+own beside its main data (`data.mixture.reasoning = dict(train="reasoning.jsonl", weight=0.2)`).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import dataclasses
 import math
 import re
 import zlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -114,21 +118,34 @@ def _component_seed(seed: int, name: str) -> list[int]:
     return [seed, zlib.crc32(name.encode())]
 
 
-def build_mixture_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
-                       process_index: int = 0, process_count: int = 1) -> LMData:
-    """The LMData of `data.mixture`: see the module docstring."""
-    batch_size, seq_len = check_batching(data_config, process_index, process_count)
-    comps = components(data_config)
+@dataclasses.dataclass(frozen=True)
+class MixedRows:
+    """What a mixture's components become together: the endless train stream mixed by weight, every component's
+    held-out rows (all of them, and per component with the weights that combine their means), and statistics."""
+    train: grain.MapDataset
+    eval_rows: dict[str, np.ndarray]
+    eval_sets: dict[str, dict[str, np.ndarray]]
+    eval_weights: dict[str, float]
+    stats: dict
+
+
+RowsOf = Callable[[Component, list[int]], tuple[dict, dict, dict]]
+
+
+def mix_components(comps: list[Component], rows_of: RowsOf, no_rows: dict[str, np.ndarray], *, seed: int,
+                   summed: Sequence[str] = ()) -> MixedRows:
+    """Each component's (train rows, eval rows, stats) from `rows_of(component, its own seed)` (from `seed` and its
+    name), mixed as the module
+    docstring says: whatever the rows are (packed text, rendered conversations), the shares, eval sets and weights
+    are these. `no_rows` is an empty set of rows with the right keys; the `summed` stats are totalled over the
+    components, every other statistic is logged with the component's `<name>_` prefix."""
     stats: dict = {}
-    streams, weights, eval_sets, cache_paths = [], [], {}, []
+    streams, weights, eval_sets = [], [], {}
     for c in comps:
-        corpus = data_config.copy_and_resolve_references()
-        corpus.update(dict(train=c.train, eval=c.eval, eval_fraction=c.eval_fraction))
         c_seed = _component_seed(seed, c.name)
-        train_rows, eval_rows, c_stats, cache_path = packed_corpus(corpus, tokenizer, cache_dir, c_seed)
-        cache_paths.append(cache_path)
+        train_rows, eval_rows, c_stats = rows_of(c, c_seed)
         stats.update({f"{c.name}_{k}": v for k, v in c_stats.items()})
-        for key in _SUMMED_STATS:
+        for key in summed:
             stats[key] = stats.get(key, 0) + c_stats[key]
         if len(eval_rows["inputs"]):
             eval_sets[c.name] = eval_rows
@@ -142,16 +159,34 @@ def build_mixture_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str
     for c in comps:
         stats[f"{c.name}_share"] = float(next(shares)) if c.weight > 0 else 0.0
     train = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, proportions)
-    eval_weights = _eval_weights(comps, eval_sets)
-    floors = [stats.get(f"{name}_source_entropy_nats_per_token") for name in eval_weights]
-    if eval_weights and all(f is not None for f in floors):
-        # The entropy floor of the overall eval loss, weighted as it is.
-        stats["source_entropy_nats_per_token"] = float(sum(w * f for w, f in zip(eval_weights.values(), floors)))
-    no_rows = pack_documents([], seq_len)
     all_eval = {k: np.concatenate([no_rows[k]] + [rows[k] for rows in eval_sets.values()]) for k in no_rows}
-    return LMData(train, all_eval, seed=seed, global_batch_size=batch_size, process_index=process_index,
-                  process_count=process_count, stats=stats, cache_path=",".join(cache_paths),
-                  eval_sets=eval_sets, eval_weights=eval_weights)
+    return MixedRows(train, all_eval, eval_sets, _eval_weights(comps, eval_sets), stats)
+
+
+def build_mixture_data(data_config: Any, tokenizer: Tokenizer, *, cache_dir: str, seed: int,
+                       process_index: int = 0, process_count: int = 1) -> LMData:
+    """The LMData of `data.mixture`: see the module docstring."""
+    batch_size, seq_len = check_batching(data_config, process_index, process_count)
+    cache_paths = []
+
+    def rows_of(c: Component, c_seed: list[int]) -> tuple[dict, dict, dict]:
+        corpus = data_config.copy_and_resolve_references()
+        corpus.update(dict(train=c.train, eval=c.eval, eval_fraction=c.eval_fraction))
+        train_rows, eval_rows, c_stats, cache_path = packed_corpus(corpus, tokenizer, cache_dir, c_seed)
+        cache_paths.append(cache_path)
+        return train_rows, eval_rows, c_stats
+
+    mixed = mix_components(components(data_config), rows_of, pack_documents([], seq_len), seed=seed,
+                           summed=_SUMMED_STATS)
+    stats = mixed.stats
+    floors = [stats.get(f"{name}_source_entropy_nats_per_token") for name in mixed.eval_weights]
+    if mixed.eval_weights and all(f is not None for f in floors):
+        # The entropy floor of the overall eval loss, weighted as it is.
+        stats["source_entropy_nats_per_token"] = float(sum(w * f for w, f in zip(mixed.eval_weights.values(),
+                                                                                   floors)))
+    return LMData(mixed.train, mixed.eval_rows, seed=seed, global_batch_size=batch_size,
+                  process_index=process_index, process_count=process_count, stats=stats,
+                  cache_path=",".join(cache_paths), eval_sets=mixed.eval_sets, eval_weights=mixed.eval_weights)
 
 
 def _eval_weights(comps: list[Component], eval_sets: dict) -> dict[str, float]:

@@ -9,6 +9,11 @@ SFT: each conversation is rendered by the chat template (`chat.py`, `data.chat_t
 assistant turns, then conversations are shuffled and packed into rows of `data.seq_len` exactly like
 pretraining documents (segment ids keep them apart; only response tokens count).
 
+SFT mixtures: with `data.mixture` (and `data.train=""`), each component names SFT records of its own (`train`,
+`weight`, optionally `eval`/`eval_fraction`); each is rendered and packed on its own and the rows are mixed by
+weight exactly as pretraining mixes corpora (llm_jax/data/mixture.py), each component's held-out rows an eval set
+of its own (`eval_<name>_loss`), so a user adds demonstrations of a capability of their own beside the main data.
+
 Preferences (reward model, DPO): each pair becomes one row holding both sequences, prompt + answer + end +
 eos, right-padded to `data.seq_len`, under the keys `chosen_<k>` and `rejected_<k>` for k in inputs,
 targets, positions, segment_ids (1 on real tokens, 0 on padding) and loss_mask (1 on the answer's tokens and
@@ -24,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from llm_jax.data import chat, records
+from llm_jax.data import chat, mixture, records
 from llm_jax.data.packing import pack_documents
 from llm_jax.data.lm_data import LMData
 from llm_jax.data.pipeline import eval_membership
@@ -103,11 +108,14 @@ def data_cache_dir(config, workdir: str) -> str:
     return config.data.cache_dir or os.path.join(workdir, "data")
 
 
-def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
-    """Packed SFT rows with the loss on assistant turns only; see the module docstring."""
-    data = config.data
-    template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
-    chat.check_template(tokenizer, template)
+# totalled over an SFT mixture's components (each is also logged with its `<name>_` prefix)
+_SFT_SUMMED_STATS = ("n_train_examples", "n_eval_examples", "n_train_too_long", "n_eval_too_long", "n_train_rows",
+                     "n_eval_rows")
+
+
+def _sft_rows(data, seed, tokenizer: Tokenizer, template) -> tuple[dict, dict, dict]:
+    """(train rows, eval rows, stats) of the SFT records `data.train` / `data.eval` name: rendered, the train
+    conversations shuffled by `seed`, packed."""
     read = lambda spec: records.iter_sft_examples(spec, data.format)  # noqa: E731
     train, eval_ = _split(list(read(resolve_spec(data.train, "sft", "train"))), data, "sft", read,
                           _conversation_text)
@@ -116,19 +124,47 @@ def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
         return chat.render_conversation(example.messages, tokenizer, template, max_len=int(data.seq_len) + 1,
                                         where=example.where)
 
-    stats = {}
-    rows = {}
+    stats, rows = {}, {}
     for name, examples in (("train", train), ("eval", eval_)):
         rendered, too_long = _render_all(examples, render)
         if name == "train":  # shuffle conversations before packing, as pretraining shuffles documents
-            rendered = [rendered[i] for i in np.random.default_rng(config.seed).permutation(len(rendered))]
+            rendered = [rendered[i] for i in np.random.default_rng(seed).permutation(len(rendered))]
         rows[name] = pack_documents([r[0] for r in rendered], int(data.seq_len), [r[1] for r in rendered])
         n_targets = sum(len(r[1]) for r in rendered)
         stats.update({f"n_{name}_examples": len(rendered), f"n_{name}_too_long": too_long,
                       f"n_{name}_rows": len(rows[name]["inputs"]),
                       f"{name}_response_token_fraction": float(sum(r[1].sum() for r in rendered) / max(n_targets, 1))})
-    _check_enough_rows(data, len(rows["train"]["inputs"]))
-    return _lm_data(rows["train"], rows["eval"], config, stats)
+    return rows["train"], rows["eval"], stats
+
+
+def _sft_mixture(config, tokenizer: Tokenizer, template) -> LMData:
+    """`data.mixture`'s components, each the SFT records of its own train (and eval) spec, rendered and packed on
+    its own and mixed by weight, each one's held-out rows an eval set of its own (data/mixture.py)."""
+    data = config.data
+
+    def rows_of(c: mixture.Component, c_seed: list[int]) -> tuple[dict, dict, dict]:
+        component = data.copy_and_resolve_references()
+        component.update(dict(train=c.train, eval=c.eval, eval_fraction=c.eval_fraction))
+        return _sft_rows(component, c_seed, tokenizer, template)
+
+    mixed = mixture.mix_components(mixture.components(data), rows_of, pack_documents([], int(data.seq_len)),
+                                   seed=config.seed, summed=_SFT_SUMMED_STATS)
+    return LMData(mixed.train, mixed.eval_rows, seed=config.seed, global_batch_size=int(data.batch_size),
+                  process_index=jax.process_index(), process_count=jax.process_count(), stats=mixed.stats,
+                  eval_sets=mixed.eval_sets, eval_weights=mixed.eval_weights)
+
+
+def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
+    """Packed SFT rows with the loss on assistant turns only, from `data.train`, or mixed from the components of
+    `data.mixture`; see the module docstring."""
+    data = config.data
+    template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
+    chat.check_template(tokenizer, template)
+    if mixture.components(data):
+        return _sft_mixture(config, tokenizer, template)
+    train_rows, eval_rows, stats = _sft_rows(data, config.seed, tokenizer, template)
+    _check_enough_rows(data, len(train_rows["inputs"]))
+    return _lm_data(train_rows, eval_rows, config, stats)
 
 
 def _pair_side(tokens_list: Sequence[np.ndarray], masks: Sequence[np.ndarray], seq_len: int) -> dict:
