@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         seq_len=128, batch_size=16,  # global batch, in sequences
         cache_dir="",          # tokenized-corpus cache; empty: <workdir>/data
         chat_template="chatml_min",  # how sft/reward/dpo records become tokens (llm_jax/data/chat.py)
+        use_edited=True,       # preference records: an `edited` answer ranks above chosen (data/records.py)
     ))
 
     for section, defaults in config_sections():  # each objective's own section: objectives/<name>.py

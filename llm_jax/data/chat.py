@@ -19,6 +19,7 @@ where the target is assistant content or the <|end|> closing an assistant turn (
     stop_ids()                             (<|end|>, eos): the ids that end a response
     render_pair(prompt, chosen, rejected)  prompt + A + <|end|> + [eos] per answer and the      RM, DPO
                                            index where A starts
+    render_answers(prompt, answers)        the same for any number of answers to one prompt   rankings
 
 so that, for a conversation m ending with an assistant turn, render_conversation(m) tokens ==
 render_prompt(m[:-1]) + render_response(m[-1].content) + [eos].
@@ -88,6 +89,19 @@ class RenderedPair:
     response_start: int         # = P: chosen[P:] and rejected[P:] are the answers
     chosen_mask: np.ndarray     # (len(chosen) - 1,) float32
     rejected_mask: np.ndarray   # (len(rejected) - 1,) float32
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedAnswers:
+    """A prompt and k answers to it, rendered as `render_pair` renders two (the prompt fits the longest)."""
+    prompt: np.ndarray                  # (P,) int32
+    sequences: tuple[np.ndarray, ...]   # each (P + R_i + 1,) int32: prompt, answer, <|end|>, eos
+    response_start: int                 # = P
+    masks: tuple[np.ndarray, ...]       # each (len(sequence) - 1,) float32
+
+    def pair(self, better: int, worse: int) -> RenderedPair:
+        return RenderedPair(self.prompt, self.sequences[better], self.sequences[worse], self.response_start,
+                            self.masks[better], self.masks[worse])
 
 
 def get_template(template: Template) -> ChatTemplate | JinjaTemplate | TokenizerTemplate:
@@ -184,15 +198,22 @@ def render_response(text: str, tokenizer: Tokenizer, template: Template = DEFAUL
 def render_pair(prompt: Sequence[Message], chosen: str, rejected: str, tokenizer: Tokenizer,
                 template: Template = DEFAULT_TEMPLATE, max_len: int | None = None, where: str = "pair") -> RenderedPair:
     """A prompt and two answers to it, each as the full sequence prompt + answer + <|end|> + eos."""
+    return render_answers(prompt, (chosen, rejected), tokenizer, template, max_len, where).pair(0, 1)
+
+
+def render_answers(prompt: Sequence[Message], answers: Sequence[str], tokenizer: Tokenizer,
+                   template: Template = DEFAULT_TEMPLATE, max_len: int | None = None,
+                   where: str = "answers") -> RenderedAnswers:
+    """A prompt and its answers, each as prompt + answer + <|end|> + eos; the prompt is rendered once, with as
+    many early exchanges dropped as the longest answer needs, so every sequence starts with the same prompt."""
     if (bound := _bound(template, tokenizer)) is not None:
-        return _jinja_pair(prompt, chosen, rejected, bound, max_len, where)
-    answers = [render_response(text, tokenizer, template, where) for text in (chosen, rejected)]
-    # The eos and the longer answer must fit beside the prompt; only the prompt's early exchanges may go.
-    prompt_ids = _prompt_tokens(prompt, tokenizer, template, 1 + max(len(a) for a in answers), max_len, where)
+        return _jinja_answers(prompt, answers, bound, max_len, where)
+    rendered = [render_response(text, tokenizer, template, where) for text in answers]
+    # The eos and the longest answer must fit beside the prompt; only the prompt's early exchanges may go.
+    prompt_ids = _prompt_tokens(prompt, tokenizer, template, 1 + max(len(a) for a in rendered), max_len, where)
     start = len(prompt_ids)
-    full = [np.concatenate([prompt_ids, a, [tokenizer.eos_id]]).astype(np.int32) for a in answers]
-    return RenderedPair(prompt_ids, full[0], full[1], start, answer_mask(len(full[0]), start),
-                        answer_mask(len(full[1]), start))
+    full = tuple(np.concatenate([prompt_ids, a, [tokenizer.eos_id]]).astype(np.int32) for a in rendered)
+    return RenderedAnswers(prompt_ids, full, start, tuple(answer_mask(len(f), start) for f in full))
 
 
 def answer_mask(n_tokens: int, response_start: int) -> np.ndarray:
@@ -203,19 +224,17 @@ def answer_mask(n_tokens: int, response_start: int) -> np.ndarray:
     return mask
 
 
-def _jinja_pair(prompt, chosen, rejected, bound, max_len, where) -> RenderedPair:
-    """Each answer's conversation rendered whole, the mask on the final answer only; both must fit max_len."""
+def _jinja_answers(prompt, answers, bound, max_len, where) -> RenderedAnswers:
+    """Each answer's conversation rendered whole, the mask on the final answer only; all must fit max_len."""
     _check_last(prompt, "user", "a prompt", where)
 
     def render(kept):
         return bound.prompt(kept, where), [bound.conversation((*kept, Message(LEARNED_ROLE, answer)), where,
-                                                              turns=[len(kept)]) for answer in (chosen, rejected)]
+                                                              turns=[len(kept)]) for answer in answers]
 
     prompt_ids, sides = _fit_messages(prompt, render, lambda r: max(len(ids) for ids, _ in r[1]), max_len, where)
-    (chosen_ids, chosen_learned), (rejected_ids, rejected_learned) = sides
-    return RenderedPair(np.asarray(prompt_ids, np.int32), np.asarray(chosen_ids, np.int32),
-                        np.asarray(rejected_ids, np.int32), len(prompt_ids),
-                        np.asarray(chosen_learned[1:], np.float32), np.asarray(rejected_learned[1:], np.float32))
+    return RenderedAnswers(np.asarray(prompt_ids, np.int32), tuple(np.asarray(ids, np.int32) for ids, _ in sides),
+                           len(prompt_ids), tuple(np.asarray(learned[1:], np.float32) for _, learned in sides))
 
 
 def _prompt_tokens(messages, tokenizer, template, extra, max_len, where) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Batches for the post-training objectives: SFT conversations (packed) and preference pairs (one per row).
+"""Batches for the post-training objectives: SFT conversations (packed); preferences in preference_rows.py.
 
 `data.train` / `data.eval` name record files (jsonl, jsonl.gz, parquet; formats in `records.py`), or an embedded
 task, rendered into the cache dir on first use: `default_task` (`default_task.py`), `arithmetic_task` or
@@ -14,11 +14,8 @@ SFT mixtures: with `data.mixture` (and `data.train=""`), each component names SF
 weight exactly as pretraining mixes corpora (llm_jax/data/mixture.py), each component's held-out rows an eval set
 of its own (`eval_<name>_loss`), so a user adds demonstrations of a capability of their own beside the main data.
 
-Preferences (reward model, DPO): each pair becomes one row holding both sequences, prompt + answer + end +
-eos, right-padded to `data.seq_len`, under the keys `chosen_<k>` and `rejected_<k>` for k in inputs,
-targets, positions, segment_ids (1 on real tokens, 0 on padding) and loss_mask (1 on the answer's tokens and
-its end marker). An example longer than seq_len + 1 tokens (after dropping whole earlier exchanges) is
-skipped and counted in the stats (`n_<split>_too_long`), never cut inside an answer.
+Preferences (reward model, DPO): pairs and rankings, one pair per row or a prompt and several answers per row,
+in preference_rows.py.
 """
 from __future__ import annotations
 
@@ -37,7 +34,6 @@ from llm_jax.data.tokenizer import Tokenizer
 
 DEFAULT_TASK_SPEC = "default_task"
 ARITHMETIC_TASK_SPEC = "arithmetic_task"  # [:variant], llm_jax/data/arithmetic_task.py
-PAIR_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def is_task_spec(entry: str) -> bool:
@@ -164,60 +160,6 @@ def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
         return _sft_mixture(config, tokenizer, template)
     train_rows, eval_rows, stats = _sft_rows(data, config.seed, tokenizer, template)
     _check_enough_rows(data, len(train_rows["inputs"]))
-    return _lm_data(train_rows, eval_rows, config, stats)
-
-
-def _pair_side(tokens_list: Sequence[np.ndarray], masks: Sequence[np.ndarray], seq_len: int) -> dict:
-    n = len(tokens_list)
-    out = {k: np.zeros((n, seq_len), np.float32 if k == "loss_mask" else np.int32) for k in PAIR_KEYS}
-    for i, (tokens, mask) in enumerate(zip(tokens_list, masks)):
-        m = len(tokens) - 1
-        out["inputs"][i, :m] = tokens[:-1]
-        out["targets"][i, :m] = tokens[1:]
-        out["positions"][i, :m] = np.arange(m)
-        out["segment_ids"][i, :m] = 1
-        out["loss_mask"][i, :m] = mask
-    return out
-
-
-def pair_rows(pairs: Sequence[chat.RenderedPair], seq_len: int) -> dict[str, np.ndarray]:
-    """One row per pair: `chosen_<k>` and `rejected_<k>` arrays of (n_pairs, seq_len)."""
-    rows = {}
-    for side in ("chosen", "rejected"):
-        arrays = _pair_side([getattr(p, side) for p in pairs], [getattr(p, f"{side}_mask") for p in pairs], seq_len)
-        rows.update({f"{side}_{k}": v for k, v in arrays.items()})
-    return rows
-
-
-def _pair_text(example: records.PreferenceExample) -> str:
-    prompt = "\x1e".join(f"{m.role}\x1f{m.content}" for m in example.prompt)
-    return f"{prompt}\x1d{example.chosen}\x1d{example.rejected}"
-
-
-def render_preferences(config, tokenizer: Tokenizer, workdir: str) -> tuple[dict, dict, dict]:
-    """(train rows, eval rows, stats) of preference pairs; see the module docstring."""
-    data = config.data
-    template = chat.get_template(data.get("chat_template", chat.DEFAULT_TEMPLATE))
-    chat.check_template(tokenizer, template)
-    read = lambda spec: records.iter_preference_examples(spec, data.format)  # noqa: E731
-    train, eval_ = _split(list(read(resolve_spec(data.train, "preferences", "train"))), data, "preferences",
-                          read, _pair_text)
-
-    def render(example):
-        return chat.render_pair(example.prompt, example.chosen, example.rejected, tokenizer, template,
-                                max_len=int(data.seq_len) + 1, where=example.where)
-
-    stats, rows = {}, {}
-    for name, examples in (("train", train), ("eval", eval_)):
-        rendered, too_long = _render_all(examples, render)
-        rows[name] = pair_rows(rendered, int(data.seq_len))
-        stats.update({f"n_{name}_pairs": len(rendered), f"n_{name}_too_long": too_long})
-    _check_enough_rows(data, stats["n_train_pairs"])
-    return rows["train"], rows["eval"], stats
-
-
-def build_preference_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
-    train_rows, eval_rows, stats = render_preferences(config, tokenizer, workdir)
     return _lm_data(train_rows, eval_rows, config, stats)
 
 

@@ -19,10 +19,21 @@ SFT (`iter_sft_examples` -> SFTExample.messages), either form:
     {"prompt": str | [message, ...], "response": str}             the prompt's messages, then the response as
                                                                   an assistant message
 
-Preferences (`iter_preference_examples` -> PreferenceExample), the HH-RLHF shape; chosen and rejected are two
-assistant answers to the prompt and must differ:
+Preferences (`iter_ranked_examples` -> RankedExample; `iter_preference_examples` -> its pairs, PreferenceExample),
+two shapes. The HH-RLHF pair, chosen better than rejected, with an optional `edited` answer (Llama 3: the chosen
+answer as an annotator edited it) ranked above both, edited > chosen > rejected:
 
-    {"prompt": str | [message, ...], "chosen": str, "rejected": str}
+    {"prompt": str | [message, ...], "chosen": str, "rejected": str [, "edited": str]}
+
+and a ranking of several answers, best first, where an entry may be a list of tied answers:
+
+    {"prompt": str | [message, ...], "responses": [str, ...], "ranking": [int | [int, ...], ...]}
+    e.g. "responses": ["a", "b", "c", "d"], "ranking": [2, [0, 3], 1]: c, then a and d tied, then b
+
+The answers of one record must all differ, a ranking must list every answer exactly once and put at least two
+of them at different places; `edited` needs `chosen`. A record's pairs are every ordered pair of its answers at
+different places (a ranking of k answers without ties gives k(k-1)/2). `use_edited=False` reads `edited` as
+absent (the pair alone), for measuring what the edits add.
 
 Prompts (`iter_prompt_examples` -> PromptExample), for generation (PPO rollouts, rejection sampling, eval); every
 key other than "prompt" and "system" is kept in `metadata` (e.g. a task id for a gold scorer):
@@ -65,6 +76,25 @@ class PreferenceExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class RankedExample:
+    """Answers to one prompt and their places in a ranking: levels[i] is answer i's place, 0 the best; answers
+    with the same level are tied."""
+    prompt: tuple[Message, ...]  # ends with a user turn
+    responses: tuple[str, ...]
+    levels: tuple[int, ...]
+    where: str
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(better, worse) answer indices: every ordered pair at different levels, better answers first."""
+        order = sorted(range(len(self.responses)), key=lambda i: (self.levels[i], i))
+        return [(i, j) for a, i in enumerate(order) for j in order[a + 1:] if self.levels[i] < self.levels[j]]
+
+    def preference_examples(self) -> list[PreferenceExample]:
+        return [PreferenceExample(self.prompt, self.responses[i], self.responses[j], self.where)
+                for i, j in self.pairs()]
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptExample:
     prompt: tuple[Message, ...]  # ends with a user turn
     metadata: dict[str, Any]
@@ -82,9 +112,15 @@ def iter_sft_examples(spec: str, format: str = "auto") -> Iterator[SFTExample]:
         yield sft_example(record, where)
 
 
-def iter_preference_examples(spec: str, format: str = "auto") -> Iterator[PreferenceExample]:
+def iter_ranked_examples(spec: str, format: str = "auto", use_edited: bool = True) -> Iterator[RankedExample]:
     for where, record in iter_records(spec, format):
-        yield preference_example(record, where)
+        yield ranked_example(record, where, use_edited)
+
+
+def iter_preference_examples(spec: str, format: str = "auto", use_edited: bool = True) -> Iterator[PreferenceExample]:
+    """Every pair of every record (a pair record is one; `edited` and rankings give several)."""
+    for example in iter_ranked_examples(spec, format, use_edited):
+        yield from example.preference_examples()
 
 
 def iter_prompt_examples(spec: str, format: str = "auto") -> Iterator[PromptExample]:
@@ -105,12 +141,70 @@ def sft_example(record: dict, where: str) -> SFTExample:
     return SFTExample(messages, where)
 
 
-def preference_example(record: dict, where: str) -> PreferenceExample:
+def ranked_example(record: dict, where: str, use_edited: bool = True) -> RankedExample:
+    """A preference record of either shape (module docstring) as answers and their levels."""
     prompt = _prompt(record, where)
-    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
-    if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text ({_short(chosen)})")
-    return PreferenceExample(prompt, chosen, rejected, where)
+    if "responses" in record or "ranking" in record:
+        other = [k for k in ("chosen", "rejected", "edited") if k in record]
+        if other:
+            raise DataError(f"{where}: both 'responses' and {other[0]!r} given; a record is either a ranking "
+                            f"('responses', 'ranking') or a pair ('chosen', 'rejected' [, 'edited'])")
+        responses = _texts(record, "responses", where)
+        return RankedExample(prompt, responses, _levels(record, len(responses), where), where)
+    if "edited" in record and "chosen" not in record:
+        raise DataError(f"{where}: 'edited' without 'chosen': an edited answer is the chosen answer improved, so "
+                        f"the record needs 'chosen' and 'rejected' (keys: {_keys(record)})")
+    names = ("edited", "chosen", "rejected") if use_edited and "edited" in record else ("chosen", "rejected")
+    responses = tuple(_text(record, name, where) for name in names)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            if responses[a] == responses[b]:
+                raise DataError(f"{where}: {names[a]!r} and {names[b]!r} are the same text ({_short(responses[a])})")
+    return RankedExample(prompt, responses, tuple(range(len(names))), where)
+
+
+def _texts(record: dict, key: str, where: str) -> tuple[str, ...]:
+    """A ranking's answers: a list of at least two different strings."""
+    if key not in record:
+        raise DataError(f"{where}: a ranking needs {key!r} beside 'ranking' (keys: {_keys(record)})")
+    value = record[key]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {key!r} is {_type(value)}, expected a list of answers")
+    if len(value) < 2:
+        raise DataError(f"{where}: {key!r} holds {len(value)} answer(s); a ranking compares at least 2")
+    texts = tuple(_check_text(v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    first = {}
+    for i, text in enumerate(texts):
+        if text in first:
+            raise DataError(f"{where}: {key}[{first[text]}] and {key}[{i}] are the same text ({_short(text)}); "
+                            f"each answer of a ranking must differ")
+        first[text] = i
+    return texts
+
+
+def _levels(record: dict, n: int, where: str) -> tuple[int, ...]:
+    """levels[i], answer i's place in `ranking` (best first, lists are ties), after checking that the ranking
+    names each of the n answers exactly once and puts two of them at different places."""
+    if "ranking" not in record:
+        raise DataError(f"{where}: 'responses' needs a 'ranking' (their indices, best first; a list for ties)")
+    ranking = record["ranking"]
+    if not isinstance(ranking, list):
+        raise DataError(f"{where}: 'ranking' is {_type(ranking)}, expected a list of answer indices, best first")
+    levels: dict[int, int] = {}
+    for level, entry in enumerate(ranking):
+        for index in entry if isinstance(entry, list) else [entry]:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+                raise DataError(f"{where}: 'ranking' entry {index!r} is not an index of 'responses' (0 to {n - 1})")
+            if index in levels:
+                raise DataError(f"{where}: 'ranking' lists answer {index} twice")
+            levels[index] = level
+    missing = sorted(set(range(n)) - set(levels))
+    if missing:
+        raise DataError(f"{where}: 'ranking' does not list answer(s) {missing} of the {n} in 'responses'; every "
+                        f"answer must be ranked (ties: a list of indices)")
+    if len(set(levels.values())) < 2:
+        raise DataError(f"{where}: 'ranking' puts every answer at one place ({ranking!r}): nothing to compare")
+    return tuple(levels[i] for i in range(n))
 
 
 def prompt_example(record: dict, where: str) -> PromptExample:

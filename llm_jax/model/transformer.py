@@ -195,6 +195,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     mesh: Mesh | None = None
     rules: Any = ()
+    shared_prefix: bool = False  # segment PROMPT_SEGMENT is a prefix every packed segment sees
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None, local=None):
@@ -214,8 +215,10 @@ class Attention(nn.Module):
         softmax weights (B, H, T, T) as `attention_weights`; decoding sows nothing.
 
         With a soft prompt before packed rows (`cfg.prompt_tuning_tokens` and segment ids: the prompt is the
-        segment PROMPT_SEGMENT, model/prompt_tuning.py), the mask needs the positions and the prompt segment,
-        which only the reference and xla attention serve: a pallas or cudnn `attention_impl` runs xla here.
+        segment PROMPT_SEGMENT, model/prompt_tuning.py), or a text prompt shared by the answers packed after it
+        (`shared_prefix`: the reward model's packed rows, data/preference_rows.py), the mask needs the positions
+        and the prompt segment, which only the reference and xla attention serve: a pallas or cudnn
+        `attention_impl` runs xla here.
         """
         cfg = self.cfg
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -254,7 +257,7 @@ class Attention(nn.Module):
             out_bthd = self._by_layer_kind(attend, local, q_bthd, *kv)
         else:
             capture = self.is_mutable_collection("intermediates")
-            shared_prefix = bool(cfg.prompt_tuning_tokens) and segment_ids_bt is not None
+            shared_prefix = (bool(cfg.prompt_tuning_tokens) or self.shared_prefix) and segment_ids_bt is not None
             prefix_positions_bt = positions_bt if shared_prefix else None
             impl = self._shared_prefix_impl() if shared_prefix else cfg.attention_impl
 
@@ -338,12 +341,13 @@ class Block(nn.Module):
     cfg: ModelConfig
     mesh: Mesh | None = None
     rules: Any = ()
+    shared_prefix: bool = False  # segment PROMPT_SEGMENT is a prefix every packed segment sees
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, kv=None, lengths_b=None, local=None):
         """x (B, T, D) -> (x, kv): kv is the layer's updated cache, None without one (see Attention)."""
         sandwich = self.cfg.family_spec.sandwich_norms
-        attn = Attention(self.cfg, self.mesh, self.rules, name="attn")(
+        attn = Attention(self.cfg, self.mesh, self.rules, self.shared_prefix, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x_btd), positions_bt, segment_ids_bt, kv, lengths_b, local)
         attn_btd, kv = attn if kv is not None else (attn, None)
         if sandwich:
@@ -378,6 +382,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     mesh: Mesh | None = None
     rules: Any = ()
+    shared_prefix: bool = False  # segment PROMPT_SEGMENT is a prefix every packed segment sees
 
     def setup(self):
         cfg = self.cfg
@@ -410,8 +415,9 @@ class Transformer(nn.Module):
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0), length=cfg.n_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(cfg, self.mesh, self.rules, name="blocks")
-        return [block_cls(cfg, self.mesh, self.rules, name=f"block_{i}") for i in range(cfg.n_layers)]
+            return scanned(cfg, self.mesh, self.rules, self.shared_prefix, name="blocks")
+        return [block_cls(cfg, self.mesh, self.rules, self.shared_prefix, name=f"block_{i}")
+                for i in range(cfg.n_layers)]
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache: KVCache | None = None,
                  prefill: bool = False):

@@ -14,7 +14,10 @@ and optionally
   each field's meaning in a comment beside it: they are read from the module's source without importing it, so
   loading a config file does not import JAX;
 - `model_class`: the flax module the objective trains (default `Transformer`);
-- `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs);
+- `sequences_per_row`: forward sequences per batch row, for FLOP counting (2 for preference pairs), a number or
+  a function of the config;
+- `model_options(config) -> dict`: keyword fields of its model class beyond (cfg, mesh, rules), e.g. the reward
+  model's `shared_prefix` for packed rows;
 - `params_from_run(run_dir, abstract_params, model_cfg)`: params to start from `train.init_from` (default:
   `train.checkpoint.start_params`).
 

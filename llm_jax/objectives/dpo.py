@@ -8,6 +8,10 @@ tokens (its content and end marker),
     ipo:            (h − 1/(2β))²                            (Azar et al. 2023)
     + nll_coef · (−log π(y_c|x) / |y_c|)     the chosen answer's per-token NLL (Llama 3; Pang et al. 2024)
 
+Pairs: every ordered pair of every record (data/records.py): a record's pair, a pair with an edited answer
+(edited > chosen > rejected: three pairs), or a ranking of several answers (k(k−1)/2 pairs without ties), one
+pair per row (data/preference_rows.py); y_c below is a pair's better answer, y_r its worse.
+
 The NLL term counters likelihood displacement. The preference losses only see differences, so both
 answers' log-probs can fall together. Measured on the embedded task at the tiny size, with β 0.1 and no NLL
 term, the chosen answer's log-prob fell by ~6 nats and the greedy gold score dropped below the SFT model's.
@@ -38,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.data.lm_data import LMData
-from llm_jax.data.post_training import data_cache_dir, render_preferences, rows_fingerprint
+from llm_jax.data.post_training import data_cache_dir, rows_fingerprint
+from llm_jax.data.preference_rows import render_preferences
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives import fmt, gold_text
 from llm_jax.objectives.lm import token_log_probs
@@ -165,7 +170,7 @@ def reference_log_probs(run_dir: str, rows: dict[str, np.ndarray], batch_size: i
 def _with_reference(rows: dict, run_dir: str, cache_dir: str, batch_size: int) -> dict:
     latest = intact_step(run_dir)
     key = rows_fingerprint({**rows, "_ref": np.frombuffer(
-        json.dumps([os.path.abspath(run_dir), latest]).encode(), np.uint8)})
+        json.dumps([os.path.realpath(run_dir), latest]).encode(), np.uint8)})  # a link: the run it names
     path = os.path.join(cache_dir, f"dpo-reference-{key}.npz")
     if os.path.isfile(path):
         with np.load(path) as cached:

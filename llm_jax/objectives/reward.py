@@ -2,7 +2,10 @@
 
     readout "last":        r(x, y) = w · h_last + b
     readout "likelihood":  r(x, y) = w · h_last + b + Σ_{t ∈ y} log p_θ(y_t | x, y_<t)
-    loss = −log σ(r(x, y_chosen) − r(x, y_rejected) − m)      (m = `reward.margin`, 0 by default)
+    loss = −log σ(r(x, y_better) − r(x, y_worse) − m)      (m = `reward.margin`, 0 by default)
+
+over every ordered pair of every record: a pair, a pair with an edited answer (edited > chosen > rejected), or
+a ranking of several answers (data/records.py), each pair counting once in the mean.
 
 h_last is the final hidden state at the last token of prompt + answer: the end marker closing the answer
 (the eos after it is a target, never an input), so r has read the whole answer including the decision to
@@ -18,8 +21,14 @@ position has to rebuild it from scratch. Measured on the embedded task at the `t
 and the model is at chance on pairs whose answers have equal length (it judges by length alone). With
 "likelihood" it reaches 0.93 after 100 steps.
 
-Metrics (means over pairs): `accuracy` (chosen scored above rejected), `margin` (r_c − r_r), `reward_mean`
-and `reward_std` over both answers. `RewardScorer` (`load_scorer(run_dir)`) scores new answers for PPO,
+Layouts (`reward.layout`, data/preference_rows.py). "pairs": one pair per row, both answers' sequences in one
+forward pass. "packed": a prompt and up to `reward.responses_per_row` of its answers in one row, each answer
+attending to the prompt and itself only, the reward read at each answer's end marker and the loss taken over
+the row's pairs: the same scores and gradients as the pairs layout (tested), the prompt encoded once for all its
+comparisons and each answer once for all its pairs.
+
+Metrics (means over pairs): `accuracy` (the better answer scored above the worse), `margin` (r_b − r_w),
+`reward_mean` and `reward_std` over both answers of each pair. `RewardScorer` (`load_scorer(run_dir)`) scores new answers for PPO,
 rejection sampling and evaluation.
 """
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 from flax import linen as nn
 
 from llm_jax.data import chat
-from llm_jax.data.post_training import build_preference_data, pair_rows
+from llm_jax.data.preference_rows import build_preference_data, check_layout, pair_rows
 from llm_jax.data.records import Message
 from llm_jax.model.transformer import Transformer, dropout_rngs
 from llm_jax.objectives import fmt
@@ -41,16 +50,17 @@ from llm_jax.objectives import lm
 from llm_jax.objectives.lm import token_log_probs
 from llm_jax.train import step as train_step
 from llm_jax.train.checkpoint import CannotStartFrom, CheckpointError, start_params
+from llm_jax.train.metrics import log_line
 
 HEAD_PARAMS = ("reward_head", "reward_bias")
 READOUTS = ("last", "likelihood")
-sequences_per_row = 2  # each row is a pair: two forward sequences
-
 CONFIG_SECTION = "reward"
 CONFIG_DEFAULTS = dict(
-    margin=0.0,            # Bradley–Terry: −log σ(r_chosen − r_rejected − margin)
+    margin=0.0,            # Bradley–Terry: −log σ(r_better − r_worse − margin), every pair of a record
     readout="last",        # last: w·h_last + b | likelihood: plus the answer's log-likelihood under the
                            # trunk's own LM head (objectives/reward.py: what a small trunk needs)
+    layout="pairs",        # pairs: one pair per row | packed: a prompt and several answers per row
+    responses_per_row=8,   # packed: answers in one row at most (a record with more is split over rows)
 )
 
 
@@ -71,6 +81,22 @@ class RewardModel(Transformer):
         head_b, terms_bt = self.score_terms(tokens_bt, positions_bt, segment_ids_bt, targets_bt, answer_mask_bt,
                                             readout)
         return head_b + jnp.sum(terms_bt, axis=1)
+
+    def score_packed(self, tokens_bt, positions_bt, segment_ids_bt, response_last_br, targets_bt=None,
+                     answer_mask_bt=None, readout: str = "last"):
+        """(B, R) f32 rewards of the R answers packed in each row (data/preference_rows.py): w · h + b at each
+        answer's last token `response_last_br`, with readout "likelihood" plus Σ answer_mask · log p(target)
+        over the answer's own segment (segment id r + 1)."""
+        hidden_btd = self(tokens_bt, positions_bt, segment_ids_bt)
+        h_brd = jnp.take_along_axis(hidden_btd, response_last_br[:, :, None], axis=1).astype(jnp.float32)
+        head_br = h_brd @ self.reward_head.astype(jnp.float32) + self.reward_bias.astype(jnp.float32)
+        if readout == "last":
+            return head_br
+        check_readout(readout)
+        terms_bt = token_log_probs(self.head(hidden_btd), targets_bt) * answer_mask_bt
+        slots_r = jnp.arange(response_last_br.shape[1]) + 1
+        in_answer_brt = segment_ids_bt[:, None, :] == slots_r[None, :, None]
+        return head_br + jnp.sum(jnp.where(in_answer_brt, terms_bt[:, None, :], 0.0), axis=2)
 
     def score_terms(self, tokens_bt, positions_bt, segment_ids_bt, targets_bt=None, answer_mask_bt=None,
                     readout: str = "last"):
@@ -113,39 +139,81 @@ def bradley_terry_loss(chosen_b, rejected_b, margin: float = 0.0):
     return jax.nn.softplus(-(chosen_b - rejected_b - margin))
 
 
+def layout_of(config) -> tuple[str, int]:
+    """(reward.layout, reward.responses_per_row), checked."""
+    section = config.get("reward", {})
+    layout, per_row = str(section.get("layout", "pairs")), int(section.get("responses_per_row", 8))
+    check_layout(layout, per_row)
+    if layout == "packed" and int(config.model.get("prompt_tuning_tokens", 0)):
+        raise ValueError("reward.layout=packed shares the prompt segment that a soft prompt "
+                         "(model.prompt_tuning_tokens) takes; use reward.layout=pairs with prompt tuning")
+    return layout, per_row
+
+
+def sequences_per_row(config) -> int:
+    """Forward sequences of seq_len per batch row: a pair's two, or one packed row."""
+    return 1 if layout_of(config)[0] == "packed" else 2
+
+
+def model_options(config) -> dict:
+    """Packed rows hold a prompt segment every answer attends to (model/transformer.py `shared_prefix`)."""
+    return dict(shared_prefix=layout_of(config)[0] == "packed")
+
+
 def abstract_batch(config) -> dict:
-    """One global train batch of pairs as shapes and dtypes: the language model's (B, T) arrays once per side,
-    under `chosen_<key>` and `rejected_<key>` (data/post_training.py `pair_rows`), for `llm-jax memory`."""
+    """One global train batch as shapes and dtypes, for `llm-jax memory`: pairs, the language model's (B, T)
+    arrays once per side under `chosen_<key>` and `rejected_<key>`; packed, one set of them plus the rows'
+    answer ends (B, R) and pairs (B, Q) (data/preference_rows.py)."""
     one_side = lm.abstract_batch(config)
-    return {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in one_side.items()}
+    layout, per_row = layout_of(config)
+    if layout == "pairs":
+        return {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in one_side.items()}
+    b, q = config.data.batch_size, per_row * (per_row - 1) // 2
+    return {**one_side, "response_last": jax.ShapeDtypeStruct((b, per_row), jnp.int32),
+            **{k: jax.ShapeDtypeStruct((b, q), jnp.int32) for k in ("pair_better", "pair_worse")},
+            "pair_valid": jax.ShapeDtypeStruct((b, q), jnp.float32)}
 
 
-def make_loss_fn(model: RewardModel, margin: float, readout: str = "last"):
-    def loss_fn(params, batch, rng):
+def pair_loss(better, worse, valid, margin: float):
+    """The summed Bradley–Terry loss and metric sums of pairs (any shape), `valid` 0 on padding."""
+    diff = better - worse
+    stats = dict(weight=jnp.sum(valid), accuracy=jnp.sum((diff > 0) * valid), margin=jnp.sum(diff * valid),
+                 reward_mean=jnp.sum((better + worse) / 2 * valid),
+                 reward_sq=jnp.sum((better ** 2 + worse ** 2) / 2 * valid))
+    return jnp.sum(bradley_terry_loss(better, worse, margin) * valid), stats
+
+
+def make_loss_fn(model: RewardModel, margin: float, readout: str = "last", layout: str = "pairs"):
+    def pairs_loss(params, batch, rng):
         rewards = model.apply(params, *(both_sides(batch, k) for k in ("inputs", "positions", "segment_ids",
                                                                        "targets", "loss_mask")),
                               readout=readout, method=RewardModel.score, rngs=dropout_rngs(rng))
         chosen_b, rejected_b = jnp.split(rewards, 2)
         valid_b = (jnp.sum(batch["chosen_segment_ids"], axis=1) > 0).astype(jnp.float32)  # eval padding rows: 0
-        diff_b = chosen_b - rejected_b
-        stats = dict(weight=jnp.sum(valid_b), accuracy=jnp.sum((diff_b > 0) * valid_b),
-                     margin=jnp.sum(diff_b * valid_b), reward_mean=jnp.sum((chosen_b + rejected_b) / 2 * valid_b),
-                     reward_sq=jnp.sum((chosen_b ** 2 + rejected_b ** 2) / 2 * valid_b))
-        return jnp.sum(bradley_terry_loss(chosen_b, rejected_b, margin) * valid_b), stats
-    return loss_fn
+        return pair_loss(chosen_b, rejected_b, valid_b, margin)
+
+    def packed_loss(params, batch, rng):
+        rewards_br = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 batch["response_last"], batch["targets"], batch["loss_mask"], readout=readout,
+                                 method=RewardModel.score_packed, rngs=dropout_rngs(rng))
+        better_bq = jnp.take_along_axis(rewards_br, batch["pair_better"], axis=1)
+        worse_bq = jnp.take_along_axis(rewards_br, batch["pair_worse"], axis=1)
+        return pair_loss(better_bq, worse_bq, batch["pair_valid"], margin)
+
+    return packed_loss if layout == "packed" else pairs_loss
 
 
-def _margin(config) -> float:
-    return float(config.get("reward", {}).get("margin", 0.0))
+def _loss_fn(config, model):
+    margin = float(config.get("reward", {}).get("margin", 0.0))
+    return make_loss_fn(model, margin, readout_of(config), layout_of(config)[0])
 
 
 def make_train_step(config, model, optimizer, schedule):
-    return train_step.make_train_step(make_loss_fn(model, _margin(config), readout_of(config)), optimizer,
-                                      schedule, config.optim.grad_accum)
+    return train_step.make_train_step(_loss_fn(config, model), optimizer, schedule, config.optim.grad_accum)
 
 
 def make_eval_step(config, model):
-    return train_step.make_eval_step(make_loss_fn(model, _margin(config), readout_of(config)))
+    return train_step.make_eval_step(_loss_fn(config, model))
 
 
 def finish_eval(metrics: dict) -> dict:
@@ -161,8 +229,9 @@ def table_row(metrics: dict, summary: dict) -> str:
 
 
 def build_data(config, tokenizer, workdir: str):
-    readout_of(config)  # a bad readout fails before any data is rendered
-    return build_preference_data(config, tokenizer, workdir)
+    readout_of(config)  # a bad readout or layout fails before any data is rendered
+    layout, per_row = layout_of(config)
+    return build_preference_data(config, tokenizer, workdir, layout, per_row, log=log_line)
 
 
 def params_from_run(run_dir: str, abstract_params, model_cfg):

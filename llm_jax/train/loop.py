@@ -93,7 +93,8 @@ class Training:
 
 def build_training(config, model_cfg: ModelConfig, mesh, rules, objective) -> Training:
     """The model, optimizer, state shardings and jitted steps of `objective` (an objectives/ module)."""
-    model = getattr(objective, "model_class", Transformer)(model_cfg, mesh, rules)
+    options = getattr(objective, "model_options", lambda _: {})(config)
+    model = getattr(objective, "model_class", Transformer)(model_cfg, mesh, rules, **options)
     dummy_tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
     def init_params(key):
@@ -202,6 +203,13 @@ def run(config, workdir: str, objective, generative_evals=None) -> dict:
     return harness.run(steps, start, before=constants)
 
 
+def sequences_per_row(objective, config) -> int:
+    """Forward sequences of seq_len in one batch row: the objective's `sequences_per_row` (a number, or a
+    function of the config), 1 without one."""
+    value = getattr(objective, "sequences_per_row", 1)
+    return int(value(config) if callable(value) else value)
+
+
 class _Steps:
     """The LM-style loop's steps on the harness (train/harness.py `Loop`): a pass over the objective's batches.
 
@@ -224,8 +232,7 @@ class _Steps:
         self.pending: list[tuple[int, dict]] = []
         self.interval = dict(start=time.perf_counter(), steps=0, paused=0.0)
         model_cfg = t.model.cfg
-        self.tokens_per_step = (config.data.batch_size * config.data.seq_len
-                                * getattr(objective, "sequences_per_row", 1))
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len * sequences_per_row(objective, config)
         self.flops_per_step = flops.training_flops_per_token(model_cfg, config.data.seq_len) * self.tokens_per_step
         self.peak, self.peak_source = hardware.peak_flops(model_cfg.dtype)
         n_eval = config.train.eval_batches if config.train.eval_batches > 0 else sys.maxsize

@@ -256,7 +256,7 @@ def test_sft_and_preference_data_on_an_hf_tokenizer(qwen, tmp_path):
     """post_training builds SFT rows and preference rows with data.chat_template="hf" unchanged: the loss falls on
     the answers and their <|im_end|> only."""
     import ml_collections
-    from llm_jax.data import post_training
+    from llm_jax.data import post_training, preference_rows
     sft, prefs = tmp_path / "sft.jsonl", tmp_path / "prefs.jsonl"
     sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                                     {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
@@ -269,7 +269,7 @@ def test_sft_and_preference_data_on_an_hf_tokenizer(qwen, tmp_path):
     data = post_training.build_sft_data(config, qwen, str(tmp_path))
     assert data.stats["n_train_examples"] == 8 and data.stats["n_train_too_long"] == 0
     config.data.train = config.data.eval = str(prefs)
-    train, _, stats = post_training.render_preferences(config, qwen, str(tmp_path))
+    train, _, stats = preference_rows.render_preferences(config, qwen, str(tmp_path))
     assert stats["n_train_pairs"] == 8
     row = 0
     targets = train["chosen_targets"][row][train["chosen_loss_mask"][row] > 0]

@@ -8,7 +8,8 @@ import pytest
 
 from llm_jax import sharding
 from llm_jax.config_lib import load
-from llm_jax.data.post_training import build_sft_data, render_preferences
+from llm_jax.data.post_training import build_sft_data
+from llm_jax.data.preference_rows import render_preferences
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model.config import ModelConfig
 from llm_jax.objectives import get_objective
