@@ -3,11 +3,13 @@
 Later stages stand on earlier runs (SFT on pretraining, the reward model and DPO on SFT, PPO on both), and
 generation, scoring and evaluation read a run without training it. `load_run` gives all of that from the
 directory alone: `config.json`, its tokenizer (`tokenizer.model`, or `tokenizer/` for a Hugging Face one) and the
-latest (or a chosen) checkpoint.
+latest (or a chosen) checkpoint. `write_run` makes such a directory from params that no training produced (an
+imported checkpoint, an average of runs), so that every stage takes it as it takes a trained run.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -20,7 +22,7 @@ from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.tokenizer_files import AnyTokenizer, load_tokenizer, run_tokenizer_path
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Transformer
-from llm_jax.train.checkpoint import restore_params
+from llm_jax.train.checkpoint import restore_params, save_params
 from llm_jax.train.run_record import read_run_config
 
 
@@ -63,3 +65,14 @@ def load_run(run_dir: str, *, mesh=None, rules=None, step: int | None = None, mo
     model = model_cls(model_cfg, mesh, rules)
     params = restore_params(run_dir, abstract_params(model, mesh, rules), step=step)
     return Run(run_dir, config, model_cfg, tokenizer, model, params)
+
+
+def write_run(workdir: str, config: ml_collections.ConfigDict, params, tokenizer: AnyTokenizer, *, step: int = 0,
+              save_concurrent_gb: int | None = None) -> None:
+    """A run directory `load_run` and `train.init_from` read: `params` (the variables tree, `{"params": ...}`, as
+    `load_run` gives it) as checkpoint `step`, the tokenizer (`tokenizer.save`) and config.json, written last."""
+    os.makedirs(workdir, exist_ok=True)
+    save_params(workdir, params, step, save_concurrent_gb)
+    tokenizer.save(workdir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))

@@ -26,7 +26,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from llm_jax import runs, sharding
@@ -40,7 +39,6 @@ from llm_jax.model import quant
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.families import family_of_hf
 from llm_jax.model.transformer import Transformer
-from llm_jax.train import manifest
 from llm_jax.train.checkpoint import checkpoint_dir
 
 IMPORT_RECORD = "import.json"
@@ -215,19 +213,9 @@ def import_hf(hf_dir: str, workdir: str, overrides=()) -> dict:
                                            for path, (names, m, stacked) in sources.items()})
     t_loaded = time.perf_counter()
 
-    os.makedirs(workdir, exist_ok=True)
     # At most SAVE_CONCURRENT_GB in flight while writing: orbax copies what it writes, and by default all of it
-    # at once (one more copy of the model at the import's peak).
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True),
-                                    item_handlers={"params": ocp.StandardCheckpointHandler(
-                                        save_concurrent_gb=SAVE_CONCURRENT_GB)})
-    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"params": params})))
-    manager.wait_until_finished()
-    manager.close()
-    manifest.write(os.path.join(checkpoint_dir(workdir), "0"), 0)  # verified by every stage that restores it
-    tokenizer.save(workdir)  # <workdir>/tokenizer/
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    # at once (one more copy of the model at the import's peak). The tokenizer goes to <workdir>/tokenizer/.
+    runs.write_run(workdir, config, {"params": params}, tokenizer, save_concurrent_gb=SAVE_CONCURRENT_GB)
     t_written = time.perf_counter()
     summary = dict(
         source=hf_dir, family=cfg.family, architecture=(hf.get("architectures") or [None])[0],

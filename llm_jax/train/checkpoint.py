@@ -270,6 +270,23 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
+def save_params(workdir: str, params, step: int = 0, save_concurrent_gb: int | None = None) -> str:
+    """Params alone as checkpoint `step` of a run (the params item every stage restores, and its manifest): a run
+    made without training, such as an imported or an averaged model. `save_concurrent_gb` bounds what orbax holds
+    in flight while writing (by default all of it at once: one more copy of the model). Returns the step's folder."""
+    handlers = None
+    if save_concurrent_gb is not None:
+        handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)}
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True),
+                                    item_handlers=handlers)
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    manager.wait_until_finished()
+    manager.close()
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    manifest.write(step_dir, step)  # verified by every stage that restores it
+    return step_dir
+
+
 def saved_steps(run_dir: str) -> list[int]:
     """The committed checkpoint steps of a run, unverified, oldest first (none when it has no checkpoints/)."""
     directory = checkpoint_dir(run_dir)
