@@ -2,6 +2,7 @@
 
     win_rate(scores_a_p, scores_b_p)                  -> WinRate   A against B on the same prompts
     arena(scores_mp, names)                           -> Arena     ratings of M models from all their pairs
+    choose_winner(ratings, mean_scores, incumbent)    -> str       the model that goes on (an incumbent and challengers)
 
 Every model answers the same P prompts and a judge scores each answer (`scores_mp[m, p]`). On a prompt, A beats B
 when its score is higher; equal scores are a tie, counted as half a win for each, as AlpacaEval and Chatbot Arena
@@ -18,6 +19,11 @@ with `prior` virtual ties added between every pair, so a model that wins every c
 rating (without it the likelihood has no maximum). θ is centred (mean 0) and reported on the Elo scale of Chatbot
 Arena, R_i = 1000 + (400 / ln 10)·θ_i: 400 points more is 10:1 odds.
 
+Choosing a model: `choose_winner` keeps the incumbent (the best model so far) unless a challenger's rating beats
+its rating by more than `margin` Elo points; ratings within RATING_TIE (the fit's rounding, far below anything a
+prompt can move) are equal. Among challengers tied for the best rating, the higher mean score goes on, then the
+first named. So a change of model needs evidence, and the same scores always give the same choice.
+
 Intervals: the prompts are resampled with replacement `bootstrap` times and everything refitted; the interval is
 the percentile interval at `confidence` (`scaling.fit.estimate`, as for the scaling-law fits).
 """
@@ -32,6 +38,7 @@ from llm_jax.scaling.fit import Estimate, check_bootstrap, estimate, resample_co
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0
+RATING_TIE = 1e-6  # Elo points: ratings closer than this are the same (the MM fit stops at 1e-10 in log-strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +142,21 @@ def arena(scores_mp, names, *, prior: float = 1.0, bootstrap: int = 1000, confid
     np.fill_diagonal(share, np.nan)
     return Arena(names, tuple(estimate(r, None if samples is None else samples[:, i], confidence)
                               for i, r in enumerate(ratings)), share)
+
+
+def choose_winner(ratings: dict[str, float], mean_scores: dict[str, float], incumbent: str, *,
+                  margin: float = 0.0) -> str:
+    """The model that goes on after an arena of `incumbent` and the other models of `ratings` (its challengers,
+    in their order): the best challenger if its rating exceeds the incumbent's by more than `margin`, else the
+    incumbent (tie rule in the module docstring)."""
+    if incumbent not in ratings:
+        raise ValueError(f"incumbent {incumbent!r} is not rated; rated: {list(ratings)}")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number of Elo points >= 0, got {margin!r}")
+    challengers = [name for name in ratings if name != incumbent]
+    if not challengers:
+        return incumbent
+    top = max(ratings[name] for name in challengers)
+    tied = [name for name in challengers if ratings[name] >= top - RATING_TIE]
+    best = max(tied, key=lambda name: (mean_scores[name], -challengers.index(name)))
+    return best if ratings[best] > ratings[incumbent] + margin + RATING_TIE else incumbent
