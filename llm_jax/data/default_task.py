@@ -50,6 +50,13 @@ least MARGIN = 0.2, which keeps every single-word error against the gold answer 
 |g| <= 5) and drops near-ties no scorer could be blamed for. The margin rejects more corrupted-vs-corrupted
 draws than gold-vs-corrupted ones, so about two thirds of the chosen answers are the exact gold answer.
 
+Edited answers (Llama 3's third preference grade). A train pair whose chosen answer is a corruption also carries
+`"edited"`: the gold answer, as an annotator would edit the chosen one into shape, so the record ranks
+edited > chosen > rejected (records.py; a corruption scores at most 5/6, a duplicated word in a list of five,
+so the edit's gold-score gap over chosen is at least 1/6, below MARGIN only for such answers). The
+eval pairs carry none: held-out accuracy is measured on the same pairs whether training used the edits or not
+(`data.use_edited=False` drops them).
+
 Splits. A prompt belongs to the eval split iff the blake2b hash of its text falls in the first
 EVAL_PERCENT percent of buckets; each split rejects the other's prompts, so no eval prompt occurs in any
 train file (SFT, preferences or prompts). Record i of a file is a pure function of (seed, file, i): its
@@ -58,7 +65,7 @@ numpy Generator is seeded with (seed, stream, split, i).
 Files. `write_default_task(directory)` writes under `<directory>/default_task/`, one JSON object a line:
 
     sft_{train,eval}.jsonl          {"prompt": str, "response": str}               (the gold answer)
-    preferences_{train,eval}.jsonl  {"prompt": str, "chosen": str, "rejected": str}
+    preferences_{train,eval}.jsonl  {"prompt": str, "chosen": str, "rejected": str[, "edited": str (train)]}
     prompts_{train,eval}.jsonl      {"prompt": str, "task": str}                   (for PPO, rejection sampling)
     default_task_stats.json         the parameters, record counts and `baseline_scores()`
 
@@ -95,7 +102,7 @@ DEFAULT_SIZES = {
 TASK_DIR = "default_task"
 STATS_FILE = "default_task_stats.json"
 # Bump when the generated records change, so that caches written by an older version are regenerated.
-VERSION = 2
+VERSION = 3
 
 _STREAMS = {"sft": 0, "preferences": 1, "prompts": 2}
 _SPLITS = {"train": 0, "eval": 1}
@@ -212,7 +219,8 @@ CORRUPTIONS: dict[str, Callable] = {"substitute": _substitute, "swap": _swap, "d
                                     "duplicate": _duplicate, "wrong_task": _wrong_task}
 
 
-def _corrupt(rng: np.random.Generator, task: str, words: list[str]) -> list[str]:
+def corrupt(rng: np.random.Generator, task: str, words: list[str]) -> list[str]:
+    """The gold answer of (task, words) with 1-3 corruption operators applied (module docstring)."""
     cand = _answer(task, words)
     for k in range(int(rng.integers(1, MAX_CORRUPTIONS + 1))):
         names = [n for n in CORRUPTIONS if n != "wrong_task" or k == 0]  # another task's answer, then its errors
@@ -226,7 +234,7 @@ def sft_example(index: int, split: str = "train", seed: int = 0) -> dict:
     rng = _rng(seed, "sft", split, index)
     prompt, task, words = _draw_prompt(rng, split)
     noisy = split == "train" and rng.random() < SFT_NOISE
-    return {"prompt": prompt, "response": " ".join(_corrupt(rng, task, words) if noisy else _answer(task, words))}
+    return {"prompt": prompt, "response": " ".join(corrupt(rng, task, words) if noisy else _answer(task, words))}
 
 
 def preference_pair(index: int, split: str = "train", seed: int = 0) -> dict:
@@ -234,12 +242,15 @@ def preference_pair(index: int, split: str = "train", seed: int = 0) -> dict:
     prompt, task, words = _draw_prompt(rng, split)
     gold = _answer(task, words)
     for _ in range(1000):  # a gold-vs-substitution pair always clears the margin: a few draws suffice
-        a = gold if rng.random() < GOLD_CHOSEN_FRACTION else _corrupt(rng, task, words)
-        b = _corrupt(rng, task, words)
+        a = gold if rng.random() < GOLD_CHOSEN_FRACTION else corrupt(rng, task, words)
+        b = corrupt(rng, task, words)
         score_a, score_b = _score(gold, a), _score(gold, b)
         if abs(score_a - score_b) >= MARGIN - _EPS:
             chosen, rejected = (a, b) if score_a > score_b else (b, a)
-            return {"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+            record = {"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+            if split == "train" and chosen != gold:  # the annotator's edit of a flawed chosen answer
+                record["edited"] = " ".join(gold)
+            return record
     raise AssertionError(f"no pair with gold-score margin {MARGIN} for {prompt!r}")
 
 

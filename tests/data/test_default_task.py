@@ -83,9 +83,13 @@ def test_pairs_clear_the_margin():
     n_gold = n = 0
     for name in ("preferences_train", "preferences_eval"):
         for r in dt.iter_records(name, 1000):
-            assert set(r) == {"prompt", "chosen", "rejected"}
             chosen, rejected = dt.gold_score(r["prompt"], r["chosen"]), dt.gold_score(r["prompt"], r["rejected"])
             assert chosen >= rejected + dt.MARGIN - 1e-9, r
+            # a train pair whose chosen answer is flawed carries the gold answer as its edit; eval pairs none
+            edited = name == "preferences_train" and r["chosen"] != dt.gold_answer(r["prompt"])
+            assert set(r) == {"prompt", "chosen", "rejected"} | ({"edited"} if edited else set()), r
+            if edited:
+                assert r["edited"] == dt.gold_answer(r["prompt"]) and 1 - chosen >= 1 / 6 - 1e-9, r
             assert r["chosen"].split() and r["rejected"].split()  # never an empty answer
             n_gold += r["chosen"] == dt.gold_answer(r["prompt"])
             n += 1

@@ -23,6 +23,7 @@ def test_each_task_entry_of_a_comma_list_is_resolved_in_place(tmp_path):
     assert resolve_spec(f"default_task,{mine}", "preferences", "train") == f"{task},{mine}"
     assert resolve_spec(f"{mine}, default_task", "preferences", "train") == f"{mine},{task}"
 
-    examples = list(records.iter_preference_examples(resolve_spec(f"default_task,{mine}", "preferences", "train")))
+    examples = list(records.iter_ranked_examples(resolve_spec(f"default_task,{mine}", "preferences", "train")))
     assert len(examples) == default_task.DEFAULT_SIZES["preferences_train"] + 1
+    examples[-1] = examples[-1].preference_examples()[0]
     assert examples[-1].chosen == "zuma bru" and examples[-1].where.startswith(str(mine))

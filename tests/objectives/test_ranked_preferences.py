@@ -271,3 +271,29 @@ def test_packed_layout_refuses_bad_settings(tmp_path):
         layout_of(_config(path, "packed", per_row=1))
     with pytest.raises(ValueError, match="soft prompt"):
         layout_of(_config(path, "packed", extra=("model.prompt_tuning_tokens=4",)))
+
+
+def test_dpo_trains_on_every_pair_of_a_ranking(tmp_path, tokenizer, tiny_rl_runs):
+    from llm_jax.objectives import dpo
+    path = _write(tmp_path / "r.jsonl", [
+        {"prompt": "the cat", "responses": ["a dog", "sat", "red mat", "one"], "ranking": [1, [0, 3], 2]},
+        {"prompt": "a dog", "chosen": "the cat", "rejected": "mat", "edited": "two cats"}] * 2)
+    policy, _ = tiny_rl_runs
+    config = load("configs/dpo.py:tiny", SMALL_MODEL + [f"data.train={path}", f"data.eval={path}",
+                                                        "data.seq_len=48", f"dpo.reference={policy}"])
+    data = dpo.build_data(config, tokenizer, str(tmp_path))
+    assert data.stats["n_train_pairs"] == 2 * (5 + 3)  # the ranking's five ordered pairs (no tie), the edit's three
+    batch = data.eval_batches(1)[0]
+    assert np.isfinite(batch["ref_chosen_logp"]).all() and (batch["ref_chosen_logp"] < 0).all()
+
+
+@pytest.mark.parametrize("layout", ["pairs", "packed"])
+def test_the_memory_commands_batch_is_the_rows_shape(tmp_path, tokenizer, layout):
+    from llm_jax.objectives import reward
+    path = _write(tmp_path / "r.jsonl", _rankings(16, seed=2))
+    config = _config(path, layout, per_row=3, seq_len=112, extra=(f"data.eval={path}",))
+    rows, _, _ = render_preferences(config, tokenizer, "", layout, 3)
+    abstract = reward.abstract_batch(config)
+    assert {k: (v.shape[1:], v.dtype) for k, v in rows.items()} == {k: (a.shape[1:], a.dtype)
+                                                                    for k, a in abstract.items()}
+    assert reward.sequences_per_row(config) == (2 if layout == "pairs" else 1)
