@@ -23,13 +23,25 @@ score them: `judge` is `gold` (the embedded task's scorer) or `reward` (the rewa
                 the judge scores every answer; Bradley–Terry ratings (Elo scale) with bootstrap intervals and
                 each model's win rate against `baseline` (llm_jax/eval/compare.py): `<stage>/arena.md`,
                 arena.json, arena.png, one row of the table and `arena` in summary.json
+    select      an arena (the same fields, less competitors and baseline) of the model of the stage `incumbent`
+                and the stages `candidates`, win rates against the incumbent; the winner
+                (llm_jax/eval/arena.py choose_winner: the best rating, if it beats the incumbent's by more than
+                `margin`; ties keep the incumbent) is linked at `<stage>/model` → `../<winner>`, a relative link,
+                so later stages name `{workdir}/<stage>/model` when the config is built, before the winner is
+                known. The model of a select stage (as an incumbent) is the one it chose, named by its stage.
+                Everything that reads a run reads it through the link (loading, generation, `train.init_from` and
+                its lineage checks); stage.json records the winner, so a rerun skips the stage and keeps the link
+    average     a run whose params are the element-wise mean of the runs `runs` (llm_jax/average.py: one
+                architecture and tokenizer; LoRA merged, quantized bases dequantized), a run directory like
+                any other; with `evaluate`, the gold-scored answers as a train stage's
 
 They sample with key `seed + seed_offset`: stages that sample one model with different offsets draw different
 answers.
 
 Rounds. `config.rounds`, when the config has it (configs/rounds.py), groups stages: round 0 the model the
 rounds start from, then each round's stages. The summary then adds a table of the gold scores of every round's
-evaluated stages and its rejection stages' kept answers (`rounds` in summary.json).
+evaluated stages, its rejection stages' kept answers and its select stage's choice, every model's rating and
+mean score and the one that went on (`rounds` in summary.json, `selection` of each round).
 
 Resuming. A stage that finished, its evaluation included, leaves `<stage>/stage.json` (written whole, then
 renamed): its summary, the metrics of the table and its wall time. A stage with one is skipped, so rerunning the
@@ -57,10 +69,11 @@ from llm_jax.objectives import table_row_of
 from llm_jax.train.metrics import log_line, read_metrics
 
 STAGE_FILE = "stage.json"
-KINDS = ("train", "pairs", "rejection", "import", "arena")
+KINDS = ("train", "pairs", "rejection", "import", "arena", "select", "average")
 JUDGES = ("gold", "reward")
 PAIRS_FILE = "pairs.jsonl"
 REJECTION_FILE = "sft.jsonl"
+SELECTED_MODEL = "model"  # <select stage>/model: a relative link to the directory of the model that went on
 
 
 class PipelineError(RuntimeError):
@@ -245,15 +258,20 @@ def _arena_inputs(config, name: str, workdir: str) -> dict:
     return dict(competitors=competitors, judge=_judge(config, name, workdir), sampling=_sampling(stage))
 
 
-def _run_arena(config, name: str, workdir: str, directory: str, _) -> dict:
+def _compare(config, name: str, workdir: str, directory: str, competitors: list, baseline: str) -> dict:
+    """`compare` of `competitors` with the stage's prompts, judge, sampling and bootstrap, under `directory`."""
     from llm_jax.eval.compare import compare
     from llm_jax.eval.judges import load_judge
     stage = config.stages[name]
-    inputs = _arena_inputs(config, name, workdir)
-    summary = compare(inputs["competitors"], _substitute(stage.prompts, workdir, config),
-                      load_judge(inputs["judge"], batch_size=stage.batch_size), inputs["sampling"], directory,
-                      baseline=stage.baseline, n_prompts=stage.n_prompts or None, batch_size=stage.batch_size,
-                      seed=config.seed + stage.seed_offset, bootstrap=stage.bootstrap, plots=stage.plots)
+    return compare(competitors, _substitute(stage.prompts, workdir, config),
+                   load_judge(_judge(config, name, workdir), batch_size=stage.batch_size), _sampling(stage),
+                   directory, baseline=baseline, n_prompts=stage.n_prompts or None, batch_size=stage.batch_size,
+                   seed=config.seed + stage.seed_offset, bootstrap=stage.bootstrap, plots=stage.plots)
+
+
+def _arena_record(summary: dict) -> dict:
+    """What stage.json keeps of an arena: its summary less the table, and each model's rating, mean score and win
+    rate against the baseline as metrics."""
     metrics = {}
     for model, rating in summary["ratings"].items():
         metrics[f"rating_{model}"] = rating["value"]
@@ -261,6 +279,64 @@ def _run_arena(config, name: str, workdir: str, directory: str, _) -> dict:
     for model, result in summary["win_rates"].items():
         metrics[f"win_rate_{model}"] = result["rate"]["value"]
     return dict(summary={k: v for k, v in summary.items() if k != "table"}, metrics=metrics)
+
+
+def _run_arena(config, name: str, workdir: str, directory: str, _) -> dict:
+    inputs = _arena_inputs(config, name, workdir)
+    return _arena_record(_compare(config, name, workdir, directory, inputs["competitors"],
+                                  config.stages[name].baseline))
+
+
+def model_of(workdir: str, stage: str) -> tuple[str, str]:
+    """(name, run directory) of the model that the finished stage `stage` stands for: for a select stage the model
+    that went on (named by the stage it came from, read through the stage's link), else the stage's own run."""
+    record = read_stage(os.path.join(workdir, stage))
+    if record is not None and record["kind"] == "select":
+        return record["summary"]["winner"], os.path.join(workdir, stage, SELECTED_MODEL)
+    return stage, os.path.join(workdir, stage)
+
+
+def link_model(directory: str, stage: str) -> str:
+    """`<directory>/model` → `../<stage>`, replaced whole: relative, so a moved or copied workdir keeps it."""
+    os.makedirs(directory, exist_ok=True)
+    link = os.path.join(directory, SELECTED_MODEL)
+    tmp = f"{link}.tmp.{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.join(os.pardir, stage), tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def _run_select(config, name: str, workdir: str, directory: str, _) -> dict:
+    """The arena of the incumbent (the model of the stage `incumbent`) and the `candidates`, judged as the stage
+    says; the winner (`choose_winner`: ties keep the incumbent) is linked at `<stage>/model`."""
+    from llm_jax.eval.arena import choose_winner
+    from llm_jax.eval.compare import Competitor
+    stage = config.stages[name]
+    incumbent, incumbent_run = model_of(workdir, stage.incumbent)
+    competitors = [Competitor(incumbent, incumbent_run),
+                   *(Competitor(c, os.path.join(workdir, c)) for c in stage.candidates)]
+    summary = _compare(config, name, workdir, directory, competitors, incumbent)
+    ratings = {c.name: summary["ratings"][c.name]["value"] for c in competitors}
+    means = {c.name: summary["mean_scores"][c.name]["value"] for c in competitors}
+    winner = choose_winner(ratings, means, incumbent, margin=float(stage.margin))
+    link_model(directory, winner)
+    record = _arena_record(summary)
+    record["summary"].update(incumbent=incumbent, candidates=list(stage.candidates), winner=winner,
+                             margin=float(stage.margin), model=os.path.join(os.pardir, winner))
+    record["metrics"]["kept_incumbent"] = int(winner == incumbent)
+    return record
+
+
+def _run_average(config, name: str, workdir: str, directory: str, _) -> dict:
+    from llm_jax.average import average_runs
+    stage = config.stages[name]
+    summary = average_runs([_substitute(run, workdir, config) for run in stage.runs], directory)
+    metrics = {k: v for k, v in _numbers(summary).items() if k != "seconds"}
+    if stage.evaluate:
+        metrics.update(evaluate(directory, config.eval))
+    return dict(summary=summary, metrics=metrics)
 
 
 def _import_source(config, name: str, workdir: str) -> str:
@@ -277,6 +353,36 @@ def _run_import(config, name: str, workdir: str, directory: str, _) -> dict:
     return dict(summary=summary, metrics=_numbers(summary))
 
 
+def _earlier(config, name: str, field: str, stages) -> None:
+    """Every stage of `stages` (a select stage's models) runs before the stage `name`."""
+    before = list(config.order)[:list(config.order).index(name)]
+    for stage in stages:
+        if stage not in before:
+            raise PipelineError(f"stage {name!r} has {field} {stage!r}, which is not a stage before it; before it: "
+                                f"{before}")
+
+
+def _check_select(config, name: str, workdir: str) -> None:
+    """A select stage's models are earlier stages, its judge and options can run, and its margin is a number."""
+    from llm_jax.scaling.fit import check_bootstrap
+    stage = config.stages[name]
+    if not stage.candidates:
+        raise PipelineError(f"stage {name!r} has no candidates to select from")
+    _earlier(config, name, "incumbent", [stage.incumbent])
+    _earlier(config, name, "candidate", list(stage.candidates))
+    if isinstance(stage.margin, bool) or not isinstance(stage.margin, (int, float)) or not stage.margin >= 0:
+        raise PipelineError(f"stage {name!r} has margin {stage.margin!r}; expected a number of Elo points >= 0")
+    _judge(config, name, workdir)
+    _sampling(stage)
+    check_bootstrap(stage.bootstrap, 0.95)
+
+
+def _check_average(config, name: str) -> None:
+    runs = list(config.stages[name].runs)
+    if len(runs) < 2:
+        raise PipelineError(f"stage {name!r} averages {runs}; it needs at least 2 runs")
+
+
 def _plan(config, name: str, workdir: str):
     """What a stage will run, loaded now so that a bad override or option fails before any stage runs."""
     stage = config.stages[name]
@@ -289,6 +395,10 @@ def _plan(config, name: str, workdir: str):
         return load(_substitute(stage.config, workdir), train_overrides(config, name, workdir))
     if stage.kind == "arena":
         return _arena_inputs(config, name, workdir)
+    if stage.kind == "select":
+        return _check_select(config, name, workdir)
+    if stage.kind == "average":
+        return _check_average(config, name)
     _judge(config, name, workdir)
     _sampling(stage)
     if stage.kind == "pairs":
@@ -308,6 +418,11 @@ def _describe(config, name: str, workdir: str) -> str:
         return f"import-hf {_substitute(stage.hf, workdir, config)}"
     if stage.kind == "arena":
         return f"arena of {', '.join(stage.competitors)}, judge {stage.judge}"
+    if stage.kind == "select":
+        return (f"select among the model of {stage.incumbent} and {', '.join(stage.candidates)}, judge "
+                f"{stage.judge}")
+    if stage.kind == "average":
+        return f"average of {', '.join(_substitute(run, workdir, config) for run in stage.runs)}"
     judge = stage.judge
     if judge == "reward":
         judge = f"reward model {_substitute(stage.get('reward_run') or '', workdir)}"
@@ -316,7 +431,7 @@ def _describe(config, name: str, workdir: str) -> str:
 
 
 _RUNNERS = {"train": _run_train, "pairs": _run_pairs, "rejection": _run_rejection, "import": _run_import,
-            "arena": _run_arena}
+            "arena": _run_arena, "select": _run_select, "average": _run_average}
 
 
 def _settings(config, name: str) -> dict:
@@ -403,12 +518,18 @@ def _arena_row(m: dict, s: dict) -> str:
     def interval(e: dict, spec: str) -> str:
         return "" if e.get("ci") is None else f" [{format(e['ci'][0], spec)}, {format(e['ci'][1], spec)}]"
     ratings = sorted(s.get("ratings", {}).items(), key=lambda item: -item[1]["value"])
-    rated = "; ".join(f"{n} {r['value']:.0f}{interval(r, '.0f')} (gold {_f(s['mean_scores'][n]['value'])})"
+    score = "gold" if s.get("judge") == "gold" else "score"
+    rated = "; ".join(f"{n} {r['value']:.0f}{interval(r, '.0f')} ({score} {_f(s['mean_scores'][n]['value'])})"
                       for n, r in ratings)
     wins = "; ".join(f"{n} {w['rate']['value']:.2f}{interval(w['rate'], '.2f')}"
                      for n, w in s.get("win_rates", {}).items())
     return (f"Elo {rated}. Win rate against {s.get('baseline')}: {wins} ({s.get('n_prompts')} held-out prompts, "
             f"{_judged_by(s)})")
+
+
+def _select_row(m: dict, s: dict) -> str:
+    went_on = "the incumbent stays" if s.get("winner") == s.get("incumbent") else f"replaces {s.get('incumbent')}"
+    return f"**{s.get('winner')}** goes on ({went_on}). {_arena_row(m, s)}"
 
 
 _ROWS = {  # what the table shows of each kind of stage that is not an objective's train stage (those: the
@@ -418,6 +539,10 @@ _ROWS = {  # what the table shows of each kind of stage that is not an objective
     "import": lambda m, s: (f"{s.get('family')} checkpoint, {_f(m.get('params'), ',')} params, "
                             f"{_f(m.get('gb_per_s'), '.2f')} GB/s"),
     "arena": _arena_row,
+    "select": _select_row,
+    "average": lambda m, s: (f"mean of {', '.join(os.path.basename(x['run']) for x in s.get('sources', []))} "
+                             f"(steps {', '.join(str(x['step']) for x in s.get('sources', []))}), "
+                             f"{_f(m.get('params'), ',')} params"),
 }
 
 
@@ -434,9 +559,20 @@ def _row(record: dict) -> str:
     return text
 
 
+def _selection(record: dict) -> dict:
+    """A select stage's choice as the rounds table shows it: every model's rating and mean score, the incumbent,
+    the winner."""
+    s = record["summary"]
+    models = {n: dict(rating=r["value"], mean_score=s["mean_scores"][n]["value"]) for n, r in s["ratings"].items()}
+    return dict(stage=record["stage"], incumbent=s["incumbent"], winner=s["winner"], models=models,
+                judge=s["judge"], n_prompts=s["n_prompts"], margin=s.get("margin", 0.0))
+
+
 def rounds_summary(config, records: dict) -> list[dict]:
     """Per round of `config.rounds` (none without it): its stages, the greedy and sampled gold scores of those
-    that evaluate, and its rejection stages' kept count and gold scores of the kept answers and of all samples."""
+    that evaluate, its rejection stages' kept count and gold scores of the kept answers and of all samples, and
+    its select stage's choice (`selection`: each model's rating and mean score, the incumbent and the winner;
+    None without one)."""
     rounds = []
     for number, names in enumerate(config.get("rounds") or ()):
         metrics = {n: records[n]["metrics"] for n in names}
@@ -444,21 +580,34 @@ def rounds_summary(config, records: dict) -> list[dict]:
                 if "gold_greedy" in m}
         rejection = {n: {k: metrics[n].get(k) for k in ("kept", "count", "gold_score_kept", "gold_score")}
                      for n in names if records[n]["kind"] == "rejection"}
-        rounds.append(dict(round=number, stages=list(names), gold=gold, rejection=rejection))
+        selection = next((_selection(records[n]) for n in names if records[n]["kind"] == "select"), None)
+        rounds.append(dict(round=number, stages=list(names), gold=gold, rejection=rejection, selection=selection))
     return rounds
 
 
+def _selection_cell(selection: dict | None) -> str:
+    if selection is None:
+        return ""
+    models = sorted(selection["models"].items(), key=lambda item: -item[1]["rating"])
+    rated = "; ".join(f"{n}{' (incumbent)' if n == selection['incumbent'] else ''} {v['rating']:.0f} "
+                      f"({_f(v['mean_score'])})" for n, v in models)
+    return f"{rated} → **{selection['winner']}**"
+
+
 def format_rounds(rounds: list[dict]) -> list[str]:
-    """The rounds table's lines (none without rounds)."""
+    """The rounds table's lines (none without rounds); a column of each round's selection when it has one."""
     if not rounds:
         return []
-    lines = ["", "| round | rejection sampling: kept of prompts; gold of kept / of all samples "
-             "| gold greedy (sampled) |", "|---:|---|---|"]
+    selects = any(r.get("selection") for r in rounds)
+    head = ("| round | rejection sampling: kept of prompts; gold of kept / of all samples | gold greedy (sampled) |"
+            + (" selection: Elo (mean score) → the model that goes on |" if selects else ""))
+    lines = ["", head, "|---:|---|---|" + ("---|" if selects else "")]
     for r in rounds:
         kept = "; ".join(f"{n} {_f(v['kept'], ',')} of {_f(v['count'], ',')}; {_f(v['gold_score_kept'])} / "
                          f"{_f(v['gold_score'])}" for n, v in r["rejection"].items())
         gold = " → ".join(f"{n} {_f(g['greedy'])} ({_f(g['sampled'])})" for n, g in r["gold"].items())
-        lines.append(f"| {r['round']} | {kept} | {gold} |")
+        lines.append(f"| {r['round']} | {kept} | {gold} |" + (f" {_selection_cell(r.get('selection'))} |"
+                                                              if selects else ""))
     return lines
 
 
