@@ -127,7 +127,8 @@ GOOD = [(spec, []) for spec in (
 
 
 @pytest.mark.parametrize("spec,overrides", GOOD + [
-    stage for spec in ("configs/pipeline.py:tiny", "configs/pipeline.py:small", "configs/rounds.py:size=small")
+    stage for spec in ("configs/pipeline.py:tiny", "configs/pipeline.py:small", "configs/rounds.py:size=small",
+                       "configs/rounds.py:size=small,capabilities=arith:arithmetic_task:direct:0.2")
     for stage in _pipeline_stages(spec)])
 def test_the_presets_pass(spec, overrides):
     loop.validate(load(spec, overrides))
