@@ -13,9 +13,12 @@ Variants, each `llm-jax train --config configs/reward.py:tiny` (likelihood reado
                    three answers in one sequence, so a step computes half the pairs layout's tokens and holds
                    more pairs (about 1.6 a row)
 
-Every run is evaluated on all 1,000 held-out pairs of the task (no edits there: the same pairs for every variant).
-Reported per variant: held-out pair accuracy and margin at the last step (mean ± std over seeds), the train
-step's median time (from the logged tokens/s), and pairs per step. A finished run is read back, an interrupted
+Every run is evaluated on all 1,000 held-out pairs of the task (no edits there: the same pairs for every variant),
+and with `--on-policy PAIRS.jsonl` (e.g. the pipeline's `pairs` stage: the SFT model's own samples judged by gold)
+on `--on-policy-n` of those pairs, evenly spaced through the file: the share the reward model orders as gold does,
+on the mistakes the policy actually makes. Reported per variant: held-out pair accuracy and margin at the last
+step, on-policy agreement (mean ± std over seeds), the train step's median time (from the logged tokens/s), and
+pairs per step. A finished run is read back, an interrupted
 one resumes. Writes `<workdir>/results.json` and `<workdir>/results.md`.
 """
 from __future__ import annotations
@@ -64,6 +67,26 @@ def reward_run(sft: str, workdir: str, variant: str, seed: int, steps: int) -> d
                 tokens_per_pair=stats["train_tokens_per_pair"])
 
 
+def on_policy_agreement(run_dir: str, pairs_path: str, n: int) -> float:
+    """The share of n pairs of `pairs_path` (evenly spaced) whose chosen answer the reward run scores higher."""
+    cache = os.path.join(run_dir, f"on_policy_{n}.json")
+    if os.path.exists(cache):
+        with open(cache, encoding="utf-8") as f:
+            return json.load(f)["agreement"]
+    from llm_jax.objectives.reward import load_scorer
+    with open(pairs_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    picked = [records[i] for i in np.linspace(0, len(records) - 1, min(n, len(records))).astype(int)]
+    scorer = load_scorer(run_dir, batch_size=64)
+    prompts = [r["prompt"] for r in picked]
+    chosen = scorer.score(prompts, [r["chosen"] for r in picked])
+    rejected = scorer.score(prompts, [r["rejected"] for r in picked])
+    agreement = float(np.mean(chosen > rejected))
+    with open(cache, "w", encoding="utf-8") as f:
+        json.dump(dict(agreement=agreement, n=len(picked), pairs=pairs_path), f)
+    return agreement
+
+
 def _mean_std(values) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
@@ -75,22 +98,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--on-policy", default="", help="gold-judged pairs of the policy's samples (pairs.jsonl)")
+    parser.add_argument("--on-policy-n", type=int, default=2000)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {v: [reward_run(args.sft, args.workdir, v, s, args.steps) for s in seeds]
                for v in args.variants.split(",")}
-    lines = ["| variant | held-out pair accuracy | margin | step ms | pairs per step | train pairs (rows) "
-             "| real tokens per pair |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for runs in results.values():
+        for r in runs:
+            r["on_policy_agreement"] = (on_policy_agreement(r["run"], args.on_policy, args.on_policy_n)
+                                        if args.on_policy else None)
+    lines = ["| variant | held-out pair accuracy | margin | on-policy agreement | step ms | pairs per step "
+             "| train pairs (rows) | real tokens per pair |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, runs in results.items():
+        agreement = _mean_std([r["on_policy_agreement"] for r in runs]) if args.on_policy else "–"
         lines.append(f"| {variant} | {_mean_std([r['eval_accuracy'] for r in runs])} | "
-                     f"{_mean_std([r['eval_margin'] for r in runs])} | "
+                     f"{_mean_std([r['eval_margin'] for r in runs])} | {agreement} | "
                      f"{np.median([r['step_ms'] for r in runs]):.0f} | {runs[0]['pairs_per_step']:.1f} | "
                      f"{runs[0]['train_pairs']:,} ({runs[0]['train_rows']:,}) | {runs[0]['tokens_per_pair']:.1f} |")
-    table = "\n".join(lines) + f"\n\n{len(seeds)} seeds ({args.seeds}), {args.steps} steps, from {args.sft}.\n"
+    on_policy = f"; on-policy: {args.on_policy_n} pairs of {args.on_policy}" if args.on_policy else ""
+    table = ("\n".join(lines) + f"\n\n{len(seeds)} seeds ({args.seeds}), {args.steps} steps, from {args.sft}"
+             f"{on_policy}.\n")
     print(table)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(seeds=seeds, steps=args.steps, sft=args.sft, runs=results), f, indent=1)
+        json.dump(dict(seeds=seeds, steps=args.steps, sft=args.sft, on_policy=args.on_policy,
+                       on_policy_n=args.on_policy_n, runs=results), f, indent=1)
     with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(table)
     return results
