@@ -62,7 +62,7 @@ def resolve_spec(spec: str, kind: str, split: str) -> str:
     return ",".join(_task_file(part.strip(), kind, split) if is_task_spec(part.strip()) else part for part in parts)
 
 
-def _split(examples: list, data_config, kind: str, read: Callable[[str], Iterable],
+def split_examples(examples: list, data_config, kind: str, read: Callable[[str], Iterable],
            text_of: Callable) -> tuple[list, list]:
     """(train, eval) examples: `data.eval` when set (or the task's own eval split), else a hash split."""
     if data_config.eval:
@@ -87,14 +87,14 @@ def _render_all(examples: Sequence, render: Callable) -> tuple[list, int]:
     return rendered, too_long
 
 
-def _check_enough_rows(data_config, n_rows: int) -> None:
+def check_enough_rows(data_config, n_rows: int) -> None:
     batch = int(data_config.batch_size)
     if n_rows < batch:
         raise ValueError(f"data.train={data_config.train!r} gives {n_rows} rows of seq_len={data_config.seq_len}, "
                          f"fewer than one batch (data.batch_size={batch})")
 
 
-def _lm_data(train_rows, eval_rows, config, stats) -> LMData:
+def lm_data(train_rows, eval_rows, config, stats) -> LMData:
     return LMData(train_rows, eval_rows, seed=config.seed, global_batch_size=int(config.data.batch_size),
                   process_index=jax.process_index(), process_count=jax.process_count(), stats=stats)
 
@@ -113,8 +113,8 @@ def _sft_rows(data, seed, tokenizer: Tokenizer, template) -> tuple[dict, dict, d
     """(train rows, eval rows, stats) of the SFT records `data.train` / `data.eval` name: rendered, the train
     conversations shuffled by `seed`, packed."""
     read = lambda spec: records.iter_sft_examples(spec, data.format)  # noqa: E731
-    train, eval_ = _split(list(read(resolve_spec(data.train, "sft", "train"))), data, "sft", read,
-                          _conversation_text)
+    train, eval_ = split_examples(list(read(resolve_spec(data.train, "sft", "train"))), data, "sft", read,
+                                  _conversation_text)
 
     def render(example):
         return chat.render_conversation(example.messages, tokenizer, template, max_len=int(data.seq_len) + 1,
@@ -159,8 +159,8 @@ def build_sft_data(config, tokenizer: Tokenizer, workdir: str) -> LMData:
     if mixture.components(data):
         return _sft_mixture(config, tokenizer, template)
     train_rows, eval_rows, stats = _sft_rows(data, config.seed, tokenizer, template)
-    _check_enough_rows(data, len(train_rows["inputs"]))
-    return _lm_data(train_rows, eval_rows, config, stats)
+    check_enough_rows(data, len(train_rows["inputs"]))
+    return lm_data(train_rows, eval_rows, config, stats)
 
 
 def rows_fingerprint(rows: dict[str, np.ndarray]) -> str:

@@ -49,7 +49,7 @@ import numpy as np
 
 from llm_jax.data import chat, records
 from llm_jax.data.lm_data import LMData
-from llm_jax.data.post_training import _check_enough_rows, _lm_data, _split, resolve_spec
+from llm_jax.data.post_training import check_enough_rows, lm_data, resolve_spec, split_examples
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.kernels.attention.reference import PROMPT_SEGMENT  # keys visible to every segment of the row
 
@@ -219,8 +219,8 @@ def render_preferences(config, tokenizer: Tokenizer, workdir: str, layout: str =
     chat.check_template(tokenizer, template)
     use_edited = bool(data.get("use_edited", True))
     read = lambda spec: records.iter_ranked_examples(spec, data.format, use_edited)  # noqa: E731
-    train, eval_ = _split(list(read(resolve_spec(data.train, "preferences", "train"))), data, "preferences",
-                          read, _prompt_text)
+    train, eval_ = split_examples(list(read(resolve_spec(data.train, "preferences", "train"))), data,
+                                  "preferences", read, _prompt_text)
     stats, rows = {}, {}
     for name, examples in (("train", train), ("eval", eval_)):
         rendered, too_long = [], 0
@@ -241,11 +241,11 @@ def render_preferences(config, tokenizer: Tokenizer, workdir: str, layout: str =
         stats.update({f"n_{name}_records": len(rendered), f"n_{name}_too_long": too_long, f"n_{name}_rows": n_rows,
                       **{f"n_{name}_{k}": v for k, v in counts.items()},
                       f"{name}_tokens_per_pair": _real_tokens(rows[name]) / max(counts["pairs"], 1)})
-    _check_enough_rows(data, stats["n_train_rows"])
+    check_enough_rows(data, stats["n_train_rows"])
     return rows["train"], rows["eval"], stats
 
 
 def build_preference_data(config, tokenizer: Tokenizer, workdir: str, layout: str = "pairs",
                           responses_per_row: int = 2, log: Callable[[str], None] | None = None) -> LMData:
     train_rows, eval_rows, stats = render_preferences(config, tokenizer, workdir, layout, responses_per_row, log)
-    return _lm_data(train_rows, eval_rows, config, stats)
+    return lm_data(train_rows, eval_rows, config, stats)
