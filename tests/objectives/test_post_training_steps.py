@@ -19,7 +19,8 @@ SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model
                "model.vocab_size=512", "tokenizer.vocab_size=512", "data.seq_len=48", "data.batch_size=8"]
 
 
-def _write(path, rows):
+def write_records(path, rows):
+    """rows as a jsonl file at path; its name."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -30,7 +31,7 @@ def tokenizer(small_tokenizer):
 
 
 def test_sft_rows_count_only_assistant_tokens(tmp_path, tokenizer):
-    train = _write(tmp_path / "sft.jsonl", [
+    train = write_records(tmp_path / "sft.jsonl", [
         {"prompt": "the cat", "response": "a dog"},
         {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "some"},
                       {"role": "assistant", "content": "no"}, {"role": "user", "content": "each"},
@@ -52,7 +53,7 @@ def test_sft_rows_count_only_assistant_tokens(tmp_path, tokenizer):
 
 
 def test_preference_rows_mask_the_answers_only(tmp_path, tokenizer):
-    train = _write(tmp_path / "pairs.jsonl", [{"prompt": "the cat", "chosen": "a dog", "rejected": "no"}] * 8)
+    train = write_records(tmp_path / "pairs.jsonl", [{"prompt": "the cat", "chosen": "a dog", "rejected": "no"}] * 8)
     config = load("configs/reward.py:tiny", SMALL_MODEL + [f"data.train={train}", f"data.eval={train}"])
     rows, _, stats = render_preferences(config, tokenizer, str(tmp_path))
     end = tokenizer.special_id("<|end|>")

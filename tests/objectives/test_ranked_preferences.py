@@ -1,6 +1,5 @@
 """Ranked and edited preferences: records, their pairs, the Bradley–Terry loss over every ordered pair, and packed
 rows (a prompt and several answers per row) that give the scores, loss and gradients of one pair per row."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +17,11 @@ from llm_jax.model.config import ModelConfig
 from llm_jax.objectives import get_objective
 from llm_jax.objectives.reward import RewardModel, make_loss_fn
 from llm_jax.train.loop import build_training
+from test_post_training_steps import write_records
 
 SMALL_MODEL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
                "model.vocab_size=512", "tokenizer.vocab_size=512", "data.batch_size=4"]
 WORDS = "the cat a dog sat on mat red big small one two three".split()
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture
@@ -37,7 +32,7 @@ def tokenizer(small_tokenizer):
 # ------------------------------------------------------------------------------------------------------ records
 
 def test_rankings_pairs_and_edits(tmp_path):
-    path = _write(tmp_path / "r.jsonl", [
+    path = write_records(tmp_path / "r.jsonl", [
         {"prompt": "q", "responses": ["a", "b", "c", "d"], "ranking": [2, [0, 3], 1]},
         {"prompt": "q", "chosen": "good", "rejected": "bad", "edited": "best"},
         {"prompt": "q", "chosen": "good", "rejected": "bad"},
@@ -73,7 +68,7 @@ def test_rankings_pairs_and_edits(tmp_path):
      r"r\.jsonl:1: both 'responses' and 'chosen' given"),
 ])
 def test_bad_rankings_are_named_with_file_and_line(tmp_path, record, message):
-    path = _write(tmp_path / "r.jsonl", [record])
+    path = write_records(tmp_path / "r.jsonl", [record])
     with pytest.raises(DataError, match=message):
         list(iter_ranked_examples(path))
 
@@ -106,7 +101,7 @@ def _rankings(n, seed=0):
 
 
 def test_packed_row_layout_by_hand(tmp_path, tokenizer):
-    path = _write(tmp_path / "r.jsonl", [{"prompt": "the cat", "responses": ["a dog", "sat", "red mat"],
+    path = write_records(tmp_path / "r.jsonl", [{"prompt": "the cat", "responses": ["a dog", "sat", "red mat"],
                                           "ranking": [1, 0, 2]}] * 4)
     rows, _, stats = render_preferences(_config(path, "packed", extra=(f"data.eval={path}",)), tokenizer, "",
                                         "packed", 4)
@@ -147,7 +142,7 @@ def test_row_groups_place_every_pair_once():
 def test_a_record_too_big_for_one_row_is_split_and_logged(tmp_path, tokenizer):
     record = {"prompt": "the cat", "responses": [" ".join(WORDS[i:i + 3]) for i in range(6)],
               "ranking": [0, 1, 2, 3, 4, 5]}
-    path = _write(tmp_path / "r.jsonl", [record] * 4)
+    path = write_records(tmp_path / "r.jsonl", [record] * 4)
     said = []
     rows, _, stats = render_preferences(_config(path, "packed", per_row=3, extra=(f"data.eval={path}",)),
                                         tokenizer, "", layout="packed", responses_per_row=3, log=said.append)
@@ -160,7 +155,7 @@ def test_a_record_too_big_for_one_row_is_split_and_logged(tmp_path, tokenizer):
 def test_the_held_out_split_keeps_a_prompts_records_together(tmp_path, tokenizer):
     records = [{"prompt": f"the cat {w}", "responses": [f"{w} a", f"{w} b", f"{w} c"], "ranking": [0, 1, 2]}
                for w in WORDS] * 3
-    path = _write(tmp_path / "r.jsonl", records)
+    path = write_records(tmp_path / "r.jsonl", records)
     train, held, stats = render_preferences(_config(path, extra=("data.eval_fraction=0.3",)), tokenizer, "")
     marker = tokenizer.special_id("<|assistant|>")
 
@@ -194,7 +189,7 @@ def _model_and_params(config, seed=0):
 
 @pytest.mark.parametrize("readout", ["last", "likelihood"])
 def test_packed_rows_give_the_pairs_layouts_loss_and_gradients(tmp_path, tokenizer, readout):
-    path = _write(tmp_path / "r.jsonl", _rankings(12))
+    path = write_records(tmp_path / "r.jsonl", _rankings(12))
     extra = (f"data.eval={path}", f"reward.readout={readout}", "reward.margin=0.25")
     results = {}
     for layout, seq_len in (("pairs", 48), ("packed", 112)):
@@ -220,7 +215,7 @@ def test_packed_rows_give_the_pairs_layouts_loss_and_gradients(tmp_path, tokeniz
 
 def test_packed_scores_are_each_answers_alone(tmp_path, tokenizer):
     """score_packed on a row equals score on each answer's own sequence."""
-    path = _write(tmp_path / "r.jsonl", _rankings(4, seed=3))
+    path = write_records(tmp_path / "r.jsonl", _rankings(4, seed=3))
     config = _config(path, "packed", per_row=5, seq_len=160, extra=(f"data.eval={path}", "reward.readout=likelihood"))
     rows, _, _ = render_preferences(config, tokenizer, "", "packed", 5)
     model, params = _model_and_params(config, seed=1)
@@ -243,7 +238,7 @@ def _packed_batch(tokenizer, tmp_path, config):
 
 
 def test_packed_step_sharded_matches_one_device(tmp_path, tokenizer):
-    path = _write(tmp_path / "r.jsonl", _rankings(16, seed=5))
+    path = write_records(tmp_path / "r.jsonl", _rankings(16, seed=5))
     history = {}
     for name, axes, devices in (("one", dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1]),
                                 ("eight", dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices())):
@@ -264,7 +259,7 @@ def test_packed_step_sharded_matches_one_device(tmp_path, tokenizer):
 
 def test_packed_layout_refuses_bad_settings(tmp_path):
     from llm_jax.objectives.reward import layout_of
-    path = _write(tmp_path / "r.jsonl", _rankings(2))
+    path = write_records(tmp_path / "r.jsonl", _rankings(2))
     with pytest.raises(ValueError, match=r"reward.layout='rows' is not one of \('pairs', 'packed'\)"):
         layout_of(_config(path, "rows"))
     with pytest.raises(ValueError, match="reward.responses_per_row must be ≥ 2"):
@@ -275,7 +270,7 @@ def test_packed_layout_refuses_bad_settings(tmp_path):
 
 def test_dpo_trains_on_every_pair_of_a_ranking(tmp_path, tokenizer, tiny_rl_runs):
     from llm_jax.objectives import dpo
-    path = _write(tmp_path / "r.jsonl", [
+    path = write_records(tmp_path / "r.jsonl", [
         {"prompt": "the cat", "responses": ["a dog", "sat", "red mat", "one"], "ranking": [1, [0, 3], 2]},
         {"prompt": "a dog", "chosen": "the cat", "rejected": "mat", "edited": "two cats"}] * 2)
     policy, _ = tiny_rl_runs
@@ -290,7 +285,7 @@ def test_dpo_trains_on_every_pair_of_a_ranking(tmp_path, tokenizer, tiny_rl_runs
 @pytest.mark.parametrize("layout", ["pairs", "packed"])
 def test_the_memory_commands_batch_is_the_rows_shape(tmp_path, tokenizer, layout):
     from llm_jax.objectives import reward
-    path = _write(tmp_path / "r.jsonl", _rankings(16, seed=2))
+    path = write_records(tmp_path / "r.jsonl", _rankings(16, seed=2))
     config = _config(path, layout, per_row=3, seq_len=112, extra=(f"data.eval={path}",))
     rows, _, _ = render_preferences(config, tokenizer, "", layout, 3)
     abstract = reward.abstract_batch(config)
