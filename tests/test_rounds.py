@@ -161,7 +161,7 @@ def test_bad_sampling_options_fail_before_any_stage_runs(tmp_path, override, mes
 
 
 def test_the_rounds_table_has_a_selection_column_only_with_selection():
-    from llm_jax.pipeline import format_rounds
+    from llm_jax.pipeline_table import format_rounds
     gold = {"sft1": dict(greedy=0.9, sampled=0.6), "dpo1": dict(greedy=0.95, sampled=0.7)}
     rejection = {"rs1": dict(kept=30, count=32, gold_score_kept=0.8, gold_score=0.5)}
     plain = [dict(round=0, gold={}, rejection={}), dict(round=1, gold=gold, rejection=rejection)]

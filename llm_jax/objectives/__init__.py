@@ -4,7 +4,7 @@ Each module exports
 - `build_data(config, tokenizer, workdir)`: the train stream and eval batches (`data/lm_data.LMData`);
 - `make_train_step(config, model, optimizer, schedule)` and `make_eval_step(config, model)`;
 - `finish_eval(metrics)`: eval means (sums over batches / weight, keys `eval_<stat>`) -> reported metrics;
-- `table_row(metrics, summary) -> str`: its stage's result in the pipeline's table (llm_jax/pipeline.py), from
+- `table_row(metrics, summary) -> str`: its stage's result in the pipeline's table (llm_jax/pipeline_table.py), from
   the stage's stage.json metrics and summary;
 - `abstract_batch(config)`: one global train batch as shapes and dtypes, for `llm-jax memory`
   (llm_jax/train/memory.py);

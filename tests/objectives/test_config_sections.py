@@ -6,7 +6,7 @@ import pytest
 
 from llm_jax import config_lib, objectives
 from llm_jax.configs_common import base_config
-from llm_jax.pipeline import format_table
+from llm_jax.pipeline_table import format_table
 
 
 def test_each_section_is_its_objectives_declared_defaults():
