@@ -24,8 +24,9 @@ then for r = 1..N, with M the model round r starts from (`sft` for round 1; else
               a model soup of the round; Llama 3 averages the models of its runs, §4.1), then the same evals
     select<r> (`select=True`, the default) an arena of the best model so far (the incumbent: `sft` in round 1,
               then the model select<r-1> chose) and the round's candidates sft<r>, dpo<r> (and avg<r>), answering
-              the first `select_prompts` held-out prompts greedily, judged by `select_judge` (`gold`, default, or
-              `reward`, the reward model); the highest Bradley–Terry rating goes on, linked at `select<r>/model`
+              the first `select_prompts` held-out prompts (all 512 at `tiny`) sampled at `select_temperature`
+              (1.0; 0 answers greedily), judged by `select_judge` (`gold`, default, or `reward`, the reward
+              model); the highest Bradley–Terry rating goes on, linked at `select<r>/model`
               (relative: `../dpo1`), which the next round starts from. A candidate must beat the incumbent's rating
               (by more than the stage's `margin`, 0 Elo points by default): on a tie the incumbent stays, and of
               tied candidates the higher mean score, then the first of sft, dpo, avg, goes on
@@ -83,7 +84,7 @@ the same for pretrain, pairs and reward) and only the rounds run.
 Arguments: `size` (`tiny`; `small`: two-layer models, a few steps each, the test suite's; its numbers mean
 nothing), `rounds` (N ≥ 1, default 2: about 8 minutes a round at `tiny` on a shared 2-core CPU), `seed`,
 `rs_judge` and `pairs_judge` (`reward` | `gold`), `select` (True), `select_judge` (`gold` | `reward`),
-`select_prompts` (0: 256 at `tiny`, 8 at `small`), `average` (False), `capabilities` ("") and `rs_weight` (0).
+`select_prompts` (0: 512 at `tiny`, 8 at `small`), `select_temperature` (1.0), `average` (False), `capabilities` ("") and `rs_weight` (0).
 """
 import importlib.util
 import math
@@ -105,7 +106,11 @@ _SMALL_STEPS = ("train.steps=4", "train.log_every=1", "train.eval_every=4", "tra
 # 32 prompts × 4 samples: enough kept answers and pairs to fill a few small batches
 _SMALL_SAMPLING = dict(n_prompts=32, k=4, max_new_tokens=8, batch_size=64)
 _SMALL_SELECT = dict(n_prompts=8, max_new_tokens=8, bootstrap=50)
-SELECT_PROMPTS = 256  # held-out prompts of each select stage's arena at `tiny` (the final arena's number)
+SELECT_PROMPTS = 512  # held-out prompts of each select stage's arena at `tiny`: all of them
+# Selection compares sampled answers: on this task every model's greedy answers are near the ceiling (gold 0.96–0.97
+# for sft, sft<r> and dpo<r> alike), so a greedy arena is decided by a few prompts and keeps the incumbent, while
+# sampling separates the models (sft 0.73 against sft1 0.95: experiments/post_training/README.md).
+SELECT_TEMPERATURE = 1.0
 RS_COMPONENT = "rs"   # the rejection-sampled answers' name in a round's SFT mixture
 _CAPABILITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a data.mixture component's name
 _TASKS = ("default_task", "arithmetic_task")  # embedded tasks, rendered on first use (data/post_training.py)
@@ -131,12 +136,13 @@ def rejection_stage(run: str, judge: str, **changes) -> dict:
 
 def select_stage(incumbent: str, candidates: tuple[str, ...], judge: str, **changes) -> dict:
     """The arena of the model of stage `incumbent` (the best so far) and the stages `candidates` on the first
-    n held-out prompts, answered greedily, judged by `judge` (`gold` | `reward`: the reward model of `reward_run`);
+    n held-out prompts, sampled at `temperature` (0: greedily), judged by `judge` (`gold` | `reward`: the reward model of `reward_run`);
     the winner (llm_jax/eval/arena.py choose_winner: a candidate must beat the incumbent by more than `margin` Elo
     points) is linked at `<stage>/model`."""
     stage = dict(kind="select", incumbent=incumbent, candidates=tuple(candidates), judge=judge,
                  reward_run="{workdir}/reward", prompts="default_task", n_prompts=SELECT_PROMPTS, max_new_tokens=16,
-                 temperature=0.0, batch_size=64, seed_offset=0, bootstrap=200, plots=False, margin=0.0)
+                 temperature=SELECT_TEMPERATURE, batch_size=64, seed_offset=0, bootstrap=200, plots=False,
+                 margin=0.0)
     return {**stage, **changes}
 
 
@@ -208,6 +214,8 @@ def _check_arg(arg, sizes) -> None:
         raise ConfigError(f"unknown rounds size {arg.size!r}; known: {list(sizes)}")
     if arg.rounds < 1:
         raise ConfigError(f"rounds must be ≥ 1, got {arg.rounds}")
+    if not arg.select_temperature >= 0:
+        raise ConfigError(f"select_temperature must be ≥ 0 (0: greedy), got {arg.select_temperature}")
     if arg.select_prompts < 0:
         raise ConfigError(f"select_prompts must be ≥ 1 (0: the size's default), got {arg.select_prompts}")
     for name in ("rs_judge", "pairs_judge", "select_judge"):
@@ -217,7 +225,8 @@ def _check_arg(arg, sizes) -> None:
 
 def get_config(arg=None):
     arg = parse_arg(arg, size="tiny", rounds=2, seed=0, rs_judge="reward", pairs_judge="gold", select=True,
-                    select_judge="gold", select_prompts=0, average=False, capabilities="", rs_weight=0.0)
+                    select_judge="gold", select_prompts=0, select_temperature=SELECT_TEMPERATURE, average=False,
+                    capabilities="", rs_weight=0.0)
     pipeline = _pipeline_module()
     _check_arg(arg, pipeline.SIZES)
     capabilities = parse_capabilities(arg.capabilities, arg.rs_weight)
@@ -229,7 +238,8 @@ def get_config(arg=None):
     sft_extra = pipeline.SMALL["stages"]["sft"] + _SMALL_STEPS if small else _ROUND_SFT
     dpo_extra = pipeline.SMALL["stages"]["dpo"] + _SMALL_STEPS if small else ()
     margin = GOLD_MIN_MARGIN if arg.pairs_judge == "gold" else REWARD_MIN_MARGIN
-    select = dict(_SMALL_SELECT) if small else {}
+    select = dict(_SMALL_SELECT, temperature=float(arg.select_temperature)) if small else dict(
+        temperature=float(arg.select_temperature))
     if arg.select_prompts:
         select["n_prompts"] = arg.select_prompts
 

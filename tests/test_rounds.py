@@ -36,11 +36,10 @@ RUN_STAGES = RUN_ROUNDS[0] + RUN_ROUNDS[1]
 CAPABILITY_SHARE = 0.25
 # sft<r> holds its embedding still, so that its embedding is exactly the one of the model it started from;
 # rs2 is judged by gold, rs1 by the reward model: both judges' selections are checked. The select stages compare
-# sampled answers: greedily, every model of this size answers every prompt alike (an empty answer), a tie; and dpo1
-# takes larger steps, so that the reward model rates it above the incumbent and round 2 starts from it.
+# sampled answers (the default; greedily every model of this size answers every prompt alike, an empty answer: a
+# tie); and dpo1 takes larger steps, so that the reward model rates it above the incumbent and round 2 starts from it.
 RUN_ARGS = ["--config.stages.sft1.extra=optim.freeze=embedding", "--config.stages.sft2.extra=optim.freeze=embedding",
-            "--config.stages.rs2.judge=gold", "--config.stages.select1.temperature=1.0",
-            "--config.stages.select2.temperature=1.0", "--config.stages.dpo1.extra=optim.lr=0.01"]
+            "--config.stages.rs2.judge=gold", "--config.stages.dpo1.extra=optim.lr=0.01"]
 
 
 def test_stage_list_links_and_base_chain():
@@ -61,7 +60,7 @@ def test_stage_list_links_and_base_chain():
     select1, select2 = stages.select1, stages.select2
     assert (select1.kind, select1.incumbent, tuple(select1.candidates)) == ("select", "sft", ("sft1", "dpo1"))
     assert (select2.incumbent, tuple(select2.candidates)) == ("select1", ("sft2", "dpo2"))
-    assert (select1.judge, select1.n_prompts, select1.temperature, select1.margin) == ("gold", 256, 0.0, 0.0)
+    assert (select1.judge, select1.n_prompts, select1.temperature, select1.margin) == ("gold", 512, 1.0, 0.0)
     assert (stages.pairs2.run, stages.pairs2.judge, stages.pairs2.pairs) == ("{workdir}/sft2", "gold", "best-worst")
     assert {"train.init_from=W/sft2", "data.train=W/pairs2/pairs.jsonl"} <= set(train_overrides(config, "dpo2", "W"))
     assert stages.sft2.evaluate and stages.dpo2.evaluate
