@@ -73,16 +73,21 @@ def link(source: str, target: str) -> None:
         os.symlink(source, target)
 
 
-def run_pipeline(args, arm: str, seed: int, workdir: str) -> float:
+def run_pipeline(args, arm: str, seed: int, workdir: str) -> None:
     command = [sys.executable, "-m", "llm_jax.cli", "pipeline", "--config", spec(args, arm, seed),
                "--workdir", workdir, *[f"--config.{o}" for o in overrides(args)]]
     print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command)}", flush=True)
-    started = time.time()
     with open(os.path.join(workdir, "pipeline.log"), "a", encoding="utf-8") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code:
         raise SystemExit(f"{arm} seed {seed} failed (exit {code}): see {workdir}/pipeline.log")
-    return time.time() - started
+
+
+def own_seconds(workdir: str, summary: dict) -> float:
+    """The recorded wall time of the stages this run ran itself (not the ones linked from another run), however
+    many times the command was rerun."""
+    return sum(stage["seconds"] for name, stage in summary["stages"].items()
+               if not os.path.islink(os.path.join(workdir, name)))
 
 
 def gold_of(summary: dict) -> dict:
@@ -136,8 +141,9 @@ def _pm(s: dict, spec: str = ".3f") -> str:
 
 
 def table(runs: list[dict], means: dict, rounds: int) -> str:
-    """Markdown: one row a run, then one row an arm with the means ± std over seeds. A `best` run's seconds are its
-    own stages' (round 1 is its seed's `last` run's)."""
+    """Markdown: one row a run, then one row an arm with the means ± std over seeds. Seconds are the recorded wall
+    times of the stages a run ran itself: a `best` run's select stages and round 2 (round 1 is its seed's `last`
+    run's)."""
     head = "| arm | seed | " + " | ".join(f"round {i + 1}: gold greedy (sampled) → selected" for i in range(rounds)) \
         + " | final model: greedy (sampled) | seconds |"
     lines = [head, "|---|---:|" + "---|" * rounds + "---|---:|"]
@@ -202,12 +208,12 @@ def main(argv=None) -> int:
     for seed in seeds:
         for arm in ("last", "best"):  # `best` reuses round 1 of `last`
             workdir = prepare(args, arm, seed, base)
-            seconds = run_pipeline(args, arm, seed, workdir)
+            run_pipeline(args, arm, seed, workdir)
             if not base:  # the first run made the base stages: every later run links them
                 base = workdir
             with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
                 summary = json.load(f)
-            runs.append(dict(arm=arm, seed=seed, workdir=workdir, seconds=seconds,
+            runs.append(dict(arm=arm, seed=seed, workdir=workdir, seconds=own_seconds(workdir, summary),
                              figures=figures(summary, arm, args.rounds)))
     means = aggregate(runs, args.rounds)
     settings = dict(vars(args))
