@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["step_ms"] = float(np.median(r["step_ms_rounds"]))
         r["pairs_per_s"] = r["pairs_per_step"] / r["step_ms"] * 1e3
     summary = {name: {layout: results[(name, layout)] for layout in layouts} for name in data_sets}
-    for name, by_layout in summary.items():
+    for by_layout in summary.values():
         by_layout["packed_vs_pairs"] = dict(
             real_tokens_per_pair=by_layout["packed"]["real_tokens_per_pair"] / by_layout["pairs"]["real_tokens_per_pair"],
             computed_tokens_per_pair=(by_layout["packed"]["computed_tokens_per_pair"]
