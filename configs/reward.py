@@ -3,7 +3,10 @@
     llm-jax train --config configs/reward.py:tiny --workdir runs/rm      # from runs/sft, on the embedded task
 
 The trunk starts from the SFT params and a zero scalar head is added. `data.train` names preference records
-(`{"prompt", "chosen", "rejected"}`, jsonl/parquet) or `default_task`.
+(`{"prompt", "chosen", "rejected"[, "edited"]}` or `{"prompt", "responses", "ranking"}`, jsonl/parquet;
+llm_jax/data/records.py) or `default_task`; the loss covers every ordered pair of each record.
+`--config.reward.layout=packed` puts a prompt and up to `reward.responses_per_row` of its answers in one row
+(llm_jax/data/preference_rows.py; raise `data.seq_len` to hold them).
 """
 from llm_jax.configs_common import stage_config
 
