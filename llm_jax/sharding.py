@@ -117,9 +117,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-    """Rows over the batch axes, a second dimension over the length axes; per-row scalars (ndim 1) too."""
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2, shape=None) -> NamedSharding:
+    """Rows over the batch axes, a second dimension over the length axes; per-row scalars (ndim 1) too. With the
+    array's `shape`, a second dimension the length axes do not divide stays whole: a per-row array that is not
+    a sequence (a packed preference row's answer ends and pairs, (B, R) and (B, Q)) is split by rows alone."""
     axes = tuple(BATCH_AXES[:ndim]) + (None,) * max(ndim - len(BATCH_AXES), 0)
+    if shape is not None:
+        axes = (axes[0], *divisible_axes(tuple(shape)[1:2], axes[1:2], mesh, rules), *axes[2:])[:ndim]
     return named_sharding(mesh, axes, rules)
 
 
@@ -143,5 +147,5 @@ def check_batch(global_batch: int, seq_len: int, mesh: Mesh, rules, grad_accum: 
 def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded over the batch axes (multi-host safe)."""
     arrays = {name: np.asarray(value) for name, value in local_batch.items()}
-    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim, value.shape), value)
             for name, value in arrays.items()}

@@ -86,7 +86,8 @@ def abstract_batch(config, objective, mesh, rules) -> dict:
         raise ConfigError(f"objective {config.objective!r} has no abstract batch (`abstract_batch(config)` in its "
                           "module): the memory command measures the train step of the shared loop's objectives, "
                           "lm, sft, reward and dpo")
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, rules, len(v.shape)))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                    sharding=sharding.batch_sharding(mesh, rules, len(v.shape), v.shape))
             for k, v in make(config).items()}
 
 

@@ -237,11 +237,15 @@ def _packed_batch(tokenizer, tmp_path, config):
     return {k: v[:8] for k, v in rows.items()}
 
 
-def test_packed_step_sharded_matches_one_device(tmp_path, tokenizer):
+@pytest.mark.parametrize("sharded", [dict(data=2, fsdp=2, tensor=2, sequence=1),
+                                     dict(data=2, fsdp=1, tensor=2, sequence=2)])
+def test_packed_step_sharded_matches_one_device(tmp_path, tokenizer, sharded):
+    """Sharded over 8 devices, with sequence parallelism too: the rows' (B, 3) answer ends and pairs, which no
+    length axis divides, are split by rows alone."""
     path = write_records(tmp_path / "r.jsonl", _rankings(16, seed=5))
     history = {}
     for name, axes, devices in (("one", dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1]),
-                                ("eight", dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices())):
+                                ("eight", sharded, jax.devices())):
         config = _config(path, "packed", per_row=3, seq_len=112,
                          extra=(f"data.eval={path}", "data.batch_size=8", "optim.lr=1e-2", "optim.warmup_steps=0"))
         config.mesh.update(axes)
