@@ -131,8 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                                                        "llm_jax/rl/preference_pairs.py)")
     _best_of_k_arguments(sub, "preference records")
     sub.add_argument("--judge", required=True, help=_JUDGES)
-    sub.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"),
-                     help="best-worst: one pair per prompt; all: every two answers whose scores differ")
+    sub.add_argument("--pairs", default="best-worst", choices=("best-worst", "all", "ranking"),
+                     help="best-worst: one pair per prompt; all: every two answers whose scores differ; ranking: "
+                          "one record of the prompt's answers ranked by score (ties kept)")
     sub.add_argument("--min-margin", type=float, help="least score difference of a pair (default 0.2 for gold, "
                                                       "0 for a reward model; equal scores never pair)")
     _scaling_fit_arguments(commands)

@@ -3,6 +3,7 @@
     llm-jax preference-pairs --run runs/sft --prompts default_task --k 4 --judge gold --out runs/pairs.jsonl \\
         [--pairs best-worst|all] [--min-margin 0.2] [--temperature 1.0 --max-new-tokens 32 ...]
     llm-jax preference-pairs --run runs/sft --prompts default_task --k 8 --judge runs/rm --out pairs.jsonl
+    llm-jax preference-pairs --run runs/sft --prompts default_task --k 8 --judge gold --pairs ranking --out r.jsonl
 
 Why on-policy. A reward model learns to rank what it is shown; trained only on pairs made some other way it
 never sees the mistakes the policy actually makes, and PPO finds and exploits exactly those. InstructGPT
@@ -28,9 +29,13 @@ answer twice is no comparison, and a record whose chosen equals its rejected is 
 
     best-worst  the highest-scoring answer against the lowest (the first of each on ties): one pair at most
     all         every two answers whose scores differ, the higher one chosen: up to K(K-1)/2 pairs
+    ranking     one ranking record of the prompt's distinct answers, best first, equal scores tied
+                (data/records.py): every pair of `all` in one record, which the reward model's packed rows
+                (`reward.layout=packed`) read as one row, the prompt and each answer encoded once
 
 A pair is written only when score(chosen) − score(rejected) ≥ min_margin, and never on equal scores (a tie
-states no preference, whatever the margin). Differences are compared with a slack of MARGIN_SLACK, so that a gold
+states no preference, whatever the margin). A ranking keeps every strict preference: its margin is 0, and another
+is refused (near-ties cannot be dropped from a ranking without dropping answers). Differences are compared with a slack of MARGIN_SLACK, so that a gold
 1 − 0.8 counts as 0.2. The default margin depends on the judge:
 
     gold        GOLD_MIN_MARGIN = 0.2, the margin of the embedded task's own preference pairs
@@ -43,7 +48,8 @@ states no preference, whatever the margin). Differences are compared with a slac
 
 In `all` mode a prompt's pairs share its answers, so they are correlated, yet the reward and DPO stages shuffle
 them as independent rows: InstructGPT found that this overfits a reward model within one epoch, and trains on a
-prompt's comparisons as one batch element instead (§3.5). Prefer best-worst unless that is measured to help.
+prompt's comparisons as one batch element instead (§3.5), which `ranking` with the reward model's packed rows
+does. Prefer best-worst or ranking unless `all` is measured to help.
 
 Output, one JSON object a line in prompt order, written whole and then renamed (an earlier file survives a
 failed run); records.iter_preference_examples reads it (keys other than prompt, system, chosen and rejected
@@ -52,12 +58,15 @@ are ignored):
     prompt, system                  as in the prompts file (a string, "system" if it had one, or messages)
     chosen, rejected                the two answers' texts
     chosen_score, rejected_score    the judge's scores
+    responses, ranking, scores      instead of the four above with `ranking`: the distinct answers, their
+                                    indices best first (a list for tied ones), the judge's scores
     judge                           the judge's spec: "gold", the reward run directory, ...
     where                           the prompt's file:line
 
 Summary (returned; printed as JSON by the command): the shared counts (`count` prompts, samples, stopped,
 candidates and the stopped samples left out), `judged` candidates and `unjudged_prompts`, `pairs` written and
-`prompts_with_pairs`, the judged prompts without a pair by reason (no_pair_fewer_than_two_distinct answers,
+`prompts_with_pairs`, `records` written (= pairs except with ranking, where pairs counts the pairs its records
+imply), the judged prompts without a pair by reason (no_pair_fewer_than_two_distinct answers,
 no_pair_all_tied, no_pair_below_margin: count = unjudged_prompts + prompts_with_pairs + no_pair), the judge's
 mean score over all judged candidates (`score_mean`) and over the written pairs' chosen and rejected answers,
 seconds (generation and scoring, compilation included) and samples_per_s. Where prompts have a "task" key,
@@ -78,7 +87,7 @@ from llm_jax.generation_io import write_jsonl
 from llm_jax.eval.judges import GoldJudge, load_judge
 from llm_jax.rl.sampling import check_sizes, mean, sample_and_judge
 
-PAIRINGS = ("best-worst", "all")
+PAIRINGS = ("best-worst", "all", "ranking")
 GOLD_MIN_MARGIN = 0.2  # default_task.MARGIN (module docstring)
 MARGIN_SLACK = 1e-9  # gold scores are ratios of small integers: 1 - 0.8 is 0.19999999999999996
 NO_PAIR = ("fewer_than_two_distinct", "all_tied", "below_margin")
@@ -91,6 +100,9 @@ def check_options(k: int, min_margin: float | None, pairing: str, batch_size: in
         raise ValueError(f"min_margin must be a finite score difference ≥ 0, got {min_margin}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairs must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "ranking" and min_margin:
+        raise ValueError(f"pairs=ranking keeps every strict preference (equal scores tie), so its min_margin is 0; "
+                         f"got {min_margin} (a margin applies to best-worst and all)")
 
 
 def select_pairs(texts: Sequence[str], scores: Sequence[float], pairing: str, min_margin: float
@@ -115,6 +127,20 @@ def select_pairs(texts: Sequence[str], scores: Sequence[float], pairing: str, mi
     return pairs, None if pairs else "below_margin"
 
 
+def ranking_of(texts: Sequence[str], scores: Sequence[float]) -> tuple[list[int], list]:
+    """(the distinct answers' indices, their ranking): positions in that list best first, equal scores as one
+    list of tied positions, a single position as itself (data/records.py's `ranking`)."""
+    first = {}
+    for i, text in enumerate(texts):
+        first.setdefault(text, i)
+    distinct = list(first.values())
+    by_score: dict[float, list[int]] = {}
+    for position, i in enumerate(distinct):
+        by_score.setdefault(float(scores[i]), []).append(position)
+    ranking = [by_score[s] if len(by_score[s]) > 1 else by_score[s][0] for s in sorted(by_score, reverse=True)]
+    return distinct, ranking
+
+
 def preference_pairs(policy_run: str, judge: str, prompts_spec: str, out_path: str, k: int,
                      sampling: SamplingConfig, *, pairing: str = "best-worst", min_margin: float | None = None,
                      batch_size: int = 32, seed: int = 0, step: int | None = None, mesh=None, rules=None,
@@ -126,22 +152,34 @@ def preference_pairs(policy_run: str, judge: str, prompts_spec: str, out_path: s
     check_options(k, min_margin, pairing, batch_size)
     judge_ = load_judge(judge, batch_size=batch_size)
     if min_margin is None:
-        min_margin = GOLD_MIN_MARGIN if isinstance(judge_, GoldJudge) else 0.0
+        min_margin = GOLD_MIN_MARGIN if isinstance(judge_, GoldJudge) and pairing != "ranking" else 0.0
     sampled = sample_and_judge("preference-pairs", policy_run, judge_, prompts_spec, k, sampling,
                                batch_size=batch_size, seed=seed, step=step, mesh=mesh, rules=rules,
                                progress=progress)
 
-    written, pairs = [], []  # pairs: (chosen, rejected) candidates of each written record
+    written, pairs, margins = [], [], []  # pairs: (chosen, rejected) candidates written (a ranking's: all it
+    # implies), with the judge's (chosen, rejected) scores of each in `margins`
     no_pair = dict.fromkeys(NO_PAIR, 0)
     prompts_with_pairs = 0
     for p in sampled.prompts:
         if not p.judged:
             continue
-        found, reason = select_pairs([c.record["response"] for c in p.candidates], p.scores, pairing, min_margin)
+        texts = [c.record["response"] for c in p.candidates]
+        found, reason = select_pairs(texts, p.scores, "all" if pairing == "ranking" else pairing, min_margin)
         if reason is not None:
             no_pair[reason] += 1
             continue
         prompts_with_pairs += 1
+        if pairing == "ranking":
+            distinct, ranking = ranking_of(texts, p.scores)
+            first = p.candidates[distinct[0]]
+            record = {key: value for key, value in first.record.items() if key != "response"}
+            record.update(responses=[texts[i] for i in distinct], ranking=ranking,
+                          scores=[float(p.scores[i]) for i in distinct], judge=judge, where=first.row["where"])
+            written.append(record)
+            pairs += [(p.candidates[c], p.candidates[r]) for c, r in found]
+            margins += [(float(p.scores[c]), float(p.scores[r])) for c, r in found]
+            continue
         for c, r in found:
             chosen, rejected = p.candidates[c], p.candidates[r]
             record = {key: value for key, value in chosen.record.items() if key != "response"}
@@ -150,15 +188,16 @@ def preference_pairs(policy_run: str, judge: str, prompts_spec: str, out_path: s
                           where=chosen.row["where"])
             written.append(record)
             pairs.append((chosen, rejected))
+            margins.append((record["chosen_score"], record["rejected_score"]))
     write_jsonl(out_path, written)
 
     summary = dict(
         sampled.summary, judge=judge, out=out_path, pairing=pairing, min_margin=min_margin,
         judged=len(sampled.scores()), unjudged_prompts=sum(not p.judged for p in sampled.prompts),
-        pairs=len(written), prompts_with_pairs=prompts_with_pairs, no_pair=sum(no_pair.values()),
-        **{f"no_pair_{reason}": n for reason, n in no_pair.items()},
-        score_mean=mean(sampled.scores()), score_chosen=mean(r["chosen_score"] for r in written),
-        score_rejected=mean(r["rejected_score"] for r in written))
+        pairs=len(pairs), records=len(written), prompts_with_pairs=prompts_with_pairs,
+        no_pair=sum(no_pair.values()), **{f"no_pair_{reason}": n for reason, n in no_pair.items()},
+        score_mean=mean(sampled.scores()), score_chosen=mean(c for c, _ in margins),
+        score_rejected=mean(r for _, r in margins))
     if any(p.rendered.scored for p in sampled.prompts):
         gold = [(c.row["gold_score"], r.row["gold_score"]) for c, r in pairs if "gold_score" in c.row]
         decided = [c > r for c, r in gold if c != r]

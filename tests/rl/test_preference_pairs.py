@@ -257,3 +257,28 @@ def test_errors_name_the_options_and_the_runs(tiny_rl_runs, prompts_file, tmp_pa
     with pytest.raises(CheckpointError, match="policy run directory"):
         preference_pairs(nowhere, rm, prompts_file, str(out), K, SAMPLING)
     assert not out.exists()  # nothing written by a failed command
+
+
+def test_ranking_writes_one_record_a_prompt_with_the_pairs_of_all(tiny_rl_runs, prompts_file, tmp_path, stub_judges):
+    from llm_jax.data.records import iter_ranked_examples
+    from llm_jax.rl.preference_pairs import ranking_of
+    assert ranking_of(["a", "b", "a", "c", "d"], [1.0, 0.5, 0.0, 0.5, 0.0]) == ([0, 1, 3, 4], [0, [1, 2], 3])
+    policy, rm = tiny_rl_runs
+    every = _run(policy, rm, prompts_file, tmp_path / "all.jsonl", pairing="all")
+    ranked = _run(policy, rm, prompts_file, tmp_path / "ranking.jsonl", pairing="ranking")
+    records = _read(tmp_path / "ranking.jsonl")
+    assert ranked["records"] == len(records) == ranked["prompts_with_pairs"] == every["prompts_with_pairs"]
+    assert ranked["pairs"] == every["pairs"] and ranked["min_margin"] == 0.0
+    for key in ("score_chosen", "score_rejected", "no_pair"):
+        assert ranked[key] == pytest.approx(every[key])
+    # the rankings' pairs are exactly the pairs `all` writes, prompt by prompt
+    examples = iter_ranked_examples(str(tmp_path / "ranking.jsonl"))
+    implied = {(r["where"], e.responses[i], e.responses[j]) for r, e in zip(records, examples) for i, j in e.pairs()}
+    assert implied == {(r["where"], r["chosen"], r["rejected"]) for r in _read(tmp_path / "all.jsonl")}
+    for record in records:  # best first; equal scores tied
+        levels = [level if isinstance(level, list) else [level] for level in record["ranking"]]
+        scores = [[record["scores"][i] for i in level] for level in levels]
+        assert all(len(set(s)) == 1 for s in scores)
+        assert [s[0] for s in scores] == sorted((s[0] for s in scores), reverse=True)
+    with pytest.raises(ValueError, match="pairs=ranking keeps every strict preference .* got 0.2"):
+        _run(policy, rm, prompts_file, tmp_path / "x.jsonl", pairing="ranking", min_margin=0.2)
