@@ -2,7 +2,8 @@ r"""Reward models on the embedded task's preferences: with and without the edite
 row against packed rows (a prompt and its answers in one row), from the same SFT run, several seeds.
 
     python experiments/post_training/reward_data.py --sft runs/pipeline/sft --workdir runs/reward_data \
-        [--seeds 0,1,2] [--steps 300] [--variants pairs_plain,pairs_edited,packed_edited]
+        [--seeds 0,1,2] [--steps 300] [--variants pairs_plain,pairs_edited,packed_edited] \
+        [--on-policy heldout_pairs.jsonl] [--on-policy-train all.jsonl,ranking.jsonl]
 
 Variants, each `llm-jax train --config configs/reward.py:tiny` (likelihood readout, batch 32, lr 5e-4) from
 `--sft` on `default_task` (its train pairs; a third carry an edited answer, llm_jax/data/default_task.py):
@@ -12,6 +13,14 @@ Variants, each `llm-jax train --config configs/reward.py:tiny` (likelihood reado
     packed_edited  the same data in packed rows of seq_len 64 (reward.layout=packed): a prompt and its two or
                    three answers in one sequence, so a step computes half the pairs layout's tokens and holds
                    more pairs (about 1.6 a row)
+
+and with `--on-policy-train ALL,RANKING` (`llm-jax preference-pairs` of the SFT model on the train prompts, the
+same samples written `--pairs all` and `--pairs ranking`), two more on the policy's own samples:
+
+    onpolicy_all_pairs        every pair of the K samples, one pair per row (InstructGPT's comparisons as
+                              independent rows)
+    onpolicy_ranking_packed   each prompt's ranking of its samples in one packed row of seq_len 128 (up to 8
+                              answers): a prompt's comparisons as one batch element (InstructGPT §3.5)
 
 Every run is evaluated on all 1,000 held-out pairs of the task (no edits there: the same pairs for every variant),
 and with `--on-policy PAIRS.jsonl` (e.g. the pipeline's `pairs` stage: the SFT model's own samples judged by gold)
@@ -41,11 +50,18 @@ VARIANTS = {
 }
 
 
-def reward_run(sft: str, workdir: str, variant: str, seed: int, steps: int) -> dict:
+def on_policy_variants(train_all: str, train_ranking: str) -> dict:
+    """The variants trained on the policy's own samples (module docstring)."""
+    return {"onpolicy_all_pairs": [f"data.train={os.path.abspath(train_all)}"],
+            "onpolicy_ranking_packed": [f"data.train={os.path.abspath(train_ranking)}", "reward.layout=packed",
+                                        "reward.responses_per_row=8", "data.seq_len=128"]}
+
+
+def reward_run(sft: str, workdir: str, variant: str, seed: int, steps: int, variants: dict) -> dict:
     run_dir = os.path.join(workdir, f"{variant}_s{seed}")
     overrides = [f"train.init_from={os.path.abspath(sft)}", f"seed={seed}", f"train.steps={steps}",
                  f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.eval_batches=-1",
-                 "data.train=default_task", "data.eval=default_task", *VARIANTS[variant]]
+                 "data.train=default_task", "data.eval=default_task", *variants[variant]]
     if not any(m.get("step") == steps and "eval_accuracy" in m for m in read_metrics(run_dir)):
         command = [sys.executable, "-m", "llm_jax.cli", "train", "--config",
                    os.path.join(REPO, "configs", "reward.py:tiny"), "--workdir", run_dir,
@@ -69,7 +85,8 @@ def reward_run(sft: str, workdir: str, variant: str, seed: int, steps: int) -> d
 
 def on_policy_agreement(run_dir: str, pairs_path: str, n: int) -> float:
     """The share of n pairs of `pairs_path` (evenly spaced) whose chosen answer the reward run scores higher."""
-    cache = os.path.join(run_dir, f"on_policy_{n}.json")
+    name = os.path.splitext(os.path.basename(pairs_path))[0]
+    cache = os.path.join(run_dir, f"on_policy_{name}_{n}.json")
     if os.path.exists(cache):
         with open(cache, encoding="utf-8") as f:
             return json.load(f)["agreement"]
@@ -100,10 +117,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--on-policy", default="", help="gold-judged pairs of the policy's samples (pairs.jsonl)")
     parser.add_argument("--on-policy-n", type=int, default=2000)
+    parser.add_argument("--on-policy-train", default="", help="ALL,RANKING: the train prompts' on-policy pairs "
+                                                              "and rankings (adds the onpolicy_* variants)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {v: [reward_run(args.sft, args.workdir, v, s, args.steps) for s in seeds]
-               for v in args.variants.split(",")}
+    variants = dict(VARIANTS)
+    names = args.variants.split(",")
+    if args.on_policy_train:
+        variants.update(on_policy_variants(*args.on_policy_train.split(",")))
+        names += [n for n in variants if n.startswith("onpolicy_") and n not in names]
+    results = {v: [reward_run(args.sft, args.workdir, v, s, args.steps, variants) for s in seeds] for v in names}
     for runs in results.values():
         for r in runs:
             r["on_policy_agreement"] = (on_policy_agreement(r["run"], args.on_policy, args.on_policy_n)
