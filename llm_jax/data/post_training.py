@@ -63,7 +63,7 @@ def resolve_spec(spec: str, kind: str, split: str) -> str:
 
 
 def split_examples(examples: list, data_config, kind: str, read: Callable[[str], Iterable],
-           text_of: Callable) -> tuple[list, list]:
+                   text_of: Callable) -> tuple[list, list]:
     """(train, eval) examples: `data.eval` when set (or the task's own eval split), else a hash split."""
     if data_config.eval:
         return examples, list(read(resolve_spec(data_config.eval, kind, "eval")))
@@ -73,11 +73,17 @@ def split_examples(examples: list, data_config, kind: str, read: Callable[[str],
     return ([e for e, h in zip(examples, held_out) if not h], [e for e, h in zip(examples, held_out) if h])
 
 
+def messages_text(messages) -> str:
+    """Messages as one string, the text the held-out split hashes (roles and contents kept apart)."""
+    return "\x1e".join(f"{m.role}\x1f{m.content}" for m in messages)
+
+
 def _conversation_text(example: records.SFTExample) -> str:
-    return "\x1e".join(f"{m.role}\x1f{m.content}" for m in example.messages)
+    return messages_text(example.messages)
 
 
-def _render_all(examples: Sequence, render: Callable) -> tuple[list, int]:
+def render_all(examples: Sequence, render: Callable) -> tuple[list, int]:
+    """render(example) of each example, and how many were too long for the context (skipped)."""
     rendered, too_long = [], 0
     for example in examples:
         try:
@@ -122,7 +128,7 @@ def _sft_rows(data, seed, tokenizer: Tokenizer, template) -> tuple[dict, dict, d
 
     stats, rows = {}, {}
     for name, examples in (("train", train), ("eval", eval_)):
-        rendered, too_long = _render_all(examples, render)
+        rendered, too_long = render_all(examples, render)
         if name == "train":  # shuffle conversations before packing, as pretraining shuffles documents
             rendered = [rendered[i] for i in np.random.default_rng(seed).permutation(len(rendered))]
         rows[name] = pack_documents([r[0] for r in rendered], int(data.seq_len), [r[1] for r in rendered])

@@ -49,7 +49,8 @@ import numpy as np
 
 from llm_jax.data import chat, records
 from llm_jax.data.lm_data import LMData
-from llm_jax.data.post_training import check_enough_rows, lm_data, resolve_spec, split_examples
+from llm_jax.data.post_training import (check_enough_rows, lm_data, messages_text, render_all, resolve_spec,
+                                        split_examples)
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.kernels.attention.reference import PROMPT_SEGMENT  # keys visible to every segment of the row
 
@@ -198,7 +199,7 @@ def _empty_packed(seq_len: int, max_answers: int) -> dict[str, np.ndarray]:
 # -------------------------------------------------------------------------------------------------- reading
 
 def _prompt_text(example: records.RankedExample) -> str:
-    return "\x1e".join(f"{m.role}\x1f{m.content}" for m in example.prompt)
+    return messages_text(example.prompt)
 
 
 def _real_tokens(rows: dict[str, np.ndarray]) -> int:
@@ -223,13 +224,8 @@ def render_preferences(config, tokenizer: Tokenizer, workdir: str, layout: str =
                                   "preferences", read, _prompt_text)
     stats, rows = {}, {}
     for name, examples in (("train", train), ("eval", eval_)):
-        rendered, too_long = [], 0
-        for example in examples:
-            try:
-                rendered.append((example, chat.render_answers(example.prompt, example.responses, tokenizer, template,
-                                                              max_len=seq_len + 1, where=example.where)))
-            except chat.ExampleTooLong:
-                too_long += 1
+        rendered, too_long = render_all(examples, lambda e: (e, chat.render_answers(
+            e.prompt, e.responses, tokenizer, template, max_len=seq_len + 1, where=e.where)))
         if layout == "pairs":
             pairs = [r.pair(i, j) for e, r in rendered for i, j in e.pairs()]
             rows[name] = pair_rows(pairs, seq_len)
